@@ -1,0 +1,24 @@
+# The two commands the README documents: `make demo` and `make test`.
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+
+.PHONY: setup demo test test-all lint bench
+
+setup:
+	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen
+
+demo: setup
+	$(UV) run --frozen spear demo --out demo-out
+
+# pytest exits 5 when it collects no test; that must fail, and it does (non-zero).
+test: setup
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
+	$(UV) run --frozen pytest -q
+
+test-all: setup
+	$(UV) run --frozen pytest -q -m ""
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(UV) run --frozen python $$b; done

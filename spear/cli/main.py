@@ -1,0 +1,93 @@
+"""The ``spear`` command: one sub-command (group) per stage.
+
+Commands only parse options into configs and call library functions. Known errors
+(:class:`spear.errors.SpearError`, bad options) print one line; ``--debug`` or ``SPEAR_DEBUG=1``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+# typer >= 0.29 vendors click; its exceptions live here (plain `click` ones are not raised).
+from typer import Abort, Exit
+from typer._click.exceptions import UsageError
+
+from spear import __version__
+from spear.cli import config_cmd
+from spear.errors import SpearError
+
+app = typer.Typer(
+    name="spear",
+    help="SPEAR speech + audio pre-training: manifest, decode, teachers, MVQ tokens, student.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    add_completion=False,
+)
+app.add_typer(config_cmd.app, name="config")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"spear {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    if debug:
+        os.environ["SPEAR_DEBUG"] = "1"
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def _register() -> None:
+    # Stage commands import their stage modules lazily, so `spear --help` stays fast.
+    from spear.cli import decode, manifest
+
+    app.command("manifest")(manifest.manifest)
+    app.command("decode")(decode.decode)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning known errors into one line on stderr."""
+    debug = "--debug" in (argv or sys.argv) or os.environ.get("SPEAR_DEBUG") == "1"
+    try:
+        app(args=argv, standalone_mode=False)
+    except Exit as err:
+        sys.exit(err.exit_code)
+    except Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except UsageError as err:
+        cmd = err.ctx.command_path if err.ctx else "spear"
+        typer.echo(f"error: {err.format_message()} (see '{cmd} --help')", err=True)
+        sys.exit(2)
+    except SpearError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

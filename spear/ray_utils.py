@@ -1,0 +1,62 @@
+"""Connecting to Ray: an existing cluster by address, or a local one with this machine's cores."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+# Credentials the driver forwards to workers of a local Ray it starts itself. On a real cluster
+# the workers take them from their own environment (a Secret, workload identity).
+_FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
+
+
+@dataclass(kw_only=True, frozen=True)
+class RayConfig:
+    """Which Ray to run on."""
+
+    address: str | None = None
+    """Address of an existing cluster (``ray://host:10001``, ``host:6379`` or ``auto``).
+    Default: ``RAY_ADDRESS``; without either a local Ray starts."""
+    num_cpus: int | None = None
+    """CPUs of a local Ray (default: all of this machine's)."""
+    num_gpus: int | None = None
+    """GPUs of a local Ray (default: those Ray detects)."""
+    object_store_memory: int | None = None
+    """Object store bytes of a local Ray (default: Ray's choice)."""
+    progress_bars: bool = True
+    """Show Ray Data's progress bars (they only draw in a terminal)."""
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect to the configured cluster, or start a local one; idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": env} if env else None
+    if address:
+        log.info("connecting to Ray at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            object_store_memory=cfg.object_store_memory,
+            runtime_env=runtime_env,
+            include_dashboard=False,
+        )
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = cfg.progress_bars

@@ -1,0 +1,150 @@
+"""Storage anywhere fsspec reaches: local paths, ``s3://`` (s3fs), ``memory://``, any fsspec URL.
+
+Every stage takes URLs plus one :class:`StorageConfig`. The driver resolves the config once
+(options + the standard AWS variables) and passes it to every Ray task and actor explicitly: a
+worker on another node does not see the driver's environment, and a test's in-process S3 mock
+would not reach it either.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from spear.errors import StorageError
+
+
+@dataclass(kw_only=True, frozen=True)
+class StorageConfig:
+    """How to reach object storage. Credentials are never stored here: each worker takes them
+    from its own AWS chain (variables, config files, instance or workload identity), or from
+    the variables the driver forwards to a local Ray (see :func:`spear.ray_utils.init_ray`)."""
+
+    endpoint_url: str | None = None
+    """S3-compatible endpoint (MinIO, Ceph, a moto server). Default: ``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL`` from the driver's environment."""
+    region: str | None = None
+    """S3 region. Default: ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` or the AWS config."""
+    anon: bool = False
+    """Anonymous S3 access (public buckets)."""
+    profile: str | None = None
+    """Named profile from the AWS config files."""
+    block_size: int = 1 << 20
+    """Read block size in bytes for remote files (range reads)."""
+
+    def resolved(self) -> StorageConfig:
+        """Fill unset fields from the driver's environment, so workers get explicit values."""
+        endpoint = (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        profile = self.profile or os.environ.get("AWS_PROFILE")
+        return StorageConfig(
+            endpoint_url=endpoint or None,
+            region=region or None,
+            anon=self.anon,
+            profile=profile or None,
+            block_size=self.block_size,
+        )
+
+    def options_for(self, protocol: str) -> dict[str, Any]:
+        """fsspec keyword arguments for a filesystem of ``protocol``."""
+        if protocol in ("s3", "s3a"):
+            opts: dict[str, Any] = {"anon": self.anon, "default_block_size": self.block_size}
+            client_kwargs: dict[str, Any] = {}
+            if self.endpoint_url:
+                opts["endpoint_url"] = self.endpoint_url
+            if self.region:
+                client_kwargs["region_name"] = self.region
+            if self.profile:
+                opts["profile"] = self.profile
+            if client_kwargs:
+                opts["client_kwargs"] = client_kwargs
+            return opts
+        return {}
+
+
+def protocol_of(url: str) -> str:
+    """The fsspec protocol of ``url`` (``file`` for plain paths)."""
+    if "://" not in url:
+        return "file"
+    return url.split("://", 1)[0].lower()
+
+
+def check_url(url: str) -> None:
+    """Fail with one clear line when ``url`` names no filesystem fsspec knows."""
+    if not url or not url.strip():
+        raise StorageError("empty URL")
+    proto = protocol_of(url)
+    try:
+        fsspec.get_filesystem_class(proto)
+    except (ValueError, ImportError) as err:
+        raise StorageError(f"unsupported storage URL {url!r}: {err}") from None
+    if proto in ("s3", "s3a") and not url.split("://", 1)[1].strip("/"):
+        raise StorageError(f"S3 URL {url!r} names no bucket")
+
+
+def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve ``url`` to ``(filesystem, path)``; the path is what that filesystem expects."""
+    check_url(url)
+    try:
+        fs, path = url_to_fs(url, **storage.options_for(protocol_of(url)))
+    except Exception as err:  # fsspec raises many types; the user needs the message
+        raise StorageError(f"cannot open {url!r}: {err}") from None
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL, keeping its protocol."""
+    if "://" in url:
+        proto, rest = url.split("://", 1)
+        return f"{proto}://{posixpath.join(rest, *parts)}"
+    return os.path.join(url, *parts)
+
+
+def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """The full URL of a path returned by ``fs`` (listings drop the protocol)."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def write_atomic(url: str, data: bytes, storage: StorageConfig) -> None:
+    """Write ``data`` so that readers see either nothing or the whole object.
+
+    Object stores publish a PUT whole; local files are written beside the target, then renamed.
+    """
+    fs, path = filesystem(url, storage)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        parent = posixpath.dirname(path)
+        fs.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_bytes(url: str, storage: StorageConfig) -> bytes:
+    fs, path = filesystem(url, storage)
+    data: bytes = fs.cat_file(path)
+    return data
+
+
+def exists(url: str, storage: StorageConfig) -> bool:
+    fs, path = filesystem(url, storage)
+    try:
+        return bool(fs.exists(path))
+    except Exception as err:
+        raise StorageError(f"cannot reach {url!r}: {type(err).__name__}: {err}") from None
