@@ -38,6 +38,9 @@ class RayConfig:
 
 def init_ray(cfg: RayConfig) -> None:
     """Connect to the configured cluster, or start a local one; idempotent."""
+    # Ray >= 2.45 re-runs workers through `uv run` when the driver runs under it; the driver's
+    # environment is already the locked one, and the re-run only adds start-up time and noise.
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
     if ray.is_initialized():

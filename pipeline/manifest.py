@@ -1,0 +1,309 @@
+"""The manifest job: sources -> listing (Ray tasks) -> header probes (Ray Data) -> Parquet.
+
+Steps:
+1. Check the output: a finished run with the same plan returns at once; another plan fails.
+2. List each source in a Ray task (one per source and first-level folder); each task writes its
+   files, sorted, as listing chunks of ``files_per_task`` under ``_work/listing/``.
+3. Probe every chunk whose manifest part is missing (Ray Data ``map_batches``, one chunk a
+   row): read headers, cut items, write ``quarantine/part-*.parquet`` then
+   ``manifest/part-*.parquet``. The manifest part is the chunk's commit marker, so a killed run
+   re-probes only unfinished chunks and never duplicates a row.
+4. Write ``_SUCCESS.json`` with the summary.
+
+Output layout under ``--out``::
+
+    manifest/part-SSS-LLLLL-CCCCC.parquet    # MANIFEST_SCHEMA; the directory is the dataset
+    quarantine/part-SSS-LLLLL-CCCCC.parquet  # QUARANTINE_SCHEMA
+    _work/plan.json, _work/listing/...       # resume state
+    _SUCCESS.json                            # summary of a finished run
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from spear.config import to_dict
+from spear.errors import SpearError
+from spear.formats import (
+    MANIFEST_SCHEMA,
+    MANIFEST_VERSION,
+    quarantine_table,
+    with_metadata,
+)
+from spear.ray_utils import RayConfig, init_ray
+from spear.stages.manifest import (
+    ManifestConfig,
+    SourceConfig,
+    _is_list_file,
+    list_source,
+    probe_files,
+)
+from spear.storage import (
+    StorageConfig,
+    exists,
+    filesystem,
+    join,
+    read_bytes,
+    unstrip,
+    write_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+PLAN = "_work/plan.json"
+SUCCESS = "_SUCCESS.json"
+
+
+@dataclass
+class ManifestSummary:
+    out: str
+    files: int = 0
+    items: int = 0
+    hours: float = 0.0
+    dropped_hours: float = 0.0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    duplicate_files: int = 0
+    chunks: int = 0
+    chunks_done_before: int = 0
+    wall_seconds: float = 0.0
+
+    def line(self) -> str:
+        q = sum(self.quarantined.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.quarantined.items()))
+        resumed = (
+            f", {self.chunks_done_before} chunks already done" if self.chunks_done_before else ""
+        )
+        dup = f"; WARNING {self.duplicate_files} files listed twice" if self.duplicate_files else ""
+        return (
+            f"manifest: {self.files} files -> {self.items} items, {self.hours:.3f} h; "
+            f"{q} quarantined{' (' + reasons + ')' if q else ''}{resumed}{dup}; "
+            f"{self.wall_seconds:.1f} s -> {self.out}"
+        )
+
+
+def _table_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _listing_tasks(src: SourceConfig, storage: StorageConfig) -> list[tuple[SourceConfig, bool]]:
+    """``(source, recursive)`` listing tasks: a directory source splits by its first-level
+    folders (listed recursively, in parallel) plus its own top level (listed flat)."""
+    fs, path = filesystem(src.url, storage)
+    if _is_list_file(src.url) or fs.isfile(path):
+        return [(src, True)]
+    entries = fs.ls(path, detail=True)
+    subdirs = sorted(e["name"] for e in entries if e.get("type") == "directory")
+    if not subdirs:
+        return [(src, True)]
+    parts = [(SourceConfig(url=unstrip(fs, d), domain=src.domain, name=src.label()), True)
+             for d in subdirs]  # fmt: skip
+    return [(src, False), *parts]
+
+
+def _list_task(
+    src: SourceConfig,
+    recursive: bool,
+    prefix: str,
+    out: str,
+    cfg: ManifestConfig,
+    storage: StorageConfig,
+) -> int:
+    """Ray task: list one source (or one folder of it) into listing chunks; returns #chunks."""
+    files = list_source(src, cfg, storage, recursive=recursive)
+    n = cfg.files_per_task
+    chunks = [files[i : i + n] for i in range(0, len(files), n)]
+    for c, chunk in enumerate(chunks):
+        table = pa.table(
+            {
+                "url": [f[0] for f in chunk],
+                "size": pa.array([f[1] for f in chunk], pa.int64()),
+                "domain": [f[2] for f in chunk],
+            }
+        )
+        write_atomic(join(out, "_work/listing", f"{prefix}-{c:05d}.parquet"),
+                     _table_bytes(table), storage)  # fmt: skip
+    done = {"chunks": len(chunks), "files": len(files), "source": src.url, "label": src.label()}
+    write_atomic(join(out, "_work/listing", f"{prefix}.done.json"), json.dumps(done).encode(),
+                 storage)  # fmt: skip
+    return len(chunks)
+
+
+def _probe_batch(
+    batch: dict[str, Any], out: str, cfg: ManifestConfig, storage: StorageConfig
+) -> dict[str, Any]:
+    """Ray Data map_batches: probe the listing chunks named in ``batch``, write their parts."""
+    stats: dict[str, list[Any]] = {k: [] for k in ("chunk", "files", "items", "seconds",
+                                                   "dropped", "quarantine")}  # fmt: skip
+    for chunk, label in zip(batch["chunk"], batch["label"], strict=True):
+        listing = pq.read_table(io.BytesIO(read_bytes(join(out, "_work/listing", chunk), storage)))
+        files = list(
+            zip(
+                listing["url"].to_pylist(),
+                listing["size"].to_pylist(),
+                listing["domain"].to_pylist(),
+                strict=True,
+            )
+        )
+        res = probe_files(files, label, cfg, storage)
+        part = chunk.replace(".parquet", "")
+        write_atomic(join(out, "quarantine", f"part-{part}.parquet"),
+                     _table_bytes(quarantine_table(res.quarantine)), storage)  # fmt: skip
+        schema = with_metadata(MANIFEST_SCHEMA, "manifest", MANIFEST_VERSION)
+        table = pa.Table.from_pylist(res.rows, schema=schema)
+        # Written last: its presence marks the chunk done.
+        write_atomic(join(out, "manifest", f"part-{part}.parquet"), _table_bytes(table), storage)
+        stats["chunk"].append(chunk)
+        stats["files"].append(res.files)
+        stats["items"].append(len(res.rows))
+        stats["seconds"].append(res.seconds)
+        stats["dropped"].append(res.dropped_seconds)
+        stats["quarantine"].append(json.dumps(Counter(q["error_type"] for q in res.quarantine)))
+    return stats
+
+
+def _plan(sources: list[SourceConfig], cfg: ManifestConfig) -> dict[str, Any]:
+    settings = to_dict(cfg)
+    for k in ("sources", "probe_threads", "probe_block_size"):  # don't change the result
+        settings.pop(k)
+    return {
+        "version": MANIFEST_VERSION,
+        "sources": [asdict(s) for s in sources],
+        "settings": settings,
+    }
+
+
+def build_manifest(
+    sources: list[SourceConfig],
+    out: str,
+    cfg: ManifestConfig,
+    storage: StorageConfig,
+    ray_cfg: RayConfig,
+) -> ManifestSummary:
+    """Run (or resume) the manifest job; returns its summary."""
+    t0 = time.time()
+    if not sources:
+        raise SpearError("no sources: give at least one URL or list file")
+    # Fail before any cluster work: every source must exist, the output must be writable.
+    for s in sources:
+        if not exists(s.url, storage):
+            raise SpearError(f"source {s.url!r} does not exist")
+    plan = _plan(sources, cfg)
+    plan_url = join(out, PLAN)
+    if exists(plan_url, storage):
+        old = json.loads(read_bytes(plan_url, storage))
+        if old != plan:
+            raise SpearError(
+                f"{out!r} holds a manifest built from other sources or settings; "
+                "use another --out (or delete it) to build this one"
+            )
+        if exists(join(out, SUCCESS), storage):
+            done = json.loads(read_bytes(join(out, SUCCESS), storage))
+            summary = ManifestSummary(**{**done, "wall_seconds": time.time() - t0})
+            log.info("manifest at %s is already complete", out)
+            return summary
+    else:
+        write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
+
+    init_ray(ray_cfg)
+    import ray
+
+    # 2. Listing, one task per source folder; finished listings are reused.
+    list_remote = ray.remote(num_cpus=0.25)(_list_task)
+    pending = []
+    labels: dict[str, str] = {}
+    for si, src in enumerate(sources):
+        for li, (task_src, recursive) in enumerate(_listing_tasks(src, storage)):
+            prefix = f"{si:03d}-{li:05d}"
+            labels[prefix] = src.label()
+            if exists(join(out, "_work/listing", f"{prefix}.done.json"), storage):
+                continue
+            pending.append(list_remote.remote(task_src, recursive, prefix, out, cfg, storage))
+    ray.get(pending)
+
+    # 3. Probe chunks whose manifest part is missing.
+    chunk_rows = []
+    for prefix, label in labels.items():
+        done = json.loads(read_bytes(join(out, "_work/listing", f"{prefix}.done.json"), storage))
+        for c in range(done["chunks"]):
+            chunk_rows.append({"chunk": f"{prefix}-{c:05d}.parquet", "label": label})
+    fs, mpath = filesystem(join(out, "manifest"), storage)
+    have = set()
+    if fs.exists(mpath):
+        have = {posixpath.basename(p) for p in fs.ls(mpath, detail=False)}
+    todo = [r for r in chunk_rows if f"part-{r['chunk']}" not in have]
+    summary = ManifestSummary(out=out, chunks=len(chunk_rows))
+    summary.chunks_done_before = len(chunk_rows) - len(todo)
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+            partial(_probe_batch, out=out, cfg=cfg, storage=storage),
+            batch_size=1,
+            num_cpus=0.5,  # probing waits on reads far more than it computes
+        )
+        ds.materialize()
+
+    # 4. Summary over every part (also those of earlier, interrupted runs).
+    summary = _summarise(out, storage, summary)
+    summary.wall_seconds = time.time() - t0
+    write_atomic(join(out, SUCCESS), json.dumps(asdict(summary), indent=1).encode(), storage)
+    return summary
+
+
+def _summarise(out: str, storage: StorageConfig, summary: ManifestSummary) -> ManifestSummary:
+    fs, mpath = filesystem(join(out, "manifest"), storage)
+    files: set[str] = set()
+    items, seconds, dropped = 0, 0.0, 0.0
+    if fs.exists(mpath):
+        table = pq.read_table(
+            mpath, filesystem=fs, columns=["item_id", "url", "duration", "file_duration"]
+        )
+        items = table.num_rows
+        urls = table["url"].to_pylist()
+        files = set(urls)
+        seconds = float(pc.sum(table["duration"]).as_py() or 0.0)
+        per_file = dict(zip(urls, table["file_duration"].to_pylist(), strict=True))
+        # A file reached by two sources gives two items with one id: say so loudly.
+        ids = table["item_id"]
+        summary.duplicate_files = len(ids) - len(pc.unique(ids))
+        dropped = sum(per_file.values()) - seconds
+    fs_q, qpath = filesystem(join(out, "quarantine"), storage)
+    reasons: Counter[str] = Counter()
+    qfiles = 0
+    if fs_q.exists(qpath):
+        q = pq.read_table(qpath, filesystem=fs_q, columns=["error_type"])
+        reasons.update(q["error_type"].to_pylist())
+        qfiles = q.num_rows
+    summary.files = len(files) + qfiles
+    summary.items = items
+    summary.hours = seconds / 3600
+    summary.dropped_hours = max(0.0, dropped) / 3600
+    summary.quarantined = dict(reasons)
+    return summary
+
+
+def read_manifest(out: str, storage: StorageConfig) -> pa.Table:
+    """The manifest table of a finished (or partial) run at ``out``."""
+    fs, mpath = filesystem(join(out, "manifest"), storage)
+    if not fs.exists(mpath):
+        raise SpearError(f"no manifest at {out!r} (expected {join(out, 'manifest')})")
+    return pq.read_table(mpath, filesystem=fs, schema=MANIFEST_SCHEMA)
+
+
+def read_quarantine(out: str, storage: StorageConfig) -> pa.Table:
+    fs, qpath = filesystem(join(out, "quarantine"), storage)
+    if not fs.exists(qpath):
+        return quarantine_table([])
+    return pq.read_table(qpath, filesystem=fs)
