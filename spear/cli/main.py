@@ -56,10 +56,11 @@ def _root(
 
 def _register() -> None:
     # Stage commands import their stage modules lazily, so `spear --help` stays fast.
-    from spear.cli import decode, manifest
+    from spear.cli import decode, demo, manifest
 
     app.command("manifest")(manifest.manifest)
     app.command("decode")(decode.decode)
+    app.command("demo")(demo.demo)
 
 
 _register()

@@ -1,0 +1,197 @@
+"""The decode job: a manifest -> 16 kHz mono int16 audio shards + quarantine, resumably.
+
+Steps:
+1. Read the manifest's part list; each manifest part is one decode task (the resume unit).
+2. For every part without an output yet (Ray Data ``map_batches``, one part a row): decode its
+   rows with :func:`spear.stages.decode.decode_batch`, write ``quarantine/part-*.parquet`` and
+   then ``audio/part-*.parquet`` (the commit marker; with ``--check-only`` an empty-schema
+   marker holding only the item ids that decoded).
+3. Write ``_SUCCESS.json``: items decoded and quarantined (per reason), hours, x real time.
+
+The audio shards hold the audio-batch columns (``spear.formats.AUDIO_BATCH_COLUMNS``) plus the
+manifest columns: a 16 kHz cache that later stages can read instead of the original files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import posixpath
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spear.errors import SpearError
+from spear.formats import MANIFEST_SCHEMA, SAMPLE_RATE, quarantine_table, with_metadata
+from spear.ray_utils import RayConfig, init_ray
+from spear.stages.decode import DecodeConfig, decode_batch, split_decoded
+from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
+
+log = logging.getLogger(__name__)
+
+AUDIO_SHARD_VERSION = 1
+SUCCESS = "_SUCCESS.json"
+
+
+@dataclass
+class DecodeSummary:
+    out: str
+    items: int = 0
+    decoded: int = 0
+    hours: float = 0.0
+    quarantined: dict[str, int] = field(default_factory=dict)
+    parts: int = 0
+    parts_done_before: int = 0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def line(self) -> str:
+        q = sum(self.quarantined.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.quarantined.items()))
+        rt = ""
+        if self.cpu_seconds:
+            rt = f"; {self.hours * 3600 / self.cpu_seconds:.0f}x real time per CPU-second"
+        resumed = f"; {self.parts_done_before} parts done before" if self.parts_done_before else ""
+        return (
+            f"decode: {self.items} items -> {self.decoded} decoded ({self.hours:.3f} h), "
+            f"{q} quarantined{' (' + reasons + ')' if q else ''}{rt}{resumed}; "
+            f"{self.wall_seconds:.1f} s -> {self.out}"
+        )
+
+
+def manifest_parts(manifest: str, storage: StorageConfig) -> tuple[str, list[str]]:
+    """The manifest directory and its part file names (a run dir or its ``manifest/``)."""
+    fs, path = filesystem(manifest, storage)
+    base = manifest
+    if fs.isdir(posixpath.join(path, "manifest")):
+        base, path = join(manifest, "manifest"), posixpath.join(path, "manifest")
+    if not fs.isdir(path):
+        raise SpearError(f"no manifest at {manifest!r}")
+    parts = sorted(
+        posixpath.basename(p)
+        for p in fs.ls(path, detail=False)
+        if p.endswith(".parquet") and not posixpath.basename(p).startswith(".")
+    )
+    if not parts:
+        raise SpearError(f"manifest {manifest!r} has no parts")
+    return base, parts
+
+
+def _table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    return buf.getvalue()
+
+
+def _decode_part(
+    batch: dict[str, Any],
+    manifest: str,
+    out: str,
+    cfg: DecodeConfig,
+    storage: StorageConfig,
+    check_only: bool,
+    rows_per_batch: int,
+) -> dict[str, Any]:
+    """Ray Data map_batches: decode whole manifest parts, write their outputs."""
+    stats: dict[str, list[Any]] = {"part": [], "items": [], "decoded": [], "samples": [],
+                                   "cpu": [], "quarantine": []}  # fmt: skip
+    for part in batch["part"]:
+        t0 = time.process_time()
+        rows = pq.read_table(io.BytesIO(read_bytes(join(manifest, part), storage)))
+        ok_tables, quarantine = [], []
+        for off in range(0, rows.num_rows, rows_per_batch):
+            sub = rows.slice(off, rows_per_batch)
+            decoded = decode_batch(
+                {c: sub[c].to_numpy(zero_copy_only=False) for c in sub.column_names},
+                cfg,
+                storage,
+            )
+            ok, bad = split_decoded(decoded)
+            quarantine += bad
+            ok_tables.append(_audio_table(ok, check_only))
+        write_atomic(join(out, "quarantine", part), _table_bytes(quarantine_table(quarantine)),
+                     storage)  # fmt: skip
+        table = pa.concat_tables(ok_tables) if ok_tables else _audio_table({}, check_only)
+        # Audio barely compresses losslessly with a general codec; don't spend CPU on it.
+        write_atomic(join(out, "audio", part), _table_bytes(table, "none"), storage)
+        stats["part"].append(part)
+        stats["items"].append(rows.num_rows)
+        stats["decoded"].append(table.num_rows)
+        stats["samples"].append(int(np.sum(table["num_samples"].to_numpy())) if len(table) else 0)
+        stats["cpu"].append(time.process_time() - t0)
+        stats["quarantine"].append(json.dumps(Counter(q["error_type"] for q in quarantine)))
+    return stats
+
+
+def _audio_schema(check_only: bool) -> pa.Schema:
+    fields = [MANIFEST_SCHEMA.field(n) for n in MANIFEST_SCHEMA.names]
+    fields.append(pa.field("num_samples", pa.int64(), nullable=False))
+    if not check_only:
+        fields.append(pa.field("audio", pa.binary(), nullable=False))
+    meta = {"sample_rate": SAMPLE_RATE, "sample_format": "int16le", "check_only": check_only}
+    return with_metadata(pa.schema(fields), "audio_shard", AUDIO_SHARD_VERSION, **meta)
+
+
+def _audio_table(ok: dict[str, np.ndarray], check_only: bool) -> pa.Table:
+    schema = _audio_schema(check_only)
+    if not ok or len(ok.get("url", [])) == 0:
+        return schema.empty_table()
+    return pa.table({n: pa.array(ok[n], type=schema.field(n).type) for n in schema.names},
+                    schema=schema)  # fmt: skip
+
+
+def run_decode(
+    manifest: str,
+    out: str,
+    cfg: DecodeConfig,
+    storage: StorageConfig,
+    ray_cfg: RayConfig,
+    *,
+    check_only: bool = False,
+    rows_per_batch: int = 16,
+) -> DecodeSummary:
+    """Decode (or resume decoding) every item of ``manifest`` into ``out``."""
+    t0 = time.time()
+    mdir, parts = manifest_parts(manifest, storage)
+    plan = {"manifest": mdir, "decode": asdict(cfg), "check_only": check_only}
+    plan_url = join(out, "_work/plan.json")
+    if exists(plan_url, storage):
+        if json.loads(read_bytes(plan_url, storage)) != plan:
+            raise SpearError(f"{out!r} holds decode output of another manifest or settings")
+    else:
+        write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
+
+    fs, apath = filesystem(join(out, "audio"), storage)
+    have = set()
+    if fs.exists(apath):
+        have = {posixpath.basename(p) for p in fs.ls(apath, detail=False)}
+    todo = [p for p in parts if p not in have]
+    summary = DecodeSummary(out=out, parts=len(parts), parts_done_before=len(parts) - len(todo))
+    if todo:
+        init_ray(ray_cfg)
+        import ray
+
+        fn = partial(_decode_part, manifest=mdir, out=out, cfg=cfg, storage=storage,
+                     check_only=check_only, rows_per_batch=rows_per_batch)  # fmt: skip
+        ds = ray.data.from_items([{"part": p} for p in todo], override_num_blocks=len(todo))
+        for row in ds.map_batches(fn, batch_size=1, num_cpus=1).iter_rows():
+            summary.cpu_seconds += float(row["cpu"])
+
+    # Summary over every part, those of earlier runs included.
+    fs_q, qpath = filesystem(join(out, "quarantine"), storage)
+    q = pq.read_table(qpath, filesystem=fs_q, columns=["error_type"])
+    a = pq.read_table(apath, filesystem=fs, columns=["num_samples"])
+    summary.decoded = a.num_rows
+    summary.quarantined = dict(Counter(q["error_type"].to_pylist()))
+    summary.items = a.num_rows + q.num_rows
+    summary.hours = float(np.sum(a["num_samples"].to_numpy())) / SAMPLE_RATE / 3600
+    summary.wall_seconds = time.time() - t0
+    write_atomic(join(out, SUCCESS), json.dumps(asdict(summary), indent=1).encode(), storage)
+    return summary
