@@ -27,6 +27,7 @@ from spear.errors import ConfigError
 from spear.ray_utils import RayConfig
 from spear.stages.decode import DecodeConfig
 from spear.stages.manifest import ManifestConfig
+from spear.stages.teachers import TeachersConfig
 from spear.storage import StorageConfig
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ class SpearConfig:
     """Listing, probing and segmenting audio."""
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     """Decoding and resampling to 16 kHz mono int16."""
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    """The speech (WavLM) and audio (Dasheng) teachers: checkpoints and how they run."""
 
 
 def _type_name(tp: Any) -> str:

@@ -56,10 +56,11 @@ def _root(
 
 def _register() -> None:
     # Stage commands import their stage modules lazily, so `spear --help` stays fast.
-    from spear.cli import decode, demo, manifest
+    from spear.cli import decode, demo, embed, manifest
 
     app.command("manifest")(manifest.manifest)
     app.command("decode")(decode.decode)
+    app.command("embed")(embed.embed)
     app.command("demo")(demo.demo)
 
 

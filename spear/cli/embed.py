@@ -1,0 +1,85 @@
+"""``spear embed``: one teacher over a manifest (or a sample) -> float16 embedding shards."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.errors import SpearError
+
+
+def embed(
+    manifest: Annotated[
+        str, typer.Option("--manifest", "-m", help="Manifest URL (a `spear manifest` --out).")
+    ] = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="Output URL (any fsspec URL).")] = "",
+    teacher: Annotated[
+        str,
+        typer.Option(
+            help="Which configured teacher runs: wavlm (teachers.wavlm) or dasheng "
+            "(teachers.dasheng)."
+        ),
+    ] = "wavlm",
+    name: Annotated[
+        str | None,
+        typer.Option(help="Registry name of the model, e.g. wavlm, wavlm-tiny, dasheng-base."),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option(help="Weights: path, fsspec URL or hub id (default: random init)."),
+    ] = None,
+    layer: Annotated[int | None, typer.Option(help="WavLM layer (1-based; default 21).")] = None,
+    hours: Annotated[
+        float | None, typer.Option(help="Embed a seeded sample of about this many hours.")
+    ] = None,
+    fraction: Annotated[
+        float | None, typer.Option(help="Embed a seeded fraction of the items.")
+    ] = None,
+    domain: Annotated[
+        str,
+        typer.Option(
+            help="Items of this domain: auto (speech for WavLM, audio for "
+            "Dasheng), speech, audio or all."
+        ),
+    ] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    items_per_shard: Annotated[
+        int, typer.Option(help="Items per output shard (the resume unit).")
+    ] = 256,
+    s3_endpoint: EndpointOpt = None,
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run one teacher over a manifest and write float16 embedding shards (quantiser data).
+
+    Re-running with the same --out resumes; another teacher or sample there is refused.
+    """
+    from spear.pipeline.embed import EmbedConfig, run_embed
+    from spear.storage import check_url
+
+    if not manifest or not out:
+        raise SpearError("both --manifest and --out are required")
+    if teacher not in ("wavlm", "dasheng"):
+        raise SpearError(f"--teacher must be wavlm or dasheng, got {teacher!r}")
+    check_url(manifest)
+    check_url(out)
+    section = f"teachers.{teacher}"
+    cfg = resolve(
+        config,
+        set_,
+        **{
+            f"{section}.name": name,
+            f"{section}.checkpoint": checkpoint,
+            f"{section}.layer": layer,
+            "storage.endpoint_url": s3_endpoint,
+            "ray.address": address,
+        },
+    )
+    ecfg = EmbedConfig(domain=domain, hours=hours, fraction=fraction, seed=seed,  # type: ignore[arg-type]
+                       items_per_shard=items_per_shard)  # fmt: skip
+    tcfg = getattr(cfg.teachers, teacher)
+    summary = run_embed(manifest, out, tcfg, ecfg, cfg.decode, cfg.storage.resolved(), cfg.ray)
+    typer.echo(summary.line())
