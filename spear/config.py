@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from spear.errors import ConfigError
+from spear.quantizer.config import QuantizerConfig
 from spear.ray_utils import RayConfig
 from spear.stages.decode import DecodeConfig
 from spear.stages.manifest import ManifestConfig
@@ -47,6 +48,8 @@ class SpearConfig:
     """Decoding and resampling to 16 kHz mono int16."""
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     """The speech (WavLM) and audio (Dasheng) teachers: checkpoints and how they run."""
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    """MVQ quantiser training, held-out split and encoding."""
 
 
 def _type_name(tp: Any) -> str:

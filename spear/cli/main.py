@@ -62,6 +62,9 @@ def _register() -> None:
     app.command("decode")(decode.decode)
     app.command("embed")(embed.embed)
     app.command("demo")(demo.demo)
+    from spear.cli import quantizer
+
+    app.add_typer(quantizer.app, name="quantizer")
 
 
 _register()

@@ -1,0 +1,91 @@
+"""``spear quantizer``: train and evaluate MVQ quantisers."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, resolve
+
+app = typer.Typer(help="Train and evaluate MVQ quantisers.", no_args_is_help=True)
+
+EmbOpt = Annotated[
+    str, typer.Option("--embeddings", help="Embedding shards: a Parquet file or folder URL.")
+]
+
+
+@app.command("train")
+def train(
+    embeddings: EmbOpt,
+    out: Annotated[str, typer.Option("--out", help="Output folder URL (checkpoint, quantiser).")],
+    codebooks: Annotated[
+        int | None, typer.Option(help="Codebooks C (16 WavLM, 8 Dasheng).")
+    ] = None,
+    phase_steps: Annotated[int | None, typer.Option(help="Steps per phase.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Frames per minibatch.")] = None,
+    normalise: Annotated[
+        bool | None, typer.Option("--normalise/--no-normalise", help="Per-dim mean/std.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or auto.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher name to record.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    s3_endpoint: EndpointOpt = None,
+) -> None:
+    """Train a quantiser on embedding shards; resumes from OUT's checkpoint."""
+    from spear.quantizer.train import train_quantizer
+
+    cfg = resolve(
+        config,
+        set_,
+        **{
+            "storage.endpoint_url": s3_endpoint,
+            "quantizer.train.num_codebooks": codebooks,
+            "quantizer.train.phase_steps": phase_steps,
+            "quantizer.train.batch_size": batch_size,
+            "quantizer.train.normalise": normalise,
+            "quantizer.train.device": device,
+            "quantizer.train.teacher": teacher,
+        },
+    )
+    train_quantizer(cfg.quantizer, embeddings, out, cfg.storage.resolved(), report=typer.echo)
+
+
+@app.command("eval")
+def eval_(
+    quantizer: Annotated[str, typer.Option("--quantizer", help="Quantiser folder or file URL.")],
+    embeddings: EmbOpt,
+    json_out: Annotated[
+        str | None, typer.Option("--json", help="Write the report as JSON here.")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="Refinement rounds 0..5.")] = None,
+    max_frames: Annotated[int, typer.Option(help="Frames to use when not held-out.")] = 10_000,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    s3_endpoint: EndpointOpt = None,
+) -> None:
+    """RRL and codebook usage on the quantiser's held-out frames (or the first MAX_FRAMES)."""
+    import torch
+
+    from spear.quantizer.data import load_frames, open_embeddings
+    from spear.quantizer.eval import evaluate
+    from spear.quantizer.train import load_quantizer
+    from spear.storage import write_atomic
+
+    cfg = resolve(
+        config,
+        set_,
+        **{"storage.endpoint_url": s3_endpoint, "quantizer.encode.refine_rounds": rounds},
+    )
+    storage = cfg.storage.resolved()
+    q = load_quantizer(quantizer, storage)
+    emb = open_embeddings(embeddings, storage, cfg.quantizer.data)
+    held = set(q.info.training.get("heldout_items", [])) & set(emb.items)
+    frames = load_frames(emb, storage, held or None, 0 if held else max_frames)
+    report = evaluate(q, torch.from_numpy(frames), cfg.quantizer.encode.refine_rounds)
+    typer.echo(("held-out frames" if held else "frames (not held out)") + ":")
+    typer.echo(report.table())
+    if json_out:
+        write_atomic(json_out, json.dumps(report.to_dict(), indent=2).encode(), storage)
