@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from spear.errors import SpearError
 from spear.formats import MANIFEST_SCHEMA, SAMPLE_RATE, quarantine_table, with_metadata
+from spear.pipeline.manifest import require_finished
 from spear.ray_utils import RayConfig, init_ray
 from spear.stages.decode import DecodeConfig, decode_batch, split_decoded
 from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
@@ -71,7 +72,10 @@ def manifest_parts(manifest: str, storage: StorageConfig) -> tuple[str, list[str
     fs, path = filesystem(manifest, storage)
     base = manifest
     if fs.isdir(posixpath.join(path, "manifest")):
+        require_finished(manifest, storage)
         base, path = join(manifest, "manifest"), posixpath.join(path, "manifest")
+    else:
+        require_finished(posixpath.dirname(manifest.rstrip("/")), storage)
     if not fs.isdir(path):
         raise SpearError(f"no manifest at {manifest!r}")
     parts = sorted(

@@ -4,6 +4,8 @@ Steps (each one is the same library call its CLI command makes):
 1. Generate a corpus: speech-like files, audio clips, and the bad files real corpora contain.
 2. ``spear manifest`` over the speech and audio folders.
 3. ``spear decode`` of that manifest.
+4. ``spear embed`` with the tiny random-initialised WavLM (speech items).
+5. ``spear quantizer train`` on those embeddings (a short schedule), then its held-out report.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from spear.config import SpearConfig
+from spear.config import SpearConfig, replace
 from spear.pipeline.decode import DecodeSummary, run_decode
+from spear.pipeline.embed import EmbedConfig, EmbedSummary, run_embed
 from spear.pipeline.manifest import ManifestSummary, build_manifest
+from spear.quantizer.train import train_quantizer
 from spear.stages.manifest import SourceConfig
 from spear.storage import exists, join, write_atomic
 from spear.synth import write_corpus, write_speech_like
@@ -27,6 +31,8 @@ class DemoResult:
     corpus: str
     manifest: ManifestSummary
     decode: DecodeSummary
+    embed: EmbedSummary
+    quantizer: str
 
 
 def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResult:
@@ -48,4 +54,25 @@ def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResul
     print(m.line(), flush=True)
     d = run_decode(join(out, "manifest"), join(out, "decoded"), cfg.decode, storage, cfg.ray)
     print(d.line(), flush=True)
-    return DemoResult(corpus=corpus, manifest=m, decode=d)
+
+    teacher = replace(cfg.teachers.wavlm, name="wavlm-tiny", checkpoint=None)
+    e = run_embed(join(out, "manifest"), join(out, "embeddings"), teacher,
+                  EmbedConfig(items_per_shard=16), cfg.decode, storage, cfg.ray)  # fmt: skip
+    print(e.line(), flush=True)
+
+    # A short schedule and small codebooks for the 64-d tiny teacher: seconds, not hours.
+    qcfg = replace(
+        cfg.quantizer,
+        train=replace(
+            cfg.quantizer.train,
+            num_codebooks=4,
+            codebook_size=64,
+            phase_steps=150,
+            batch_size=256,
+            log_every=50,
+            checkpoint_every=100,
+        ),
+    )
+    qout = join(out, "quantizer")
+    q = train_quantizer(qcfg, join(out, "embeddings"), qout, storage)
+    return DemoResult(corpus=corpus, manifest=m, decode=d, embed=e, quantizer=f"{qout} ({q.id})")

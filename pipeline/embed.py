@@ -153,7 +153,11 @@ def run_embed(
     shard_of = np.arange(table.num_rows) // n
     table = table.append_column("shard", pa.array(shard_of, type=pa.int32()))
     num_shards = int(shard_of[-1]) + 1
+    # The weights' digest, once, on the driver: it goes into the plan (other weights at the same
+    # URL are refused on resume) and into every shard's metadata.
+    sha = _checkpoint_sha(teacher, storage)
     plan = {
+        "checkpoint_sha256": sha,
         "manifest": manifest,
         "teacher": to_dict(teacher) | {"num_actors": None, "batch_size": None, "num_gpus": None},
         "embed": to_dict(cfg),
@@ -177,7 +181,6 @@ def run_embed(
     todo = [s for s in range(num_shards) if f"shard-{s:05d}.parquet" not in done]
     summary = EmbedSummary(out=out, teacher=spec.name, shards=num_shards)
     summary.shards_done_before = num_shards - len(todo)
-    sha = None
     if todo:
         init_ray(ray_cfg)
         import ray
@@ -194,10 +197,9 @@ def run_embed(
                 s = int(batch["shard"][i])
                 rows[s].append({k: batch[k][i] for k in batch})
                 if len(rows[s]) == expected[s]:
-                    _write_shard(out, s, rows.pop(s), teacher, storage)
+                    _write_shard(out, s, rows.pop(s), teacher, sha, storage)
         if rows:  # every item comes back, as embeddings or as a decode error
             raise RuntimeError(f"shards {sorted(rows)} incomplete after the dataset finished")
-        sha = _checkpoint_sha(teacher, storage)
 
     # Summary over every shard, those of earlier runs included.
     e = pq.read_table(epath, filesystem=fs, columns=["num_frames"])
@@ -217,15 +219,20 @@ def run_embed(
 def _checkpoint_sha(teacher: TeacherConfig, storage: StorageConfig) -> str | None:
     if teacher.checkpoint is None:
         return None
-    from spear.checkpoints import fetch_checkpoint, is_hub_id
+    from spear.checkpoints import fetch_checkpoint, fetch_hub, is_hub_id
 
     if is_hub_id(teacher.checkpoint):
-        return None
+        return fetch_hub(teacher.checkpoint, teacher.cache_dir).sha256
     return fetch_checkpoint(teacher.checkpoint, storage, teacher.cache_dir).sha256
 
 
 def _write_shard(
-    out: str, shard: int, rows: list[dict[str, Any]], teacher: TeacherConfig, storage: StorageConfig
+    out: str,
+    shard: int,
+    rows: list[dict[str, Any]],
+    teacher: TeacherConfig,
+    sha: str | None,
+    storage: StorageConfig,
 ) -> None:
     spec = teacher.spec
     good, bad = [], []
@@ -247,6 +254,7 @@ def _write_shard(
         "dim": spec.dim,
         "frame_rate": spec.frame_rate,
         "checkpoint": teacher.checkpoint,
+        "checkpoint_sha256": sha,
     }
     schema = with_metadata(EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION,
                            **meta)  # fmt: skip

@@ -294,8 +294,18 @@ def _summarise(out: str, storage: StorageConfig, summary: ManifestSummary) -> Ma
     return summary
 
 
+def require_finished(out: str, storage: StorageConfig) -> None:
+    """Fail unless ``out`` holds a finished manifest run (a partial one would silently give
+    later stages a subset)."""
+    if not exists(join(out, SUCCESS), storage):
+        raise SpearError(
+            f"{out!r} is not a finished manifest (no {SUCCESS}); run or resume `spear manifest`"
+        )
+
+
 def read_manifest(out: str, storage: StorageConfig) -> pa.Table:
-    """The manifest table of a finished (or partial) run at ``out``."""
+    """The manifest table of a finished run at ``out``."""
+    require_finished(out, storage)
     fs, mpath = filesystem(join(out, "manifest"), storage)
     if not fs.exists(mpath):
         raise SpearError(f"no manifest at {out!r} (expected {join(out, 'manifest')})")

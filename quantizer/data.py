@@ -67,6 +67,9 @@ def list_shards(url: str, storage: StorageConfig) -> list[str]:
     fs, path = filesystem(url, storage)
     if fs.isfile(path):
         return [url]
+    # A `spear embed` output folder: its shards sit under embeddings/, beside the quarantine.
+    if fs.isdir(path.rstrip("/") + "/embeddings"):
+        path = path.rstrip("/") + "/embeddings"
     found = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
     if not found:
         raise EmbeddingDataError(f"no embedding shards (*.parquet) under {url!r}")

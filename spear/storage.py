@@ -118,11 +118,28 @@ def unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
+def canonical_url(url: str, storage: StorageConfig) -> str:
+    """One spelling per file (absolute local paths, ``proto://bucket/key``): ids hash this."""
+    fs, path = filesystem(url, storage)
+    if protocol_of(url) == "file":
+        return os.path.abspath(path)
+    return unstrip(fs, path)
+
+
 def write_atomic(url: str, data: bytes, storage: StorageConfig) -> None:
     """Write ``data`` so that readers see either nothing or the whole object.
 
     Object stores publish a PUT whole; local files are written beside the target, then renamed.
     """
+    try:
+        _write_atomic(url, data, storage)
+    except StorageError:
+        raise
+    except Exception as err:  # permissions, S3 AccessDenied, a full disk: one clear line
+        raise StorageError(f"cannot write {url!r}: {type(err).__name__}: {err}") from None
+
+
+def _write_atomic(url: str, data: bytes, storage: StorageConfig) -> None:
     fs, path = filesystem(url, storage)
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if proto in ("file", "local"):

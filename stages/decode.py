@@ -241,7 +241,8 @@ def _decode_open(
             "truncated", f"{url}: header promises {short[0]} data bytes, file holds {short[1]}"
         )
     first = round(start * sr)
-    want = -1 if duration is None else round(duration * sr)
+    # The end is rounded on its own (not the length), so neighbouring segments tile the file.
+    want = -1 if duration is None else round((start + duration) * sr) - first
     if first > snd.frames or first < 0:
         raise DecodeError(
             "truncated",

@@ -11,6 +11,7 @@ the same ids, whichever machine lists them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import posixpath
 import re
@@ -21,9 +22,11 @@ from typing import Any, Literal
 
 import soundfile as sf
 
-from spear.errors import ConfigError
+from spear.errors import ConfigError, SpearError
 from spear.formats import DOMAINS, quarantine_row
-from spear.storage import StorageConfig, check_url, filesystem, unstrip
+from spear.storage import StorageConfig, canonical_url, check_url, filesystem, unstrip
+
+log = logging.getLogger(__name__)
 
 Domain = Literal["speech", "audio"]
 
@@ -131,10 +134,10 @@ def list_source(
                 if domain not in DOMAINS:
                     raise ConfigError(f"list {src.url!r}: domain {domain!r} not in {DOMAINS}")
             url = line if ("://" in line or line.startswith("/")) else _join_relative(base, line)
-            out.append((url, -1, domain))  # size probed later
+            out.append((canonical_url(url, storage), -1, domain))  # size probed later
         return sorted(set(out))
     if fs.isfile(path):
-        return [(src.url, int(fs.size(path)), src.domain)]
+        return [(canonical_url(src.url, storage), int(fs.size(path)), src.domain)]
     if recursive:
         found = fs.find(path, detail=True, withdirs=False)
     else:
@@ -197,6 +200,8 @@ def probe_file(url: str, size: int, storage: StorageConfig, block_size: int = 65
             log = snd.extra_info
     except ProbeError:
         raise
+    except SpearError as err:  # a URL no filesystem serves (e.g. a bad list-file line)
+        raise ProbeError("io", str(err)) from None
     except sf.LibsndfileError as err:
         raise ProbeError("unreadable", f"not readable as audio: {err.error_string}") from None
     except (OSError, ValueError, RuntimeError) as err:
@@ -278,6 +283,9 @@ def probe_files(
             return probe_file(f[0], f[1], storage, cfg.probe_block_size)
         except ProbeError as err:
             return err
+        except Exception as err:  # a bug must not end a million-file job: quarantine, log
+            log.exception("internal error probing %s", f[0])
+            return ProbeError("internal", f"{type(err).__name__}: {err}")
 
     res = ChunkResult(files=len(files))
     with ThreadPoolExecutor(max_workers=min(cfg.probe_threads, max(1, len(files)))) as pool:

@@ -25,3 +25,5 @@ def demo(
         f"  manifest   {res.manifest.out}/manifest  (quarantine: {res.manifest.out}/quarantine)"
     )
     typer.echo(f"  decoded    {res.decode.out}/audio  (quarantine: {res.decode.out}/quarantine)")
+    typer.echo(f"  embeddings {res.embed.out}/embeddings")
+    typer.echo(f"  quantizer  {res.quantizer}")

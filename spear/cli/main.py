@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> None:
     except SpearError as err:
         if debug:
             raise
-        typer.echo(f"error: {err}", err=True)
+        # Raised inside a Ray task, the error arrives wrapped with the remote traceback.
+        cause = getattr(err, "cause", None)
+        typer.echo(f"error: {cause if isinstance(cause, SpearError) else err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -85,3 +85,17 @@ def test_every_shipped_config_file_loads() -> None:
     for f in files:
         cfg = load_config(f)
         assert cfg.ray is not None
+
+
+def test_unfinished_manifest_and_unwritable_output_fail_in_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "m" / "manifest").mkdir(parents=True)
+    (tmp_path / "m" / "manifest" / "part-000-00000-00000.parquet").write_bytes(b"")
+    assert run(["decode", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a finished manifest" in capsys.readouterr().err
+
+    from spear.errors import StorageError
+    from spear.storage import StorageConfig, write_atomic
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="cannot write"):
+        write_atomic(str(tmp_path / "file" / "below"), b"data", StorageConfig())

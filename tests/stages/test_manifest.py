@@ -148,3 +148,45 @@ def test_probe_reads_only_the_header_over_s3(s3_server, monkeypatch: pytest.Monk
         assert info.duration == pytest.approx(size.duration)
         assert sum(fetched) <= 4 * 65536, (name, fetched, info.size)
         assert sum(fetched) < info.size / 4
+
+
+def test_bad_urls_in_a_list_become_quarantine_rows(tmp_path: Path) -> None:
+    files = [(str(tmp_path / "nope.wav"), -1, "speech"), ("foo://x/a.wav", -1, "speech")]
+    res = probe_files(files, "lst", CFG, LOCAL)
+    assert [q["error_type"] for q in res.quarantine] == ["io", "io"]
+    assert not res.rows
+
+
+def test_segments_tile_the_file_exactly_when_decoded(tmp_path: Path) -> None:
+    """Adjacent segments decode to disjoint sample ranges that add up to the whole file."""
+    import numpy as np
+    import soundfile as sf
+
+    from spear.stages.decode import DecodeConfig, decode_segment
+
+    n = 16000 * 75 + 7  # an awkward length: three equal speech segments of 25.0000x s
+    x = (np.random.default_rng(0).standard_normal(n) * 3000).astype(np.int16)
+    path = tmp_path / "odd.wav"
+    sf.write(path, x, 16000, subtype="PCM_16")
+    info = probe_file(str(path), -1, LOCAL)
+    pieces = [
+        decode_segment(str(path), s, d, DecodeConfig(), LOCAL)
+        for s, d in segments(info.duration, "speech", CFG)
+    ]
+    assert len(pieces) == 3
+    np.testing.assert_array_equal(np.concatenate(pieces), x)
+
+
+def test_same_file_spelled_differently_gets_one_id(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from spear.synth import encode, sine
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.wav").write_bytes(encode(sine(1.0, 16000, 440), 16000, "WAV", "PCM_16"))
+    monkeypatch.chdir(tmp_path)
+    spellings = ["d/a.wav", str(tmp_path / "d" / "a.wav"), f"file://{tmp_path}/d/a.wav"]
+    urls = {list_source(SourceConfig(url=u), CFG, LOCAL)[0][0] for u in spellings}
+    urls.add(list_source(SourceConfig(url=str(tmp_path / "d")), CFG, LOCAL)[0][0])
+    assert urls == {str(tmp_path / "d" / "a.wav")}
+    shutil.rmtree(tmp_path / "d")
