@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,26 @@ def _cached_sha(path: Path) -> str:
     return digest
 
 
+def _fetch_dir(
+    fs: Any, path: str, url: str, slot: Path, target: Path, meta: Path
+) -> LocalCheckpoint:
+    """Copy a remote folder into ``target`` (via a temporary folder, renamed when complete)."""
+    tmp = Path(tempfile.mkdtemp(dir=slot, prefix=".part-"))
+    try:
+        fs.get(path.rstrip("/") + "/", str(tmp), recursive=True)
+        os.replace(tmp, target)
+    except Exception as err:  # fsspec backends raise many types
+        raise CheckpointError(
+            f"cannot fetch checkpoint folder {url!r}: {type(err).__name__}: {err}"
+        ) from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    digest = _dir_sha256(target)
+    meta.write_text(json.dumps({"url": url, "sha256": digest}))
+    return LocalCheckpoint(target, digest, url)
+
+
 def fetch_checkpoint(
     url: str, storage: StorageConfig, cache_dir: str | None = None
 ) -> LocalCheckpoint:
@@ -121,10 +142,12 @@ def fetch_checkpoint(
     with open(slot / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if target.is_file() and meta.is_file():
+            if target.exists() and meta.is_file():
                 recorded = json.loads(meta.read_text())
                 return LocalCheckpoint(target, str(recorded["sha256"]), url)
             fs, path = filesystem(url, storage)
+            if fs.isdir(path):  # a model folder (transformers layout): fetch it whole
+                return _fetch_dir(fs, path, url, slot, target, meta)
             h = hashlib.sha256()
             fd, tmp = tempfile.mkstemp(dir=slot, prefix=".part-")
             try:
