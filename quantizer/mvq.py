@@ -203,7 +203,9 @@ class Quantizer(nn.Module):
         dev = self.centers.device
         flat_x = x.reshape(-1, self.dim)
         if batch_size <= 0:
-            batch_size = 4096 if dev.type == "cuda" else 64
+            # On CPU, argmax alone wants big chunks (the (C*K, dim) logit weights are read once
+            # per chunk); refinement's look-up tensors grow with the chunk, so smaller ones there.
+            batch_size = 4096 if dev.type == "cuda" or refine_rounds == 0 else 256
         out = torch.empty(flat_x.shape[0], self.num_codebooks, dtype=torch.uint8, device=dev)
         for start in range(0, flat_x.shape[0], batch_size):
             chunk = flat_x[start : start + batch_size].to(dev, self._param_dtype())
@@ -239,6 +241,8 @@ class Quantizer(nn.Module):
             return self._tables
         with torch.no_grad():
             c, k = self.num_codebooks, self.codebook_size
+            if (c * k) ** 2 >= 2**31:
+                raise ValueError(f"refinement tables for {c}x{k} codebooks exceed int32 indexing")
             flat = self.get_centers().reshape(c * k, self.dim).detach()
             gram = flat @ flat.T  # (C*K, C*K)
             gram = 0.5 * (gram + gram.T)  # exactly symmetric, so look-ups agree both ways
@@ -337,17 +341,24 @@ def refine_round(xc: Tensor, idx: Tensor, t: _Tables, limit: int | None = None) 
 
     # Correction tables: u[b, j, a, l] = <c_j,cand_ja, c_l,o_l>, w[b, j, l] = <c_jo, c_lo>, so
     # <c_ja - c_jo, c_lb - c_lo> = G(ja, lb) - u[j, a, l] - u[l, b, j] + w[j, l].
-    cb = torch.arange(c, device=dev)
+    cb = torch.arange(c, device=dev, dtype=torch.int32)
     pair_base = (cb[:, None] * c + cb[None, :]) * (k * k)  # (C, C) start of block (j, l)
-    u = t.blocks.take(
-        pair_base[None, :, None, :] + cand[..., None] * k + idx[:, None, None, :]
+    cand32, idx32 = cand.int(), idx.int()
+    u = lookup(
+        t.blocks, pair_base[None, :, None, :] + cand32[..., None] * k + idx32[:, None, None, :]
     )  # (B, C, S, C)
-    w = t.blocks.take(pair_base[None] + idx[:, :, None] * k + idx[:, None, :])  # (B, C, C)
+    w = lookup(t.blocks, pair_base[None] + idx32[:, :, None] * k + idx32[:, None, :])  # (B, C, C)
 
     best, best_pos = merge_candidates(val, cand, idx, u, w, t.blocks, k, limit)
     new_idx = cand.gather(2, best_pos[..., None]).squeeze(2)
     # Keep the old codes unless the best combination really lowers the error.
     return torch.where((best < 0)[:, None], new_idx, idx)
+
+
+def lookup(table: Tensor, flat_idx: Tensor) -> Tensor:
+    """``table.take(flat_idx)`` for int32 indexes (int32 halves the index tensors' memory
+    traffic; Gram tables of up to 2^31 entries only)."""
+    return table.index_select(0, flat_idx.reshape(-1)).view(flat_idx.shape)
 
 
 def merge_candidates(
@@ -386,14 +397,14 @@ def merge_candidates(
         # Entries chosen by each even candidate, and every shortlisted entry of the odd group.
         e_entry = cand[bo[:, None, None, None], ev[None, :, None, :], pe]  # (B, N/2, K', L)
         o_entry = cand[:, od]  # (B, N/2, L, S)
-        base = (ev[:, :, None] * c + od[:, None, :]) * (k * k)  # (N/2, Le, Lo)
+        base = ((ev[:, :, None] * c + od[:, None, :]) * (k * k)).int()  # (N/2, Le, Lo)
         # R[b, h, p, l, y] = <change of even candidate p, change of odd codebook l to entry y>.
         # The look-ups are ordered (h, j, l, b, ...) so consecutive ones stay inside one
         # (K, K) Gram block, which stays in cache.
-        e_t = (e_entry * k).permute(1, 3, 0, 2)[:, :, None, :, :, None]  # (N/2, Le, 1, B, K', 1)
-        o_t = o_entry.permute(1, 2, 0, 3)[:, None, :, :, None, :]  # (N/2, 1, Lo, B, 1, S)
+        e_t = (e_entry.int() * k).permute(1, 3, 0, 2)[:, :, None, :, :, None]  # (N/2,Le,1,B,K',1)
+        o_t = o_entry.int().permute(1, 2, 0, 3)[:, None, :, :, None, :]  # (N/2, 1, Lo, B, 1, S)
         flat = (base[..., None, None, None] + e_t) + o_t  # (N/2, Le, Lo, B, K', S)
-        r = blocks.take(flat).sum(1).permute(2, 0, 3, 1, 4)  # (B, N/2, K', Lo, S)
+        r = lookup(blocks, flat).sum(1).permute(2, 0, 3, 1, 4)  # (B, N/2, K', Lo, S)
         u_e = u[
             bo[:, None, None, None, None],
             ev[None, :, None, :, None],
