@@ -29,7 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spear.errors import SpearError
-from spear.formats import MANIFEST_SCHEMA, SAMPLE_RATE, quarantine_table, with_metadata
+from spear.formats import (
+    MANIFEST_SCHEMA,
+    SAMPLE_RATE,
+    parquet_bytes,
+    quarantine_table,
+    with_metadata,
+)
 from spear.pipeline.manifest import require_finished
 from spear.ray_utils import RayConfig, init_ray
 from spear.stages.decode import DecodeConfig, decode_batch, split_decoded
@@ -88,12 +94,6 @@ def manifest_parts(manifest: str, storage: StorageConfig) -> tuple[str, list[str
     return base, parts
 
 
-def _table_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression)
-    return buf.getvalue()
-
-
 def _decode_part(
     batch: dict[str, Any],
     manifest: str,
@@ -120,11 +120,11 @@ def _decode_part(
             ok, bad = split_decoded(decoded)
             quarantine += bad
             ok_tables.append(_audio_table(ok, check_only))
-        write_atomic(join(out, "quarantine", part), _table_bytes(quarantine_table(quarantine)),
+        write_atomic(join(out, "quarantine", part), parquet_bytes(quarantine_table(quarantine)),
                      storage)  # fmt: skip
         table = pa.concat_tables(ok_tables) if ok_tables else _audio_table({}, check_only)
         # Audio barely compresses losslessly with a general codec; don't spend CPU on it.
-        write_atomic(join(out, "audio", part), _table_bytes(table, "none"), storage)
+        write_atomic(join(out, "audio", part), parquet_bytes(table, "none"), storage)
         stats["part"].append(part)
         stats["items"].append(rows.num_rows)
         stats["decoded"].append(table.num_rows)

@@ -21,7 +21,6 @@ teacher, layer, dim, frame rate, checkpoint sha256), ``quarantine/shard-NNNNN.pa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import posixpath
@@ -39,6 +38,7 @@ from spear.errors import SpearError
 from spear.formats import (
     EMBEDDING_SHARD_SCHEMA,
     EMBEDDING_SHARD_VERSION,
+    parquet_bytes,
     quarantine_row,
     quarantine_table,
     with_metadata,
@@ -126,12 +126,6 @@ def select_items(manifest: pa.Table, cfg: EmbedConfig, family: str) -> pa.Table:
         keep = int(np.searchsorted(np.cumsum(dur), cfg.hours * 3600, side="left")) + 1
         order = order[:keep]
     return manifest.take(pa.array(order, type=pa.int64()))
-
-
-def _table_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def run_embed(
@@ -267,5 +261,5 @@ def _write_shard(
         schema=schema,
     )
     name = f"shard-{shard:05d}.parquet"
-    write_atomic(join(out, "quarantine", name), _table_bytes(quarantine_table(bad)), storage)
-    write_atomic(join(out, "embeddings", name), _table_bytes(table), storage)
+    write_atomic(join(out, "quarantine", name), parquet_bytes(quarantine_table(bad)), storage)
+    write_atomic(join(out, "embeddings", name), parquet_bytes(table), storage)

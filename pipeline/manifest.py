@@ -39,6 +39,7 @@ from spear.errors import SpearError
 from spear.formats import (
     MANIFEST_SCHEMA,
     MANIFEST_VERSION,
+    parquet_bytes,
     quarantine_table,
     with_metadata,
 )
@@ -93,12 +94,6 @@ class ManifestSummary:
         )
 
 
-def _table_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
-
-
 def _listing_tasks(src: SourceConfig, storage: StorageConfig) -> list[tuple[SourceConfig, bool]]:
     """``(source, recursive)`` listing tasks: a directory source splits by its first-level
     folders (listed recursively, in parallel) plus its own top level (listed flat)."""
@@ -135,7 +130,7 @@ def _list_task(
             }
         )
         write_atomic(join(out, "_work/listing", f"{prefix}-{c:05d}.parquet"),
-                     _table_bytes(table), storage)  # fmt: skip
+                     parquet_bytes(table), storage)  # fmt: skip
     done = {"chunks": len(chunks), "files": len(files), "source": src.url, "label": src.label()}
     write_atomic(join(out, "_work/listing", f"{prefix}.done.json"), json.dumps(done).encode(),
                  storage)  # fmt: skip
@@ -161,11 +156,11 @@ def _probe_batch(
         res = probe_files(files, label, cfg, storage)
         part = chunk.replace(".parquet", "")
         write_atomic(join(out, "quarantine", f"part-{part}.parquet"),
-                     _table_bytes(quarantine_table(res.quarantine)), storage)  # fmt: skip
+                     parquet_bytes(quarantine_table(res.quarantine)), storage)  # fmt: skip
         schema = with_metadata(MANIFEST_SCHEMA, "manifest", MANIFEST_VERSION)
         table = pa.Table.from_pylist(res.rows, schema=schema)
         # Written last: its presence marks the chunk done.
-        write_atomic(join(out, "manifest", f"part-{part}.parquet"), _table_bytes(table), storage)
+        write_atomic(join(out, "manifest", f"part-{part}.parquet"), parquet_bytes(table), storage)
         stats["chunk"].append(chunk)
         stats["files"].append(res.files)
         stats["items"].append(len(res.rows))

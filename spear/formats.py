@@ -16,11 +16,13 @@ kind) and ``version``.
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 MANIFEST_VERSION = 1
 QUARANTINE_VERSION = 1
@@ -147,3 +149,10 @@ def quarantine_row(
 def quarantine_table(rows: list[dict[str, str]]) -> pa.Table:
     schema = with_metadata(QUARANTINE_SCHEMA, "quarantine", QUARANTINE_VERSION)
     return pa.Table.from_pylist(rows, schema=schema)
+
+
+def parquet_bytes(table: pa.Table, compression: str = "zstd") -> bytes:
+    """A table as the bytes of one Parquet file (written whole by ``write_atomic``)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression)
+    return buf.getvalue()
