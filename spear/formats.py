@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -98,6 +99,66 @@ def token_shard_schema(teachers: list[str]) -> pa.Schema:
         fields.append(pa.field(f"{t}_frames", pa.int32(), nullable=True))
         fields.append(pa.field(f"{t}_codes", pa.binary(), nullable=True))
     return pa.schema(fields)
+
+
+TOKEN_INDEX_VERSION = 1
+
+# ``OUT/index.parquet`` of a tokenize run: one row per token shard (the reader's entry point).
+TOKEN_INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("shard", pa.int32(), nullable=False),
+        pa.field("path", pa.string(), nullable=False),  # relative to OUT: tokens/shard-N.parquet
+        pa.field("rows", pa.int64(), nullable=False),  # items with tokens
+        pa.field("quarantined", pa.int64(), nullable=False),  # items of the shard in quarantine
+        pa.field("bytes", pa.int64(), nullable=False),  # size of the Parquet file
+        pa.field("sha256", pa.string(), nullable=False),  # of the Parquet file's bytes
+        pa.field("audio_seconds", pa.float64(), nullable=False),  # sum of num_samples / 16 kHz
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TokenTeacherInfo:
+    """One teacher's entry in a token shard's metadata (``teachers`` list)."""
+
+    prefix: str
+    """Column prefix: ``{prefix}_frames`` / ``{prefix}_codes`` (``wavlm``, ``dasheng``)."""
+    teacher: str
+    """Teacher registry name (``wavlm``, ``dasheng``, ``wavlm-tiny``, ...)."""
+    family: str
+    """``wavlm`` or ``dasheng``: fixes the frame formula."""
+    layer: int
+    frame_rate: float
+    num_codebooks: int
+    codebook_size: int
+    quantizer_id: str
+    checkpoint_sha256: str | None
+    domains: tuple[str, ...]
+    """Domains of the items this teacher ran on; its columns are null on the others."""
+
+
+def token_shard_metadata(
+    teachers: list[TokenTeacherInfo], **extra: Any
+) -> tuple[pa.Schema, dict[str, Any]]:
+    """The token shard schema for ``teachers`` with spear's metadata attached, and the metadata."""
+    meta = {"teachers": [asdict(t) for t in teachers], **extra}
+    schema = with_metadata(
+        token_shard_schema([t.prefix for t in teachers]), "token_shard", TOKEN_SHARD_VERSION, **meta
+    )
+    return schema, read_metadata(schema)
+
+
+def read_token_teachers(schema: pa.Schema) -> list[TokenTeacherInfo]:
+    """The teachers recorded in a token shard's schema; ValueError if it is not a token shard."""
+    meta = read_metadata(schema)
+    if meta.get("schema") != "token_shard":
+        raise ValueError(f"not a spear token shard (metadata schema {meta.get('schema')!r})")
+    if meta.get("version") != TOKEN_SHARD_VERSION:
+        raise ValueError(
+            f"token shard version {meta.get('version')} is not {TOKEN_SHARD_VERSION}; "
+            "upgrade spear to read it"
+        )
+    return [TokenTeacherInfo(**(t | {"domains": tuple(t["domains"])})) for t in meta["teachers"]]
 
 
 def with_metadata(schema: pa.Schema, kind: str, version: int, **extra: Any) -> pa.Schema:
