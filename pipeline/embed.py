@@ -44,7 +44,7 @@ from spear.formats import (
     with_metadata,
 )
 from spear.pipeline.manifest import read_manifest
-from spear.ray_utils import RayConfig, init_ray
+from spear.ray_utils import RayConfig, dataset_from_table, init_ray
 from spear.stages.decode import DecodeConfig, decode_dataset
 from spear.stages.teachers import TeacherConfig, TeacherStage, map_batches_kwargs
 from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
@@ -177,12 +177,11 @@ def run_embed(
     summary.shards_done_before = num_shards - len(todo)
     if todo:
         init_ray(ray_cfg)
-        import ray
 
         pending = table.filter(pa.compute.is_in(table["shard"], pa.array(todo, pa.int32())))
         expected = Counter(pending["shard"].to_pylist())
         blocks = max(1, min(len(todo) * 4, pending.num_rows // 4 or 1))
-        ds = ray.data.from_arrow(pending).repartition(blocks)
+        ds = dataset_from_table(pending, blocks)
         ds = decode_dataset(ds, decode, storage)
         ds = ds.map_batches(TeacherStage, **map_batches_kwargs(teacher, storage))
         rows: dict[int, list[dict[str, Any]]] = defaultdict(list)

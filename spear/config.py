@@ -29,6 +29,7 @@ from spear.ray_utils import RayConfig
 from spear.stages.decode import DecodeConfig
 from spear.stages.manifest import ManifestConfig
 from spear.stages.teachers import TeachersConfig
+from spear.stages.tokenize import TokenizeConfig
 from spear.storage import StorageConfig
 
 T = TypeVar("T")
@@ -50,6 +51,8 @@ class SpearConfig:
     """The speech (WavLM) and audio (Dasheng) teachers: checkpoints and how they run."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     """MVQ quantiser training, held-out split and encoding."""
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    """``spear tokenize``: quantiser per teacher, domains per teacher, shard size."""
 
 
 def _type_name(tp: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +64,15 @@ def init_ray(cfg: RayConfig) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
+
+
+def dataset_from_table(table: Any, blocks: int) -> Any:
+    """A Ray Dataset of ``table`` in about ``blocks`` blocks, cut on the driver.
+
+    Not ``from_arrow(table).repartition(n)``: a repartition is an all-to-all step whose tasks
+    can starve behind actor pools that hold every CPU of a small cluster.
+    """
+    import ray
+
+    step = max(1, -(-table.num_rows // max(1, blocks)))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])

@@ -61,6 +61,9 @@ def _register() -> None:
     app.command("manifest")(manifest.manifest)
     app.command("decode")(decode.decode)
     app.command("embed")(embed.embed)
+    from spear.cli import tokenize
+
+    app.command("tokenize")(tokenize.tokenize)
     app.command("demo")(demo.demo)
     from spear.cli import quantizer
 

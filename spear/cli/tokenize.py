@@ -1,0 +1,92 @@
+"""``spear tokenize``: manifest -> teachers + MVQ codes -> token shards (the main job)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.errors import SpearError
+
+
+def tokenize(
+    manifest: Annotated[
+        str, typer.Option("--manifest", "-m", help="Manifest URL (a `spear manifest` --out).")
+    ] = "",
+    out: Annotated[str, typer.Option("--out", "-o", help="Output URL (any fsspec URL).")] = "",
+    wavlm_quantizer: Annotated[
+        str | None,
+        typer.Option(help="WavLM quantiser (a `spear quantizer train` --out); tokenize.wavlm."),
+    ] = None,
+    dasheng_quantizer: Annotated[
+        str | None,
+        typer.Option(help="Dasheng quantiser (a `spear quantizer train` --out)."),
+    ] = None,
+    wavlm: Annotated[
+        str | None, typer.Option(help="WavLM registry name (teachers.wavlm.name).")
+    ] = None,
+    dasheng: Annotated[
+        str | None, typer.Option(help="Dasheng registry name (teachers.dasheng.name).")
+    ] = None,
+    wavlm_checkpoint: Annotated[
+        str | None, typer.Option(help="WavLM weights: path, fsspec URL or hub id.")
+    ] = None,
+    dasheng_checkpoint: Annotated[
+        str | None, typer.Option(help="Dasheng weights: path, fsspec URL or hub id.")
+    ] = None,
+    items_per_shard: Annotated[
+        int | None, typer.Option(help="Items per token shard (the resume unit).")
+    ] = None,
+    refine_rounds: Annotated[
+        int | None, typer.Option(help="MVQ refinement rounds at encode time (0..5).")
+    ] = None,
+    s3_endpoint: EndpointOpt = None,
+    address: AddressOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Tokenize every manifest item: WavLM codes on speech and audio items, Dasheng codes on
+    audio items (configurable), written as token shards with an index and a run report.
+
+    Re-running with the same --out finishes what is missing; other teachers or quantisers
+    there are refused.
+    """
+    from spear.pipeline.tokenize import run_tokenize
+    from spear.storage import check_url
+
+    if not manifest or not out:
+        raise SpearError("both --manifest and --out are required")
+    check_url(manifest)
+    check_url(out)
+    cfg = resolve(
+        config,
+        set_,
+        **{
+            "tokenize.wavlm.quantizer": wavlm_quantizer,
+            "tokenize.dasheng.quantizer": dasheng_quantizer,
+            "tokenize.items_per_shard": items_per_shard,
+            "teachers.wavlm.name": wavlm,
+            "teachers.dasheng.name": dasheng,
+            "teachers.wavlm.checkpoint": wavlm_checkpoint,
+            "teachers.dasheng.checkpoint": dasheng_checkpoint,
+            "quantizer.encode.refine_rounds": refine_rounds,
+            "storage.endpoint_url": s3_endpoint,
+            "ray.address": address,
+        },
+    )
+    for q in (cfg.tokenize.wavlm.quantizer, cfg.tokenize.dasheng.quantizer):
+        if q is not None:
+            check_url(q)
+    teachers = {"wavlm": cfg.teachers.wavlm, "dasheng": cfg.teachers.dasheng}
+    summary = run_tokenize(
+        manifest,
+        out,
+        teachers,
+        cfg.tokenize,
+        cfg.quantizer.encode,
+        cfg.decode,
+        cfg.storage.resolved(),
+        cfg.ray,
+    )
+    typer.echo(summary.line())

@@ -1,0 +1,215 @@
+"""Tokenize stage: audio batch -> one teacher's MVQ codes, computed inside the teacher's actor.
+
+The teacher's float embeddings never leave the actor: it runs the teacher, encodes the frames
+with that teacher's quantiser and hands back uint8 codes (800 B per second of audio for WavLM at
+SPEC's settings, against 100 kB/s of float16 embeddings).
+
+* :class:`TokenizeTeacherConfig` - one teacher of the tokenize job: model, quantiser, domains.
+* :func:`tokenize_batch` - the pure function (no Ray): batch in, batch with codes out.
+* :class:`TokenizeStage` - the Ray Data actor; :func:`tokenize_map_kwargs` for ``map_batches``.
+
+Batch in: an audio batch (``spear.formats``) with ``domain`` and the decode stage's
+``error_type`` column. Rows that failed to decode, and rows of other domains, pass through with
+``{prefix}_frames = -1`` and empty ``{prefix}_codes``. A row this teacher should tokenize but
+that gives it no frame gets ``error_type = "too_short"`` (and ``error``), so it leaves the job as
+a quarantine row. ``{prefix}_seconds`` is this stage's compute time spread over the batch's rows
+(the run report's per-stage throughput).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spear.errors import ConfigError
+from spear.formats import AUDIO_DTYPE, DOMAINS, TokenTeacherInfo, codes_to_bytes
+from spear.stages.teachers import LoadedTeacher, TeacherConfig, load_teacher, run_teacher
+from spear.storage import StorageConfig
+
+NOT_RUN = -1
+"""``{prefix}_frames`` of a row this teacher did not run on (a null in the token shard)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TokenizeTeacherConfig:
+    """One teacher of ``spear tokenize``: which quantiser encodes its frames, on which items."""
+
+    quantizer: str | None = None
+    """The trained quantiser (``spear quantizer train`` output folder or its ``.safetensors``);
+    None: this teacher does not run."""
+    domains: tuple[str, ...] = ("speech", "audio")
+    """Domains of the items this teacher tokenizes."""
+
+    def __post_init__(self) -> None:
+        bad = [d for d in self.domains if d not in DOMAINS]
+        if bad:
+            raise ConfigError(f"tokenize domains {bad} are not among {list(DOMAINS)}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DashengTokenizeConfig(TokenizeTeacherConfig):
+    """:class:`TokenizeTeacherConfig` defaulting to audio items only (a YAML section or a
+    ``--set`` may omit ``domains``)."""
+
+    domains: tuple[str, ...] = ("audio",)
+    """Domains of the items this teacher tokenizes."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TokenizeConfig:
+    """``spear tokenize``: teachers per domain (SPEC section 4's rule by default), sharding."""
+
+    wavlm: TokenizeTeacherConfig = field(default_factory=TokenizeTeacherConfig)
+    """WavLM tokens: on speech and audio items."""
+    dasheng: DashengTokenizeConfig = field(default_factory=DashengTokenizeConfig)
+    """Dasheng tokens: on audio items only."""
+    items_per_shard: int = 1000
+    """Items per token shard (the resume unit): ~30 MB of tokens for 30 s speech items."""
+    decode_batch_size: int = 16
+    """Manifest rows per decode task call."""
+    decode_cpus: float = 1.0
+    """CPUs per decode task (Ray's scheduling share)."""
+    progress_seconds: float = 30.0
+    """Seconds between one-line progress summaries in the log."""
+
+    def __post_init__(self) -> None:
+        if self.items_per_shard < 1 or self.decode_batch_size < 1:
+            raise ConfigError("tokenize items_per_shard and decode_batch_size must be >= 1")
+        if self.decode_cpus <= 0 or self.progress_seconds <= 0:
+            raise ConfigError("tokenize decode_cpus and progress_seconds must be positive")
+
+
+def tokenize_batch(
+    teacher: LoadedTeacher,
+    quantizer: Any,
+    batch: dict[str, Any],
+    *,
+    prefix: str,
+    domains: tuple[str, ...],
+    refine_rounds: int,
+    keep_audio: bool,
+) -> dict[str, Any]:
+    """Codes of ``teacher`` + ``quantizer`` for the rows of ``domains`` (see module docstring)."""
+    import torch
+
+    t0 = time.perf_counter()
+    n = len(batch["item_id"])
+    err = np.array(
+        [str(e) for e in batch.get("error_type", [""] * n)], dtype=object
+    )  # copy: rows may turn into errors here
+    msg = np.array([str(e) for e in batch.get("error", [""] * n)], dtype=object)
+    domain = [str(d) for d in batch["domain"]]
+    run = [i for i in range(n) if err[i] == "" and domain[i] in domains]
+    waves = [np.frombuffer(batch["audio"][i], dtype=AUDIO_DTYPE) for i in run]
+    embs = run_teacher(teacher, waves)
+    frames = np.full(n, NOT_RUN, dtype=np.int32)
+    codes = np.empty(n, dtype=object)
+    codes[:] = [b""] * n
+    for i, e in zip(run, embs, strict=True):
+        if len(e) == 0:
+            err[i] = "too_short"
+            msg[i] = (
+                f"{batch['url'][i]}: {len(batch['audio'][i]) // 2} samples give no "
+                f"{teacher.spec.name} frame"
+            )
+    # One encode call for the whole batch: the quantiser's chunks stay full (codes of a frame
+    # do not depend on its neighbours).
+    keep = [(i, e) for i, e in zip(run, embs, strict=True) if len(e)]
+    if keep:
+        flat = torch.from_numpy(np.concatenate([e for _, e in keep]))
+        all_codes = quantizer.encode(flat, refine_rounds).cpu().numpy()
+        at = 0
+        for i, e in keep:
+            frames[i] = len(e)
+            codes[i] = codes_to_bytes(all_codes[at : at + len(e)])
+            at += len(e)
+    out = {k: v for k, v in batch.items() if keep_audio or k != "audio"}
+    out["error_type"], out["error"] = err, msg
+    out[f"{prefix}_frames"] = frames
+    out[f"{prefix}_codes"] = codes
+    out[f"{prefix}_seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+    return out
+
+
+def teacher_info(
+    prefix: str, teacher: TeacherConfig, quantizer: Any, domains: tuple[str, ...], sha: str | None
+) -> TokenTeacherInfo:
+    """The token shard metadata entry for one teacher of the job."""
+    spec = teacher.spec
+    return TokenTeacherInfo(
+        prefix=prefix,
+        teacher=spec.name,
+        family=spec.family,
+        layer=teacher.layer or spec.layer,
+        frame_rate=spec.frame_rate,
+        num_codebooks=quantizer.num_codebooks,
+        codebook_size=quantizer.codebook_size,
+        quantizer_id=quantizer.id,
+        checkpoint_sha256=sha,
+        domains=tuple(domains),
+    )
+
+
+class TokenizeStage:
+    """Ray Data actor: loads the teacher and its quantiser once, then tokenizes each batch."""
+
+    def __init__(
+        self,
+        teacher: TeacherConfig,
+        quantizer_url: str,
+        storage: StorageConfig,
+        *,
+        prefix: str,
+        domains: tuple[str, ...],
+        refine_rounds: int,
+        keep_audio: bool,
+    ):
+        from spear.quantizer.train import load_quantizer
+
+        self.teacher = load_teacher(teacher, storage)
+        self.quantizer = load_quantizer(quantizer_url, storage, str(self.teacher.device)).eval()
+        self.kw = {
+            "prefix": prefix,
+            "domains": domains,
+            "refine_rounds": refine_rounds,
+            "keep_audio": keep_audio,
+        }
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return tokenize_batch(self.teacher, self.quantizer, batch, **self.kw)  # type: ignore[arg-type]
+
+
+def tokenize_map_kwargs(
+    teacher: TeacherConfig,
+    quantizer_url: str,
+    storage: StorageConfig,
+    *,
+    prefix: str,
+    domains: tuple[str, ...],
+    refine_rounds: int,
+    keep_audio: bool,
+    gpus_available: bool,
+) -> dict[str, Any]:
+    """Keyword arguments for ``ds.map_batches(TokenizeStage, **kwargs)``: a fixed actor pool,
+    ``num_gpus`` per actor when the cluster has GPUs. Ray Data restarts a dead actor and retries
+    its batches (``max_restarts=-1``, ``max_task_retries=-1`` are its defaults for actor pools)."""
+    from ray.data import ActorPoolStrategy
+
+    return {
+        "compute": ActorPoolStrategy(size=teacher.num_actors),
+        "batch_size": teacher.batch_size,
+        "batch_format": "numpy",
+        "num_gpus": teacher.num_gpus if gpus_available and teacher.device != "cpu" else 0,
+        "fn_constructor_kwargs": {
+            "teacher": teacher,
+            "quantizer_url": quantizer_url,
+            "storage": storage,
+            "prefix": prefix,
+            "domains": domains,
+            "refine_rounds": refine_rounds,
+            "keep_audio": keep_audio,
+        },
+    }
