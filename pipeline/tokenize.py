@@ -356,7 +356,7 @@ def run_tokenize(
                 prefix=t.prefix,
                 domains=tok.domains,
                 refine_rounds=encode.refine_rounds,
-                keep_audio=k < len(job) - 1,
+                keep_audio=tuple(sorted({d for later in job[k + 1 :] for d in later.info.domains})),
                 gpus_available=gpus,
             )
             ds = ds.map_batches(TokenizeStage, **kwargs)

@@ -10,10 +10,11 @@ SPEC's settings, against 100 kB/s of float16 embeddings).
 
 Batch in: an audio batch (``spear.formats``) with ``domain`` and the decode stage's
 ``error_type`` column. Rows that failed to decode, and rows of other domains, pass through with
-``{prefix}_frames = -1`` and empty ``{prefix}_codes``. A row this teacher should tokenize but
-that gives it no frame gets ``error_type = "too_short"`` (and ``error``), so it leaves the job as
-a quarantine row. ``{prefix}_seconds`` is this stage's compute time spread over the batch's rows
-(the run report's per-stage throughput).
+``{prefix}_frames = -1`` and empty ``{prefix}_codes``. ``audio`` goes on only for rows of
+``keep_audio`` (the domains of the teachers after this one), empty for the others. A row this
+teacher should tokenize but that gives it no frame gets ``error_type = "too_short"`` (and
+``error``), so it leaves the job as a quarantine row. ``{prefix}_seconds`` is this stage's
+compute time spread over the batch's rows (the run report's per-stage throughput).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def tokenize_batch(
     prefix: str,
     domains: tuple[str, ...],
     refine_rounds: int,
-    keep_audio: bool,
+    keep_audio: tuple[str, ...],
 ) -> dict[str, Any]:
     """Codes of ``teacher`` + ``quantizer`` for the rows of ``domains`` (see module docstring)."""
     import torch
@@ -126,7 +127,15 @@ def tokenize_batch(
             frames[i] = len(e)
             codes[i] = codes_to_bytes(all_codes[at : at + len(e)])
             at += len(e)
-    out = {k: v for k, v in batch.items() if keep_audio or k != "audio"}
+    out = {k: v for k, v in batch.items() if k != "audio"}
+    if keep_audio:
+        # Only rows a later teacher runs on carry their audio on: the rest would be object-store
+        # traffic for nothing (speech items after WavLM, by default).
+        audio = np.empty(n, dtype=object)
+        audio[:] = [
+            batch["audio"][i] if err[i] == "" and domain[i] in keep_audio else b"" for i in range(n)
+        ]
+        out["audio"] = audio
     out["error_type"], out["error"] = err, msg
     out[f"{prefix}_frames"] = frames
     out[f"{prefix}_codes"] = codes
@@ -165,7 +174,7 @@ class TokenizeStage:
         prefix: str,
         domains: tuple[str, ...],
         refine_rounds: int,
-        keep_audio: bool,
+        keep_audio: tuple[str, ...],
     ):
         from spear.quantizer.train import load_quantizer
 
@@ -190,7 +199,7 @@ def tokenize_map_kwargs(
     prefix: str,
     domains: tuple[str, ...],
     refine_rounds: int,
-    keep_audio: bool,
+    keep_audio: tuple[str, ...],
     gpus_available: bool,
 ) -> dict[str, Any]:
     """Keyword arguments for ``ds.map_batches(TokenizeStage, **kwargs)``: a fixed actor pool,

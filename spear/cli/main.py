@@ -68,6 +68,16 @@ def _register() -> None:
     from spear.cli import quantizer
 
     app.add_typer(quantizer.app, name="quantizer")
+    from spear.cli import plan, report, submit
+
+    app.command("plan")(plan.plan)
+    app.command("report")(report.report)
+    # Options `submit` does not know go to the stage (checked against the stage's own).
+    app.command(
+        "submit",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+        options_metavar="STAGE [STAGE OPTIONS] [OPTIONS]",
+    )(submit.submit)
 
 
 _register()
