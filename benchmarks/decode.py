@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from collections.abc import Callable
 import numpy as np
 import soundfile as sf
 import torch
+from rates import device_name, record  # benchmarks/rates.py
 
 from spear.stages.decode import RESAMPLERS, DecodeConfig, decode_segment, resample
 from spear.storage import StorageConfig
@@ -160,8 +162,12 @@ def main() -> None:
         f"decode + resample to 16 kHz mono int16, {args.seconds:g} s segments, x real time / core"
     )
     print(f"{'source':<15}{'decode only':>12}{'+soxr':>10}{'+torchaudio':>13}{'soxr/ta':>9}")
+    soxr_rates = []
     for label, dec, sx, ta in bench_throughput(args.seconds, args.repeats):
         print(f"{label:<15}{dec:>12,.0f}{sx:>10,.0f}{ta:>13,.0f}{sx / ta:>9.1f}")
+        soxr_rates.append(sx)
+    # The planner's decode figure: the slowest source (a mixed corpus is bounded by it).
+    record("decode", min(soxr_rates), device=device_name(), command=" ".join(sys.argv))
 
     print("\nresampler alone, float32 mono, x real time / core")
     print(f"{'rates':<15}{'soxr HQ':>10}{'torchaudio':>12}{'soxr/ta':>9}")

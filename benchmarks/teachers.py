@@ -20,11 +20,13 @@ included). ``--peak-tflops`` defaults to 989 (H100 SXM bf16 dense) on CUDA; on C
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
 import numpy as np
 import torch
+from rates import device_name, record  # benchmarks/rates.py
 
 from spear.stages.teachers import TEACHERS, TeacherConfig, load_teacher, run_teacher
 
@@ -123,6 +125,11 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 rows.append({"teacher": name, "batch": batch, "seconds": seconds, "rate": rate})
+    # The planner's teacher rates: the best cell of each real-size teacher on a GPU.
+    for family in ("wavlm", "dasheng"):
+        best = [r["rate"] for r in rows if r["teacher"] == family]
+        if cuda and best:
+            record(family, max(best), device=device_name(), command=" ".join(sys.argv))
 
 
 if __name__ == "__main__":

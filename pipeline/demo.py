@@ -3,9 +3,11 @@
 Steps (each one is the same library call its CLI command makes):
 1. Generate a corpus: speech-like files, audio clips, and the bad files real corpora contain.
 2. ``spear manifest`` over the speech and audio folders.
-3. ``spear decode`` of that manifest.
-4. ``spear embed`` with the tiny random-initialised WavLM (speech items).
-5. ``spear quantizer train`` on those embeddings (a short schedule), then its held-out report.
+3. ``spear embed`` with the tiny random-initialised WavLM (speech items) and Dasheng (audio
+   items): the quantisers' training data.
+4. ``spear quantizer train`` for each teacher (a short schedule, small codebooks).
+5. ``spear tokenize``: WavLM tokens on every item, Dasheng tokens on audio items.
+6. ``spear shards validate`` on the result.
 """
 
 from __future__ import annotations
@@ -15,24 +17,30 @@ import os
 from dataclasses import dataclass
 
 from spear.config import SpearConfig, replace
-from spear.pipeline.decode import DecodeSummary, run_decode
 from spear.pipeline.embed import EmbedConfig, EmbedSummary, run_embed
 from spear.pipeline.manifest import ManifestSummary, build_manifest
+from spear.pipeline.tokenize import REPORT, TokenizeSummary, run_tokenize
 from spear.quantizer.train import train_quantizer
+from spear.shards import validate
 from spear.stages.manifest import SourceConfig
 from spear.storage import exists, join, write_atomic
 from spear.synth import write_corpus, write_speech_like
 
 log = logging.getLogger(__name__)
 
+TINY = {"wavlm": "wavlm-tiny", "dasheng": "dasheng-tiny"}
+
 
 @dataclass
 class DemoResult:
     corpus: str
     manifest: ManifestSummary
-    decode: DecodeSummary
-    embed: EmbedSummary
-    quantizer: str
+    embed: dict[str, EmbedSummary]
+    quantizers: dict[str, str]
+    tokenize: TokenizeSummary
+    tokens: str
+    report: str
+    problems: list[str]
 
 
 def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResult:
@@ -50,29 +58,50 @@ def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResul
         SourceConfig(url=speech, domain="speech", name="speech"),
         SourceConfig(url=audio, domain="audio", name="audio"),
     ]
-    m = build_manifest(sources, join(out, "manifest"), cfg.manifest, storage, cfg.ray)
+    manifest = join(out, "manifest")
+    m = build_manifest(sources, manifest, cfg.manifest, storage, cfg.ray)
     print(m.line(), flush=True)
-    d = run_decode(join(out, "manifest"), join(out, "decoded"), cfg.decode, storage, cfg.ray)
-    print(d.line(), flush=True)
 
-    teacher = replace(cfg.teachers.wavlm, name="wavlm-tiny", checkpoint=None)
-    e = run_embed(join(out, "manifest"), join(out, "embeddings"), teacher,
-                  EmbedConfig(items_per_shard=16), cfg.decode, storage, cfg.ray)  # fmt: skip
-    print(e.line(), flush=True)
+    teachers = {
+        "wavlm": replace(cfg.teachers.wavlm, name=TINY["wavlm"], checkpoint=None),
+        "dasheng": replace(cfg.teachers.dasheng, name=TINY["dasheng"], checkpoint=None),
+    }
+    embeds: dict[str, EmbedSummary] = {}
+    quantizers: dict[str, str] = {}
+    for prefix, teacher in teachers.items():
+        e = run_embed(manifest, join(out, f"embeddings-{prefix}"), teacher,
+                      EmbedConfig(items_per_shard=16), cfg.decode, storage, cfg.ray)  # fmt: skip
+        print(e.line(), flush=True)
+        embeds[prefix] = e
+        # A short schedule and small codebooks for the 64-d tiny teachers: seconds, not hours.
+        qcfg = replace(
+            cfg.quantizer,
+            train=replace(
+                cfg.quantizer.train,
+                num_codebooks=4,
+                codebook_size=64,
+                phase_steps=150,
+                batch_size=256,
+                log_every=50,
+                checkpoint_every=100,
+                normalise=prefix == "wavlm",
+            ),
+        )
+        qout = join(out, f"quantizer-{prefix}")
+        q = train_quantizer(qcfg, join(out, f"embeddings-{prefix}"), qout, storage)
+        quantizers[prefix] = f"{qout} ({q.id})"
 
-    # A short schedule and small codebooks for the 64-d tiny teacher: seconds, not hours.
-    qcfg = replace(
-        cfg.quantizer,
-        train=replace(
-            cfg.quantizer.train,
-            num_codebooks=4,
-            codebook_size=64,
-            phase_steps=150,
-            batch_size=256,
-            log_every=50,
-            checkpoint_every=100,
-        ),
+    tcfg = replace(
+        cfg.tokenize,
+        items_per_shard=16,
+        wavlm=replace(cfg.tokenize.wavlm, quantizer=join(out, "quantizer-wavlm")),
+        dasheng=replace(cfg.tokenize.dasheng, quantizer=join(out, "quantizer-dasheng")),
     )
-    qout = join(out, "quantizer")
-    q = train_quantizer(qcfg, join(out, "embeddings"), qout, storage)
-    return DemoResult(corpus=corpus, manifest=m, decode=d, embed=e, quantizer=f"{qout} ({q.id})")
+    tokens = join(out, "tokens")
+    t = run_tokenize(manifest, tokens, teachers, tcfg, cfg.quantizer.encode, cfg.decode,
+                     storage, cfg.ray)  # fmt: skip
+    print(t.line(), flush=True)
+    problems = validate(tokens, storage)
+    return DemoResult(corpus=corpus, manifest=m, embed=embeds, quantizers=quantizers,
+                      tokenize=t, tokens=tokens, report=join(tokens, REPORT),
+                      problems=problems)  # fmt: skip

@@ -24,8 +24,16 @@ def test_demo_runs_every_stage(ray_cluster: str, tmp_path: Path, capsys) -> None
     manifest = json.loads((d / "manifest" / "_SUCCESS.json").read_text())
     # The generated corpus holds 7 broken files; each one is quarantined with its reason.
     assert sum(manifest["quarantined"].values()) == 7
-    assert manifest["items"] == pq.read_table(d / "decoded" / "audio").num_rows
-    emb = pq.read_table(d / "embeddings" / "embeddings")
+    emb = pq.read_table(d / "embeddings-wavlm" / "embeddings")
     assert emb.num_rows > 0 and min(emb["num_frames"].to_pylist()) > 0
-    meta = json.loads((d / "quantizer" / "quantizer.json").read_text())
+    meta = json.loads((d / "quantizer-wavlm" / "quantizer.json").read_text())
     assert meta["rrl"] < 0.6  # a real fit, not the 1.0 of predicting the mean
+    # Every manifest item is tokenized once; audio items carry Dasheng tokens, speech ones not.
+    tokens = pq.read_table(d / "tokens" / "tokens")
+    assert sorted(tokens["item_id"].to_pylist()) == sorted(
+        pq.read_table(d / "manifest" / "manifest")["item_id"].to_pylist()
+    )
+    for row in tokens.select(["domain", "dasheng_frames", "wavlm_frames"]).to_pylist():
+        assert row["wavlm_frames"] > 0
+        assert (row["dasheng_frames"] is not None) == (row["domain"] == "audio")
+    assert "valid (4 shards" in out

@@ -22,8 +22,18 @@ def demo(
     res = run_demo(out, cfg)
     typer.echo(f"demo done: corpus {res.corpus}")
     typer.echo(
-        f"  manifest   {res.manifest.out}/manifest  (quarantine: {res.manifest.out}/quarantine)"
+        f"  manifest    {res.manifest.out}/manifest  (quarantine: {res.manifest.out}/quarantine)"
     )
-    typer.echo(f"  decoded    {res.decode.out}/audio  (quarantine: {res.decode.out}/quarantine)")
-    typer.echo(f"  embeddings {res.embed.out}/embeddings")
-    typer.echo(f"  quantizer  {res.quantizer}")
+    for prefix, e in res.embed.items():
+        typer.echo(f"  embeddings  {e.out}/embeddings  ({prefix})")
+    for prefix, q in res.quantizers.items():
+        typer.echo(f"  quantizer   {q}  ({prefix})")
+    typer.echo(f"  tokens      {res.tokens}/tokens  (index: {res.tokens}/index.parquet)")
+    typer.echo(f"  report      {res.report}")
+    if res.problems:
+        for p in res.problems:
+            typer.echo(f"  invalid: {p}", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"  validate    {res.tokens}: valid ({res.tokenize.shards} shards, {res.tokenize.ok} items)"
+    )

@@ -68,6 +68,9 @@ def _register() -> None:
     from spear.cli import quantizer
 
     app.add_typer(quantizer.app, name="quantizer")
+    from spear.cli import shards
+
+    app.add_typer(shards.app, name="shards")
     from spear.cli import plan, report, submit
 
     app.command("plan")(plan.plan)
@@ -87,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning known errors into one line on stderr."""
     debug = "--debug" in (argv or sys.argv) or os.environ.get("SPEAR_DEBUG") == "1"
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode, click returns the code of a `raise typer.Exit(n)`.
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except Exit as err:
         sys.exit(err.exit_code)
     except Abort:

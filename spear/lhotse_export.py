@@ -1,0 +1,331 @@
+"""Token shards -> lhotse cuts, as icefall's SPEAR / MVQ distillation recipes read them.
+
+Each token row becomes a ``MonoCut`` (id = ``item_id``) with the custom fields ``domain`` and
+``source`` and, per teacher, ``{prefix}_codebook_indexes``: a ``TemporalArray`` of uint8 codes
+``(T, C)`` with ``frame_shift = 1 / frame_rate`` (0.02 s for WavLM, 0.04 s for Dasheng) and
+``start`` = the cut's start, so ``cut.load_custom("wavlm_codebook_indexes")`` returns all of
+them. Items a teacher did not run on (speech items for Dasheng) have no such field.
+
+Two layouts under a local folder ``DEST``:
+
+* cuts (default): per token shard N, ``cuts.NNNNN.jsonl.gz`` and, per teacher,
+  ``{prefix}_codebook_indexes.NNNNN.h5`` (lhotse's ``NumpyHdf5Writer``, one HDF5 dataset per
+  cut; needs ``h5py``; the manifests name the HDF5 files by absolute path). Each cut's
+  ``Recording`` is the original file (``url``; lhotse opens remote URLs with smart_open), the
+  cut spans ``start`` / ``duration`` in it. A Recording needs the file's own sample rate,
+  length and channels, which token shards do not carry: they come from the run's manifest
+  (``manifest=``, a ``spear manifest`` output or its Parquet files), else from each file's
+  header. Spear computed the tokens on the mean of a file's channels; such a cut reads
+  channel 0.
+* Lhotse Shar (``shar=True``): ``cuts.NNNNNN.jsonl.gz``, ``recording.NNNNNN.tar`` and per
+  teacher ``{prefix}_codebook_indexes.NNNNNN.tar`` (``.npy`` members), ``shard_size`` cuts per
+  shard. Shar stores the data of a cut from its start, so the audio goes in too: each segment
+  decoded by spear's decode stage (default settings; 16 kHz mono, cut or padded to exactly
+  ``num_samples``; FLAC or WAV), the cut
+  starting at 0, the original ``url`` / ``start`` kept as custom ``audio_url`` /
+  ``audio_start``. Read with ``CutSet.from_shar(in_dir=DEST)``.
+
+lhotse is optional: ``pip install 'spear[lhotse]'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from spear.errors import SpearError
+from spear.formats import SAMPLE_RATE, TokenTeacherInfo, codes_from_bytes
+from spear.shards import (
+    ShardEntry,
+    ShardError,
+    list_shards,
+    read_table,
+    shard_teachers,
+    shard_url,
+)
+from spear.storage import StorageConfig, filesystem, protocol_of, unstrip
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLE_SLACK = 320
+"""Samples (20 ms) a re-decoded segment may differ from the tokens' ``num_samples`` (resampler
+edges) before the export refuses it; within that, the audio is cut or zero-padded to fit."""
+
+
+@dataclass(frozen=True)
+class AudioFileInfo:
+    """What a lhotse Recording needs to know about an audio file."""
+
+    sample_rate: int
+    num_samples: int
+    channels: int
+
+
+@dataclass
+class ExportSummary:
+    dest: str
+    layout: str
+    cuts: int = 0
+    fields: dict[str, int] = field(default_factory=dict)
+    """Cuts carrying each ``{prefix}_codebook_indexes`` field."""
+    files: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        per = ", ".join(f"{k}: {v}" for k, v in self.fields.items())
+        return f"wrote {self.cuts} cuts as {self.layout} to {self.dest} ({per})"
+
+
+def codebook_field(prefix: str) -> str:
+    """The cut's custom field for a teacher's codes: ``wavlm_codebook_indexes``, ..."""
+    return f"{prefix}_codebook_indexes"
+
+
+def _lhotse() -> Any:
+    try:
+        import lhotse
+    except ImportError:
+        raise SpearError("exporting to lhotse needs lhotse: pip install 'spear[lhotse]'") from None
+    return lhotse
+
+
+def recording_id(url: str) -> str:
+    """One id per audio file (the same hash that starts spear's item ids)."""
+    return hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
+
+
+def read_manifest_info(manifest: str, storage: StorageConfig) -> dict[str, AudioFileInfo]:
+    """``url -> AudioFileInfo`` from a ``spear manifest`` output (or a Parquet file / folder)."""
+    fs, path = filesystem(manifest, storage)
+    if fs.isfile(path):
+        files = [path]
+    else:
+        base = path.rstrip("/") + "/manifest" if fs.isdir(path.rstrip("/") + "/manifest") else path
+        files = sorted(p for p in fs.find(base) if p.endswith(".parquet"))
+    if not files:
+        raise SpearError(f"no manifest Parquet files under {manifest!r}")
+    info: dict[str, AudioFileInfo] = {}
+    for p in files:
+        with fs.open(p, "rb") as f:
+            t = pq.read_table(
+                io.BytesIO(f.read()), columns=["url", "sample_rate", "file_duration", "channels"]
+            )
+        for url, sr, dur, ch in zip(*(t[c].to_pylist() for c in t.column_names), strict=True):
+            info[url] = AudioFileInfo(int(sr), round(float(dur) * int(sr)), int(ch))
+    log.info("manifest %s: %d files from %d parts", unstrip(fs, path), len(info), len(files))
+    return info
+
+
+def probe_info(url: str, storage: StorageConfig) -> AudioFileInfo:
+    """Read one file's header (range reads)."""
+    from spear.stages.manifest import ProbeError, probe_file
+
+    try:
+        f = probe_file(url, -1, storage)
+    except ProbeError as err:
+        raise SpearError(
+            f"cannot read the header of {url!r} ({err}); pass the run's manifest instead"
+        ) from None
+    return AudioFileInfo(f.sample_rate, f.frames, f.channels)
+
+
+def _recording(url: str, info: AudioFileInfo) -> Any:
+    from lhotse import Recording
+    from lhotse.audio import AudioSource
+
+    proto = protocol_of(url)
+    if proto == "file":
+        source = AudioSource(type="file", channels=list(range(info.channels)),
+                             source=url.removeprefix("file://"))  # fmt: skip
+    else:  # lhotse opens URLs with smart_open (s3 needs smart_open[s3] and credentials)
+        source = AudioSource(type="url", channels=list(range(info.channels)), source=url)
+    return Recording(
+        id=recording_id(url),
+        sources=[source],
+        sampling_rate=info.sample_rate,
+        num_samples=info.num_samples,
+        duration=info.num_samples / info.sample_rate,
+    )
+
+
+def export_lhotse(
+    out: str,
+    dest: str,
+    storage: StorageConfig | None = None,
+    *,
+    shar: bool = False,
+    manifest: str | None = None,
+    shard_size: int = 1000,
+    audio_format: str = "flac",
+    teachers: Sequence[str] | None = None,
+) -> ExportSummary:
+    """Write the tokenize output at ``out`` as lhotse cuts (or, with ``shar``, Lhotse Shar)
+    under the local folder ``dest``; see the module docstring for both layouts."""
+    _lhotse()
+    storage = (storage or StorageConfig()).resolved()
+    if "://" in dest and protocol_of(dest) != "file":
+        raise SpearError(f"lhotse export writes to a local folder, got {dest!r}")
+    if audio_format not in ("flac", "wav"):
+        raise SpearError(f"Shar audio format must be flac or wav, got {audio_format!r}")
+    entries = list_shards(out, storage)
+    known = {t.prefix: t for t in (shard_teachers(out, storage) if entries else [])}
+    chosen = list(teachers) if teachers is not None else list(known)
+    unknown = [p for p in chosen if p not in known]
+    if unknown:
+        raise ShardError(f"teachers {unknown} are not in {out!r} (it has {list(known)})")
+    tinfo = [known[p] for p in chosen]
+    dest = os.path.abspath(dest.removeprefix("file://"))
+    os.makedirs(dest, exist_ok=True)
+    summary = ExportSummary(dest=dest, layout="shar" if shar else "cuts")
+    summary.fields = {codebook_field(t.prefix): 0 for t in tinfo}
+    columns = ["item_id", "source", "domain", "url", "start", "duration", "num_samples"]
+    columns += [f"{t.prefix}_codes" for t in tinfo]
+    if shar:
+        _export_shar(out, storage, entries, tinfo, columns, shard_size, audio_format, summary)
+    else:
+        infos = read_manifest_info(manifest, storage) if manifest else {}
+        _export_cuts(out, storage, entries, tinfo, columns, infos, summary)
+    return summary
+
+
+def _codes_field(t: TokenTeacherInfo, raw: bytes, item: str, start: float, writer: Any) -> Any:
+    """One teacher's codes stored by ``writer`` as a ``TemporalArray`` starting at ``start``."""
+    return writer.store_array(
+        key=item,
+        value=np.array(codes_from_bytes(raw, t.num_codebooks)),  # (T, C) uint8
+        frame_shift=1.0 / t.frame_rate,
+        temporal_dim=0,
+        start=start,
+    )
+
+
+def _export_cuts(
+    out: str,
+    storage: StorageConfig,
+    entries: list[ShardEntry],
+    tinfo: list[TokenTeacherInfo],
+    columns: list[str],
+    infos: dict[str, AudioFileInfo],
+    summary: ExportSummary,
+) -> None:
+    """Cuts referencing the original files; codes in one HDF5 file per teacher and shard."""
+    from lhotse import CutSet, MonoCut
+    from lhotse.features.io import NumpyHdf5Writer
+
+    try:
+        import h5py  # noqa: F401
+    except ImportError:
+        raise SpearError(
+            "exporting lhotse cuts stores codes in HDF5 and needs h5py (pip install h5py); "
+            "--shar needs nothing more"
+        ) from None
+    for e in entries:
+        table = read_table(shard_url(out, e), storage, columns)
+        cols = {c: table[c].to_pylist() for c in table.column_names}
+        name = f"{e.shard:05d}"
+        path = os.path.join(summary.dest, f"cuts.{name}.jsonl.gz")
+        writers = {
+            t.prefix: NumpyHdf5Writer(
+                os.path.join(summary.dest, f"{codebook_field(t.prefix)}.{name}.h5")
+            )
+            for t in tinfo
+        }
+        try:
+            with CutSet.open_writer(path) as w:
+                for i in range(table.num_rows):
+                    item, url, start = cols["item_id"][i], cols["url"][i], cols["start"][i]
+                    if url not in infos:
+                        infos[url] = probe_info(url, storage)
+                    custom: dict[str, Any] = {"domain": cols["domain"][i],
+                                              "source": cols["source"][i]}  # fmt: skip
+                    for t in tinfo:
+                        raw = cols[f"{t.prefix}_codes"][i]
+                        if raw is not None:
+                            f = codebook_field(t.prefix)
+                            custom[f] = _codes_field(t, raw, item, start, writers[t.prefix])
+                            summary.fields[f] += 1
+                    w.write(
+                        MonoCut(id=item, start=start, duration=cols["duration"][i], channel=0,
+                                recording=_recording(url, infos[url]), custom=custom)
+                    )  # fmt: skip
+                    summary.cuts += 1
+        finally:
+            for wr in writers.values():
+                wr.close()
+        summary.files += [path] + [wr.storage_path for wr in writers.values()]
+
+
+def _export_shar(
+    out: str,
+    storage: StorageConfig,
+    entries: list[ShardEntry],
+    tinfo: list[TokenTeacherInfo],
+    columns: list[str],
+    shard_size: int,
+    audio_format: str,
+    summary: ExportSummary,
+) -> None:
+    """Shar: each cut holds its own audio, decoded by spear's decode stage (16 kHz mono,
+    exactly ``num_samples``), so cut, audio and codes all start at 0."""
+    from lhotse import MonoCut, Recording
+    from lhotse.audio import AudioSource
+    from lhotse.features.io import MemoryRawWriter
+    from lhotse.shar import SharWriter
+
+    from spear.stages.decode import DecodeConfig, DecodeError, decode_segment
+
+    decode = DecodeConfig(sample_rate=SAMPLE_RATE)
+    memory = MemoryRawWriter()
+    fields = {"recording": audio_format} | {codebook_field(t.prefix): "numpy" for t in tinfo}
+    with SharWriter(summary.dest, fields=fields, shard_size=shard_size) as w:
+        for e in entries:
+            table = read_table(shard_url(out, e), storage, columns)
+            cols = {c: table[c].to_pylist() for c in table.column_names}
+            for i in range(table.num_rows):
+                item, n = cols["item_id"][i], cols["num_samples"][i]
+                try:
+                    audio = decode_segment(
+                        cols["url"][i], cols["start"][i], cols["duration"][i], decode, storage
+                    )
+                except DecodeError as err:
+                    raise SpearError(f"item {item}: cannot decode its audio: {err}") from None
+                if abs(len(audio) - n) > MAX_SAMPLE_SLACK:
+                    raise SpearError(
+                        f"item {item}: {cols['url'][i]} now decodes to {len(audio)} samples, "
+                        f"its tokens were computed on {n}: the file changed since tokenize"
+                    )
+                audio = np.pad(audio[:n], (0, max(0, n - len(audio))))  # exactly n samples
+                wav = io.BytesIO()
+                sf.write(wav, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+                rec = Recording(
+                    id=item,
+                    sources=[AudioSource(type="memory", channels=[0], source=wav.getvalue())],
+                    sampling_rate=SAMPLE_RATE,
+                    num_samples=n,
+                    duration=n / SAMPLE_RATE,
+                )
+                custom: dict[str, Any] = {
+                    "domain": cols["domain"][i],
+                    "source": cols["source"][i],
+                    "audio_url": cols["url"][i],
+                    "audio_start": cols["start"][i],
+                }
+                for t in tinfo:
+                    raw = cols[f"{t.prefix}_codes"][i]
+                    if raw is not None:
+                        f = codebook_field(t.prefix)
+                        custom[f] = _codes_field(t, raw, item, 0.0, memory)
+                        summary.fields[f] += 1
+                cut = MonoCut(id=item, start=0.0, duration=n / SAMPLE_RATE, channel=0,
+                              recording=rec, custom=custom)  # fmt: skip
+                w.write(cut)
+                summary.cuts += 1
+    summary.files = sorted(p for paths in w.output_paths.values() for p in paths)

@@ -1,0 +1,128 @@
+"""Token shards -> lhotse cuts and Lhotse Shar, loaded back with lhotse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import soundfile as sf
+from test_shards import build_output
+
+from spear.errors import SpearError
+from spear.formats import MANIFEST_SCHEMA, SAMPLE_RATE, parquet_bytes, with_metadata
+from spear.lhotse_export import export_lhotse, recording_id
+
+lhotse = pytest.importorskip("lhotse")
+
+
+def _rate(row: dict) -> tuple[int, int]:
+    """(sample rate, channels) of the file behind a row: speech 16 kHz mono, audio 8 kHz stereo."""
+    return (16000, 1) if row["domain"] == "speech" else (8000, 2)
+
+
+def audio_files(written: dict[str, dict]) -> None:
+    """Real files behind the rows: noise, long enough for the row's segment."""
+    rng = np.random.default_rng(0)
+    for row in written.values():
+        path = Path(row["url"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sr, ch = _rate(row)
+        n = round((row["start"] + row["duration"]) * sr) + sr // 10
+        sf.write(path, rng.uniform(-0.5, 0.5, (n, ch)).astype(np.float32), sr, subtype="PCM_16")
+
+
+def _check_codes(cut, row: dict) -> None:
+    w = cut.load_custom("wavlm_codebook_indexes")
+    assert w.dtype == np.uint8 and w.shape == (row["wavlm_frames"], 4)
+    assert w.tobytes() == row["wavlm_codes"]
+    assert cut.wavlm_codebook_indexes.frame_shift == pytest.approx(0.02)
+    assert cut.custom["domain"] == row["domain"] and cut.custom["source"] == row["source"]
+    if row["domain"] == "speech":
+        assert not cut.has_custom("dasheng_codebook_indexes")
+    else:
+        d = cut.load_custom("dasheng_codebook_indexes")
+        assert d.shape == (row["dasheng_frames"], 2) and d.tobytes() == row["dasheng_codes"]
+        assert cut.dasheng_codebook_indexes.frame_shift == pytest.approx(0.04)
+
+
+def _check_cuts(cuts: list, written: dict[str, dict]) -> None:
+    """Cuts of the default layout: the original files, at the rows' offsets."""
+    assert sorted(c.id for c in cuts) == sorted(written)
+    assert any(c.start > 0 for c in cuts)
+    for cut in cuts:
+        row = written[cut.id]
+        assert (cut.start, cut.duration) == (row["start"], row["duration"])
+        assert cut.recording.sources[0].source == row["url"]
+        assert cut.recording.id == recording_id(row["url"])
+        assert (cut.recording.sampling_rate, cut.recording.num_channels) == _rate(row)
+        _check_codes(cut, row)
+
+
+def test_cuts_round_trip_reading_headers(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    out = str(tmp_path / "out")
+    written = build_output(out, shards=2, rows=4, url_root=str(tmp_path / "audio"))
+    audio_files(written)
+    dest = tmp_path / "cuts"
+    summary = export_lhotse(out, str(dest))
+    assert summary.cuts == 8
+    assert summary.fields == {"wavlm_codebook_indexes": 8, "dasheng_codebook_indexes": 4}
+    cuts = [c for p in sorted(dest.glob("cuts.*.jsonl.gz")) for c in lhotse.load_manifest(p)]
+    _check_cuts(cuts, written)
+    for cut in cuts[:3]:  # the Recording really points at the file, at the offset
+        assert cut.load_audio().shape[1] == pytest.approx(cut.duration * cut.sampling_rate, abs=1)
+
+
+def test_cuts_round_trip_with_the_runs_manifest(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    out = str(tmp_path / "out")
+    written = build_output(out, shards=2, rows=4, url_root=str(tmp_path / "audio"))
+    # No audio files: the recordings' rates and lengths come from the manifest alone.
+    rows = []
+    for r in written.values():
+        sr, ch = _rate(r)
+        rows.append({
+            "item_id": r["item_id"], "source": r["source"], "domain": r["domain"],
+            "url": r["url"], "segment": 0, "start": r["start"], "duration": r["duration"],
+            "file_duration": r["start"] + r["duration"] + 0.1, "sample_rate": sr,
+            "channels": ch, "format": "WAV", "subtype": "PCM_16", "file_size": 1,
+        })  # fmt: skip
+    manifest = tmp_path / "manifest-out" / "manifest"
+    manifest.mkdir(parents=True)
+    schema = with_metadata(MANIFEST_SCHEMA, "manifest", 1)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    (manifest / "part-000.parquet").write_bytes(parquet_bytes(table))
+    dest = tmp_path / "cuts"
+    export_lhotse(out, str(dest), manifest=str(tmp_path / "manifest-out"))
+    cuts = [c for p in sorted(dest.glob("cuts.*.jsonl.gz")) for c in lhotse.load_manifest(p)]
+    _check_cuts(cuts, written)
+
+
+def test_shar_round_trip_carries_the_decoded_audio(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    written = build_output(out, shards=2, rows=4, url_root=str(tmp_path / "audio"))
+    audio_files(written)
+    dest = tmp_path / "shar"
+    summary = export_lhotse(out, str(dest), shar=True, shard_size=3)
+    assert summary.cuts == 8 and len(list(dest.glob("cuts.*.jsonl.gz"))) == 3
+    assert len(list(dest.glob("recording.*.tar"))) == 3
+    cuts = list(lhotse.CutSet.from_shar(in_dir=dest))
+    assert sorted(c.id for c in cuts) == sorted(written)
+    for cut in cuts:
+        row = written[cut.id]
+        assert cut.start == 0 and cut.sampling_rate == SAMPLE_RATE
+        assert cut.custom["audio_url"] == row["url"]
+        assert cut.custom["audio_start"] == row["start"]
+        assert cut.load_audio().shape == (1, row["num_samples"])
+        _check_codes(cut, row)
+
+
+def test_unreadable_audio_without_manifest_is_a_clear_error(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    build_output(out, shards=1, rows=2, url_root=str(tmp_path / "nowhere"))
+    with pytest.raises(SpearError, match="pass the run's manifest"):
+        export_lhotse(out, str(tmp_path / "cuts"))
+    with pytest.raises(SpearError, match="cannot decode its audio"):
+        export_lhotse(out, str(tmp_path / "shar"), shar=True)
