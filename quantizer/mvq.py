@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +35,8 @@ from torch import Tensor, nn
 from spear.errors import SpearError
 
 FORMAT_VERSION = 1
+CPU_CHUNK = 64  # most vectors per refinement task on CPU (its look-up tensors stay in cache)
+MIN_CHUNK = 16  # fewer vectors than this per task are not worth a thread
 SCALE_SPEED = 10.0  # scales are exp(speed * param): a larger effective lr for the two scalars
 
 
@@ -47,6 +51,34 @@ def check_same_quantizer(id_a: str, id_b: str, what: str = "codes") -> None:
             f"{what} come from quantiser {id_a!r} but quantiser {id_b!r} was expected; "
             "codes of different quantisers cannot be mixed"
         )
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """``workers`` threads whose torch operations run single-threaded (set once per thread).
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP/MKL thread count and a process
+    default; the default is restored as soon as every worker has set its own."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            saved = torch.get_num_threads()
+            ready = threading.Barrier(workers + 1)
+
+            def single_threaded() -> None:
+                torch.set_num_threads(1)
+                ready.wait()
+
+            pool = ThreadPoolExecutor(workers, "mvq-encode", single_threaded)
+            for _ in range(workers):  # start every worker now (each blocks until all have)
+                pool.submit(int)
+            ready.wait()
+            torch.set_num_threads(saved)
+            _POOLS[workers] = pool
+        return pool
 
 
 def new_id() -> str:
@@ -203,9 +235,7 @@ class Quantizer(nn.Module):
         dev = self.centers.device
         flat_x = x.reshape(-1, self.dim)
         if batch_size <= 0:
-            # On CPU, argmax alone wants big chunks (the (C*K, dim) logit weights are read once
-            # per chunk); refinement's look-up tensors grow with the chunk, so smaller ones there.
-            batch_size = 4096 if dev.type == "cuda" or refine_rounds == 0 else 256
+            batch_size = 4096  # bounds memory; on CPU, indexes() splits further for threads
         out = torch.empty(flat_x.shape[0], self.num_codebooks, dtype=torch.uint8, device=dev)
         for start in range(0, flat_x.shape[0], batch_size):
             chunk = flat_x[start : start + batch_size].to(dev, self._param_dtype())
@@ -216,7 +246,25 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def indexes(self, x: Tensor, refine_rounds: int) -> Tensor:
-        """Normalised x (B, dim) -> int64 indexes (B, C): argmax start + refinement."""
+        """Normalised x (B, dim) -> int64 indexes (B, C): argmax start + refinement.
+
+        On CPU with refinement, the vectors are split into chunks of at most ``CPU_CHUNK`` that
+        run in parallel on ``torch.get_num_threads()`` worker threads, each running torch
+        single-threaded. Refinement is many small tensor operations; intra-op threading would
+        meet at a barrier after every one of them, which costs more than the operations
+        themselves whenever another process competes for the cores. Chunks are independent, so
+        the codes are the same either way."""
+        workers = torch.get_num_threads()
+        b = x.shape[0]
+        if refine_rounds == 0 or x.device.type != "cpu" or workers <= 1 or b < 2 * MIN_CHUNK:
+            return self._indexes(x, refine_rounds)
+        self.tables()  # built once here, with every thread, before the workers share it
+        size = max(MIN_CHUNK, min(CPU_CHUNK, -(-b // workers)))
+        parts = _cpu_pool(workers).map(lambda p: self._indexes(p, refine_rounds), x.split(size))
+        return torch.cat(list(parts))
+
+    @torch.no_grad()
+    def _indexes(self, x: Tensor, refine_rounds: int) -> Tensor:
         idx = self.logits(x).argmax(dim=-1)  # (B, C)
         if refine_rounds == 0:
             return idx
@@ -324,32 +372,21 @@ def refine_round(xc: Tensor, idx: Tensor, t: _Tables, limit: int | None = None) 
     Returns: (B, C) indexes whose squared error is never larger than that of ``idx``.
     """
     b, c, k = xc.shape
-    dev = xc.device
-    offsets = torch.arange(c, device=dev) * k  # (C,)
+    offsets = torch.arange(c, device=xc.device) * k  # (C,)
+    rows = idx + offsets  # (B, C) rows of the chosen centres in the flat tables
     # <x_hat, c_jk> for the current x_hat: a sum of the chosen centres' Gram rows.
-    approx_c = F.embedding_bag(idx + offsets, t.gram, mode="sum").view(b, c, k)  # (B, C, K)
+    approx_c = F.embedding_bag(rows, t.gram, mode="sum").view(b, c, k)  # (B, C, K)
     err_c = approx_c - xc  # <e, c_jk> with e = x_hat - x
     err_old = err_c.gather(2, idx[..., None])  # (B, C, 1)
-    g_old = t.diag_rows[torch.arange(c, device=dev), idx]  # (B, C, K): <c_jo, c_jk>
-    sq_old = t.sq.gather(1, idx.T).T  # (B, C)
+    g_old = F.embedding(rows, t.diag_rows.view(c * k, k))  # (B, C, K): <c_jo, c_jk>
+    sq_old = t.sq.view(-1)[rows]  # (B, C)
     # Change of squared error when codebook j alone switches to entry k:
     # ||e + c_jk - c_jo||^2 - ||e||^2 = ||c_jk - c_jo||^2 + 2 <e, c_jk - c_jo>
     change = t.sq + sq_old[..., None] - 2 * g_old + 2 * (err_c - err_old)  # (B, C, K)
 
     s = min(limit or shortlist(1, k), k)
     val, cand = change.topk(s, dim=2, largest=False, sorted=False)  # (B, C, S)
-
-    # Correction tables: u[b, j, a, l] = <c_j,cand_ja, c_l,o_l>, w[b, j, l] = <c_jo, c_lo>, so
-    # <c_ja - c_jo, c_lb - c_lo> = G(ja, lb) - u[j, a, l] - u[l, b, j] + w[j, l].
-    cb = torch.arange(c, device=dev, dtype=torch.int32)
-    pair_base = (cb[:, None] * c + cb[None, :]) * (k * k)  # (C, C) start of block (j, l)
-    cand32, idx32 = cand.int(), idx.int()
-    u = lookup(
-        t.blocks, pair_base[None, :, None, :] + cand32[..., None] * k + idx32[:, None, None, :]
-    )  # (B, C, S, C)
-    w = lookup(t.blocks, pair_base[None] + idx32[:, :, None] * k + idx32[:, None, :])  # (B, C, C)
-
-    best, best_pos = merge_candidates(val, cand, idx, u, w, t.blocks, k, limit)
+    best, best_pos = merge_candidates(val, cand, idx, t.gram, k, limit)
     new_idx = cand.gather(2, best_pos[..., None]).squeeze(2)
     # Keep the old codes unless the best combination really lowers the error.
     return torch.where((best < 0)[:, None], new_idx, idx)
@@ -365,74 +402,82 @@ def merge_candidates(
     val: Tensor,
     cand: Tensor,
     idx: Tensor,
-    u: Tensor,
-    w: Tensor,
-    blocks: Tensor,
+    gram: Tensor,
     codebook_size: int,
     limit: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Merge candidate groups pairwise until one best combination remains.
 
+    Two groups' candidates p (even group) and q (odd group) combine with error change
+    ``val[p] + val[q] + 2 * sum_{j in even, l in odd} <d_j(p), d_l(q)>``, where d_j(p) is the
+    change of codebook j's centre under candidate p (zero where p keeps the current entry).
+    Every d_j is one of codebook j's S shortlisted substitutions, so the merge first looks up,
+    per vector, the (S, S) matrix ``m[j, a, l, y] = <c_j,a - c_j,o, c_l,y - c_l,o>`` for each
+    codebook pair (j, l) that meets in this merge (each pair meets exactly once in the whole
+    search: C(C-1)/2 * S^2 look-ups a round, about 31k for 16 x 256), then sums its rows over
+    the even candidates' entries (an embedding bag) and picks the odd candidates' entries.
+
     Args:
         val: (B, C, S) error change of each single-codebook candidate.
         cand: (B, C, S) the candidates' entries; idx: (B, C) current entries.
-        u, w: correction tables of :func:`refine_round`.
-        blocks: the Gram matrix as flat (C, C, K, K) blocks.
+        gram: the (C*K, C*K) Gram matrix of the centres.
     Returns: the best combination's error change (B,) and its positions (B, C) in the
         codebooks' candidate lists.
     """
     b, c, s = val.shape
     k = codebook_size
     dev = val.device
-    cb = torch.arange(c, device=dev)
-    bo = torch.arange(b, device=dev)
-    pos = torch.arange(s, device=dev).view(1, 1, s, 1).expand(b, c, s, 1)  # (B, N, K', L)
-    n, width = c, 1
+    flat_gram = gram.view(-1)
+    # Each codebook's shortlisted entries followed by its current one (B, C, S+1), as rows
+    # of the flat (C*K, C*K) Gram matrix.
+    offsets = torch.arange(c, device=dev, dtype=torch.int32)[:, None] * k
+    ext = torch.cat([cand, idx[:, :, None]], 2).to(torch.int32) + offsets
+    # Candidates as positions in their codebooks' lists; each group also gets one extra
+    # candidate, position S everywhere: "keep the current entries".
+    pos = torch.arange(s + 1, device=dev).view(1, 1, s + 1, 1).expand(b, c, s + 1, 1)
+    n, lw = c, 1
     while n > 1:
         kp = val.shape[2]
-        half, lw = n // 2, width
-        grp = cb.view(half, 2, lw)  # codebooks of each (even, odd) group pair
-        ev, od = grp[:, 0], grp[:, 1]  # (N/2, L)
-        pe, po = pos[:, 0::2], pos[:, 1::2]  # (B, N/2, K', L)
-        # Entries chosen by each even candidate, and every shortlisted entry of the odd group.
-        e_entry = cand[bo[:, None, None, None], ev[None, :, None, :], pe]  # (B, N/2, K', L)
-        o_entry = cand[:, od]  # (B, N/2, L, S)
-        base = ((ev[:, :, None] * c + od[:, None, :]) * (k * k)).int()  # (N/2, Le, Lo)
-        # R[b, h, p, l, y] = <change of even candidate p, change of odd codebook l to entry y>.
-        # The look-ups are ordered (h, j, l, b, ...) so consecutive ones stay inside one
-        # (K, K) Gram block, which stays in cache.
-        e_t = (e_entry.int() * k).permute(1, 3, 0, 2)[:, :, None, :, :, None]  # (N/2,Le,1,B,K',1)
-        o_t = o_entry.int().permute(1, 2, 0, 3)[:, None, :, :, None, :]  # (N/2, 1, Lo, B, 1, S)
-        flat = (base[..., None, None, None] + e_t) + o_t  # (N/2, Le, Lo, B, K', S)
-        r = lookup(blocks, flat).sum(1).permute(2, 0, 3, 1, 4)  # (B, N/2, K', Lo, S)
-        u_e = u[
-            bo[:, None, None, None, None],
-            ev[None, :, None, :, None],
-            pe[..., None],
-            od[None, :, None, None, :],
-        ].sum(3)  # (B, N/2, K', Lo): sum_j <c_j,new, c_l,old>
-        u_t = u.transpose(2, 3)  # (B, C_l, C_j, S)
-        u_o = u_t[bo[:, None, None, None], od[None, :, :, None], ev[None, :, None, :]]
-        u_o = u_o.sum(3)  # (B, N/2, Lo, S): sum_j <c_j,old, c_l,y>
-        w_eo = w[bo[:, None, None, None], ev[None, :, :, None], od[None, :, None, :]].sum(2)
-        r = r - u_e[..., None] - (u_o - w_eo[..., None])[:, :, None]  # (B, N/2, K', Lo, S)
-        # cross[p, q] = sum over odd codebooks l of R[p, l, entry of candidate q in l]
-        ri = (torch.arange(lw, device=dev) * s)[None, None, None, :] + po  # (B, N/2, K', Lo)
-        cross = r.flatten(3).gather(3, ri.flatten(2)[:, :, None, :].expand(b, half, kp, kp * lw))
-        cross = cross.view(b, half, kp, kp, lw).sum(-1)  # (B, N/2, K', K')
+        half = n // 2
+        # Group h covers codebooks h*2*lw .. (h+1)*2*lw - 1: its even half then its odd half.
+        sides = ext.view(b, half, 2, lw, s + 1)
+        e_rows = (sides[:, :, 0] * (c * k))[..., None, None]  # (B, N/2, Le, S+1, 1, 1)
+        # g[b, h, j, a, l, y] = <c_j,a, c_l,y>, position S standing for the current entry.
+        g = lookup(flat_gram, e_rows + sides[:, :, 1, None, None])  # (B, N/2, Le, S+1, Lo, S+1)
+        if lw == 1:  # single codebooks: candidate = shortlist position
+            t = g.view(b, half, s + 1, s + 1)
+        else:
+            pe, po = pos[:, 0::2], pos[:, 1::2]  # (B, N/2, K'+1, L)
+            # r[p, (l, y)] = sum over even codebooks j of g[j, entry of p in j, l, y] ...
+            start = torch.arange(b * half * lw, device=dev).view(b, half, 1, lw) * (s + 1)
+            r = F.embedding_bag((start + pe).view(-1, lw), g.view(-1, lw * (s + 1)), mode="sum")
+            r = r.view(b, half, kp + 1, lw * (s + 1)).transpose(2, 3).contiguous()
+            # ... and t[p, q] = sum over odd codebooks l of r[p, (l, entry of q in l)].
+            start = torch.arange(b * half * lw, device=dev).view(b, half, 1, lw) * (s + 1)
+            t = F.embedding_bag((start + po).view(-1, lw), r.view(-1, kp + 1), mode="sum")
+            t = t.view(b, half, kp + 1, kp + 1).transpose(2, 3)  # (B, N/2, K'+1, K'+1)
+        # t[p, q] = <sum of even centres under p, sum of odd centres under q>, so the cross
+        # term of the changes is t[p, q] - t[p, old] - t[old, q] + t[old, old].
+        cross = (t[..., :kp, :kp] - t[..., :kp, kp:]) - (t[..., kp:, :kp] - t[..., kp:, kp:])
         score = (val[:, 0::2, :, None] + val[:, 1::2, None, :] + 2 * cross).flatten(2)
-        n, width = half, width * 2
-        keep = 1 if n == 1 else min(limit or shortlist(width, k), kp * kp)
-        val, sel = score.topk(keep, dim=2, largest=False, sorted=False)  # (B, N, keep)
-        p, q = sel // kp, sel % kp
+        n, lw = half, lw * 2
+        if n == 1:
+            val, sel = score.min(dim=2, keepdim=True)  # (B, 1, 1)
+            keep = 1
+        else:
+            keep = min(limit or shortlist(lw, k), kp * kp)
+            val, sel = score.topk(keep, dim=2, largest=False, sorted=False)  # (B, N, keep)
+        # Positions of the kept candidates, then the current entries again: (B, N, keep+1, L).
+        old = sel.new_full((b, n, 1), kp)
+        p, q = torch.cat([sel // kp, old], 2), torch.cat([sel % kp, old], 2)
         pos = torch.cat(
             [
-                pe.gather(2, p[..., None].expand(b, n, keep, lw)),
-                po.gather(2, q[..., None].expand(b, n, keep, lw)),
+                pos[:, 0::2].gather(2, p[..., None].expand(b, n, keep + 1, lw // 2)),
+                pos[:, 1::2].gather(2, q[..., None].expand(b, n, keep + 1, lw // 2)),
             ],
             dim=3,
-        )  # (B, N, keep, L)
-    return val.reshape(b), pos.reshape(b, c)
+        )  # (B, N, keep + 1, L)
+    return val.reshape(b), pos[:, :, 0].reshape(b, c)
 
 
 def squared_error(q: Quantizer, x: Tensor, idx: Tensor) -> Tensor:

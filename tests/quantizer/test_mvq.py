@@ -127,14 +127,32 @@ def direct_round(q: Quantizer, x: torch.Tensor, idx: torch.Tensor) -> torch.Tens
     return torch.stack(out)
 
 
-def test_fast_refinement_matches_direct_search() -> None:
-    q = make(dim=16, c=4, k=32, dtype=torch.float64)
+@pytest.mark.parametrize("c", [4, 8])
+def test_fast_refinement_matches_direct_search(c: int) -> None:
+    # c=8 also covers a merge of multi-codebook groups that keeps a shortlist (not just the
+    # final one).
+    q = make(dim=16, c=c, k=32, dtype=torch.float64)
     x = torch.randn(20, 16, dtype=torch.float64)
     idx = q.indexes(x, 0)
     t = q.tables()
-    xc = (x @ t.flat.T).view(-1, 4, 32)
+    xc = (x @ t.flat.T).view(-1, c, 32)
     fast = refine_round(xc, idx, t)
     assert torch.equal(fast, direct_round(q, x, idx))
+
+
+def test_cpu_worker_threads_give_the_same_codes() -> None:
+    q = make(c=8, k=64)
+    x = torch.randn(300, 32)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = q.encode(x, 5)
+        torch.set_num_threads(2)
+        pooled = q.encode(x, 5)  # chunks on two single-threaded workers
+        assert torch.get_num_threads() == 2  # the caller's setting is left alone
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(single, pooled)
 
 
 def test_exhaustive_optimum_on_tiny_codebooks() -> None:
