@@ -243,7 +243,10 @@ class _Progress:
             self.mark()
             log.warning(self.line())
 
-    def mark(self) -> None:
+    def mark(self, min_gap: float = 0.0) -> None:
+        """A timeline point for the report (skipped if the last one is under ``min_gap`` s old)."""
+        if self.timeline and time.time() - self.t0 - self.timeline[-1]["t"] < min_gap:
+            return
         self.timeline.append(
             {
                 "t": round(time.time() - self.t0, 3),
@@ -370,6 +373,7 @@ def run_tokenize(
                 if len(rows[s]) == expected[s]:
                     _write_shard(out, s, list(rows.pop(s).values()), infos, storage)
                     progress.shards += 1
+                    progress.mark(min_gap=1.0)
         if rows:  # every item comes back, as tokens or as an error row
             raise RuntimeError(f"shards {sorted(rows)} incomplete after the dataset finished")
         progress.mark()

@@ -19,8 +19,11 @@ def report(
         ),
     ],
     out: Annotated[
-        str, typer.Option("--out", "-o", help="Where the HTML goes (any fsspec URL).")
-    ] = "report.html",
+        str | None,
+        typer.Option(
+            "--out", "-o", help="Where the HTML goes (any fsspec URL); default RUN/report.html."
+        ),
+    ] = None,
     max_shards: Annotated[
         int, typer.Option(help="Token shards read (evenly spread) for codebook usage.")
     ] = 16,
@@ -31,9 +34,10 @@ def report(
     """Write one HTML file with the run's plots (inline SVG: opens offline, no scripts)."""
     from spear.errors import SpearError
     from spear.report import build_report
-    from spear.storage import check_url, write_atomic
+    from spear.storage import check_url, join, write_atomic
 
     check_url(run)
+    out = out or join(run, "report.html")
     check_url(out)
     if max_shards < 1:
         raise SpearError(f"--max-shards must be at least 1, got {max_shards}")
