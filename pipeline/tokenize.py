@@ -165,15 +165,21 @@ def _plan(
     decode: DecodeConfig,
     encode: QuantizerEncodeConfig,
 ) -> dict[str, Any]:
+    """What a resumed run must agree on: everything that changes which items go in which
+    shard, or the codes an item gets. Speed settings (threads, batch sizes, actors) may change."""
     return {
         "manifest": manifest,
         "items": items,
         "items_per_shard": cfg.items_per_shard,
         "teachers": {
-            t.prefix: asdict(t.info) | {"domains": list(t.info.domains)} for t in teachers
+            t.prefix: asdict(t.info) | {"domains": list(t.info.domains), "dtype": t.config.dtype}
+            for t in teachers
         },
         "refine_rounds": encode.refine_rounds,
-        "decode": to_dict(decode),
+        "decode": {
+            k: getattr(decode, k)
+            for k in ("sample_rate", "resampler", "min_seconds", "truncation_tolerance")
+        },
     }
 
 
@@ -299,32 +305,47 @@ def run_tokenize(
     """Tokenize (or resume tokenizing) every item of ``manifest`` into ``out``."""
     t0 = time.time()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    table = read_manifest(manifest, storage)
+    # Only the columns the job needs: the manifest is held on the driver for the whole run.
+    table = read_manifest(manifest, storage).select([*RUN_COLUMNS])
     if table.num_rows == 0:
         raise SpearError(f"the manifest at {manifest!r} has no items")
-    table = table.sort_by("item_id")
-    ids = table["item_id"].to_pylist()
-    if len(set(ids)) != len(ids):
+    if pa.compute.count_distinct(table["item_id"]).as_py() != table.num_rows:
         raise SpearError(f"the manifest at {manifest!r} repeats item ids")
     job = resolve_teachers(teachers, cfg, storage)
     prefixes = [t.prefix for t in job]
+    # Items of a domain no configured teacher covers are not part of this job (logged, counted).
+    covered = sorted({d for t in job for d in t.info.domains})
+    in_job = pa.compute.is_in(table["domain"], pa.array(covered))
+    skipped = table.num_rows - pa.compute.sum(in_job).as_py()
+    if skipped:
+        log.warning("tokenize: %d manifest items of domains outside %s are skipped", skipped,
+                    covered)  # fmt: skip
+        table = table.filter(in_job)
+        if table.num_rows == 0:
+            raise SpearError(f"no manifest item is of the domains {covered} the teachers cover")
+    table = table.sort_by("item_id")
     shard_of = np.arange(table.num_rows) // cfg.items_per_shard
     table = table.append_column("shard", pa.array(shard_of, type=pa.int32()))
     num_shards = int(shard_of[-1]) + 1
 
     plan = _plan(manifest, table.num_rows, job, cfg, decode, encode)
+    done = _finished_shards(out, storage)
     plan_url = join(out, "_work/plan.json")
-    if exists(plan_url, storage):
+    if exists(plan_url, storage) and done:
         diffs = _plan_diff(json.loads(read_bytes(plan_url, storage)), plan)
         if diffs:
             raise SpearError(
                 f"{out!r} holds tokens of another run ({'; '.join(diffs[:3])}"
                 f"{'; ...' if len(diffs) > 3 else ''}); use another --out"
             )
-    else:
+    elif done:
+        raise SpearError(
+            f"{out!r} holds token shards but no _work/plan.json: cannot tell which teachers "
+            "and quantisers made them; use another --out"
+        )
+    else:  # nothing committed yet: a corrected retry may change the plan
         write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
 
-    done = _finished_shards(out, storage)
     todo = [s for s in range(num_shards) if s not in done]
     summary = TokenizeSummary(out=out, shards=num_shards, shards_done_before=len(done))
     stages = ["decode", *prefixes]
@@ -335,14 +356,18 @@ def run_tokenize(
 
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         pending = table.filter(pa.compute.is_in(table["shard"], pa.array(todo, pa.int32())))
-        expected = Counter(pending["shard"].to_pylist())
+        del table
+        counts = pa.compute.value_counts(pending["shard"])
+        expected = dict(
+            zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
+        )
         secs = pending["duration"].to_numpy()
         progress = _Progress(
             pending.num_rows, float(secs.sum()) / 3600, cfg.progress_seconds, stages
         )
-        keep = [*RUN_COLUMNS, "shard"]
         blocks = max(1, min(len(todo) * 4, pending.num_rows // cfg.decode_batch_size or 1))
-        ds = dataset_from_table(pending.select(keep), blocks)
+        ds = dataset_from_table(pending, blocks)
+        del pending
         ds = ds.map_batches(
             _decode_timed,
             fn_kwargs={"cfg": decode, "storage": storage.resolved()},
@@ -365,24 +390,36 @@ def run_tokenize(
             ds = ds.map_batches(TokenizeStage, **kwargs)
         rows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         infos = [t.info for t in job]
+        written: set[int] = set()
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             progress.add(batch, prefixes)
             for i in range(len(batch["item_id"])):
                 s = int(batch["shard"][i])
+                if s in written:  # a late copy from a retried task: the shard is committed
+                    continue
                 rows[s][str(batch["item_id"][i])] = {k: batch[k][i] for k in batch}
                 if len(rows[s]) == expected[s]:
                     _write_shard(out, s, list(rows.pop(s).values()), infos, storage)
+                    written.add(s)
                     progress.shards += 1
                     progress.mark(min_gap=1.0)
         if rows:  # every item comes back, as tokens or as an error row
-            raise RuntimeError(f"shards {sorted(rows)} incomplete after the dataset finished")
+            raise SpearError(
+                f"shards {sorted(rows)[:5]} are incomplete after the dataset finished; "
+                "re-run the same command to finish them"
+            )
         progress.mark()
         log.warning(progress.line())
 
     summary, report = _finish(out, manifest, job, plan, summary, progress, storage)
+    report["skipped_items"] = skipped
+    if progress is None and exists(join(out, REPORT), storage):
+        # Nothing was redone: keep the throughput record of the run that did the work.
+        old = json.loads(read_bytes(join(out, REPORT), storage))
+        report |= {k: old[k] for k in ("stages", "timeline", "started") if k in old}
     summary.wall_seconds = time.time() - t0
+    report = {"started": started} | report
     report |= {
-        "started": started,
         "finished": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "wall_seconds": round(summary.wall_seconds, 3),
         "config": {
@@ -399,17 +436,19 @@ def run_tokenize(
 
 
 def _finished_shards(out: str, storage: StorageConfig) -> set[int]:
-    """Shards whose token file exists (the commit marker); stale temporary files are removed."""
-    fs, tpath = filesystem(join(out, "tokens"), storage)
-    if not fs.exists(tpath):
-        return set()
-    done = set()
-    for p in fs.ls(tpath, detail=False):
-        name = posixpath.basename(p)
-        if name.startswith(".tmp-"):  # a write killed before its rename
-            fs.rm(p)
-        elif name.startswith("shard-") and name.endswith(".parquet"):
-            done.add(int(name[len("shard-") : -len(".parquet")]))
+    """Shards whose token file exists (the commit marker). Temporary files that a killed run
+    left behind (local writes go through ``.tmp-*``) are removed from every output folder."""
+    done: set[int] = set()
+    for folder in ("tokens", "quarantine", "_work/shards"):
+        fs, path = filesystem(join(out, folder), storage)
+        if not fs.exists(path):
+            continue
+        for p in fs.ls(path, detail=False):
+            name = posixpath.basename(p)
+            if name.startswith(".tmp-"):
+                fs.rm(p)
+            elif folder == "tokens" and name.startswith("shard-") and name.endswith(".parquet"):
+                done.add(int(name[len("shard-") : -len(".parquet")]))
     return done
 
 
@@ -484,12 +523,17 @@ def _finish(
     storage: StorageConfig,
 ) -> tuple[TokenizeSummary, dict[str, Any]]:
     """Index, counts and the report over every shard, those of earlier runs included."""
-    entries = []
-    for s in range(summary.shards):
-        name = _shard_name(s)
-        entries.append(
-            json.loads(read_bytes(join(out, "_work/shards", name[:-8] + ".json"), storage))
-        )
+    # One request for all entries (fsspec fetches them concurrently on object stores).
+    fs_w, wpath = filesystem(join(out, "_work/shards"), storage)
+    paths = [posixpath.join(wpath, f"shard-{s:05d}.json") for s in range(summary.shards)]
+    try:
+        blobs = fs_w.cat(paths)
+    except FileNotFoundError as err:
+        raise SpearError(f"{out!r}: an index entry under _work/shards is missing ({err}); "
+                         "re-run into another --out") from None  # fmt: skip
+    by_name = {posixpath.basename(k): v for k, v in blobs.items()}
+    entries = [json.loads(by_name[posixpath.basename(p)]) for p in paths]
+
     index = pa.Table.from_pylist(
         entries, schema=with_metadata(TOKEN_INDEX_SCHEMA, "token_index", TOKEN_INDEX_VERSION)
     )
@@ -503,7 +547,10 @@ def _finish(
     summary.ok = tok.num_rows
     summary.items = tok.num_rows + q.num_rows
     if summary.items != plan["items"]:
-        raise RuntimeError(f"{summary.items} items in the output, the plan has {plan['items']}")
+        raise SpearError(
+            f"{out!r} holds {summary.items} items, the plan has {plan['items']}: the output was "
+            "changed by hand; re-run into another --out"
+        )
     summary.quarantined = dict(Counter(q["error_type"].to_pylist()))
     summary.hours_in = float(pa.compute.sum(man["duration"]).as_py()) / 3600
     secs = tok["num_samples"].to_numpy() / SAMPLE_RATE

@@ -31,6 +31,7 @@ from spear.stages.manifest import ManifestConfig
 from spear.stages.teachers import TeachersConfig
 from spear.stages.tokenize import TokenizeConfig
 from spear.storage import StorageConfig
+from spear.student.config import TrainConfig
 
 T = TypeVar("T")
 
@@ -53,6 +54,8 @@ class SpearConfig:
     """MVQ quantiser training, held-out split and encoding."""
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     """``spear tokenize``: quantiser per teacher, domains per teacher, shard size."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """``spear train``: the student, masking, mixing, optimiser, data and Ray Train settings."""
 
 
 def _type_name(tp: Any) -> str:

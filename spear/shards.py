@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import math
 import posixpath
@@ -470,6 +471,21 @@ def validate(out: str, storage: StorageConfig | None = None) -> list[str]:
         if dups:
             problems.append(f"{INDEX_FILE}: {what} listed twice: {', '.join(dups)}")
     problems += _stray_files(out, storage, entries)
+    numbers = sorted(e.shard for e in entries)
+    if numbers != list(range(len(numbers))):
+        missing = sorted(set(range(max(numbers, default=-1) + 1)) - set(numbers))
+        problems.append(
+            f"{INDEX_FILE}: shards are not numbered 0..{len(numbers) - 1}"
+            + (f" (missing {_shards_text(missing)})" if missing else "")
+        )
+    plan_url = join(out, "_work/plan.json")
+    if exists(plan_url, storage):  # the run's plan says how many items the job had
+        planned = json.loads(read_bytes(plan_url, storage)).get("items")
+        n_items = sum(e.rows + e.quarantined for e in entries)
+        if planned is not None and n_items != planned:
+            problems.append(
+                f"{INDEX_FILE}: {n_items} items (tokens + quarantine), the run's plan has {planned}"
+            )
 
     teachers_seen: dict[str, dict[tuple[Any, ...], list[int]]] = {}
     token_hashes: list[np.ndarray] = []
@@ -657,7 +673,8 @@ def _duplicates(
     dups = {}
     for k, paths in where.items():
         in_tokens = sum(not p.startswith(QUARANTINE_DIR + "/") for p in paths)
-        if k and (in_tokens > 1 or (in_tokens and len(paths) > in_tokens)):
+        # Twice in tokens, in tokens and quarantine, or in two shards' quarantine files.
+        if k and (in_tokens > 1 or (in_tokens and len(paths) > in_tokens) or len(set(paths)) > 1):
             dups[k] = paths
     if not dups:
         return []

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +74,9 @@ class DecodeConfig:
     truncated: a few codec frames (an MP3 frame is 26-72 ms) and header-estimate slack."""
     io_threads: int = 4
     """Threads per batch reading segments concurrently (remote reads wait on the network)."""
+    io_retries: int = 3
+    """Retries of a segment whose read failed transiently (S3 SlowDown, a reset connection),
+    with exponential backoff from 0.5 s, before it is quarantined as ``io``."""
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
@@ -83,15 +87,19 @@ class DecodeConfig:
             raise ValueError("min_seconds and truncation_tolerance must be >= 0")
         if self.io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+        if self.io_retries < 0:
+            raise ValueError(f"io_retries must be >= 0, got {self.io_retries}")
 
 
 class DecodeError(SpearError):
     """A segment that cannot become audio; ``error_type`` is one of :data:`ERROR_TYPES`."""
 
-    def __init__(self, error_type: str, message: str) -> None:
+    def __init__(self, error_type: str, message: str, transient: bool = False) -> None:
         super().__init__(f"{error_type}: {message}")
         self.error_type = error_type
         self.message = message
+        self.transient = transient
+        """A storage failure that may pass (throttling, a reset connection): worth a retry."""
 
 
 class _GuardedFile:
@@ -131,7 +139,9 @@ class _GuardedFile:
 
 
 def _io_error(url: str, err: BaseException) -> DecodeError:
-    return DecodeError("io", f"{url}: {type(err).__name__}: {err}")
+    # A missing object or a refused permission will not change on retry; anything else may.
+    transient = not isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError)
+    return DecodeError("io", f"{url}: {type(err).__name__}: {err}", transient=transient)
 
 
 # libsndfile logs "data : 64000 (should be 1000)" when a WAV/AIFF header promises more bytes
@@ -284,13 +294,19 @@ def _decode_row(
     url: str, start: float, duration: float | None, cfg: DecodeConfig, storage: StorageConfig
 ) -> tuple[bytes, int, str, str]:
     """(audio bytes, num_samples, error_type, error) for one row; never raises."""
-    try:
-        samples = decode_segment(url, start, duration, cfg, storage)
-    except DecodeError as err:
-        return b"", 0, err.error_type, err.message
-    except Exception as err:  # a bug must not kill a million-file job: quarantine and log it
-        log.exception("internal error decoding %s", url)
-        return b"", 0, "internal", f"{url}: {type(err).__name__}: {err}"
+    for attempt in range(cfg.io_retries + 1):
+        try:
+            samples = decode_segment(url, start, duration, cfg, storage)
+            break
+        except DecodeError as err:
+            if err.transient and attempt < cfg.io_retries:
+                log.warning("decode %s: %s; retry %d", url, err.message, attempt + 1)
+                time.sleep(0.5 * 2**attempt)
+                continue
+            return b"", 0, err.error_type, err.message
+        except Exception as err:  # a bug must not kill a million-file job: quarantine and log it
+            log.exception("internal error decoding %s", url)
+            return b"", 0, "internal", f"{url}: {type(err).__name__}: {err}"
     return audio_to_bytes(samples), len(samples), "", ""
 
 

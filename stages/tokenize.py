@@ -19,6 +19,7 @@ compute time spread over the batch's rows (the run report's per-stage throughput
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ from spear.errors import ConfigError
 from spear.formats import AUDIO_DTYPE, DOMAINS, TokenTeacherInfo, codes_to_bytes
 from spear.stages.teachers import LoadedTeacher, TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig
+
+log = logging.getLogger(__name__)
 
 NOT_RUN = -1
 """``{prefix}_frames`` of a row this teacher did not run on (a null in the token shard)."""
@@ -188,7 +191,38 @@ class TokenizeStage:
         }
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return tokenize_batch(self.teacher, self.quantizer, batch, **self.kw)  # type: ignore[arg-type]
+        try:
+            return tokenize_batch(self.teacher, self.quantizer, batch, **self.kw)  # type: ignore[arg-type]
+        except Exception:  # e.g. CUDA out of memory on one long item, or a frame-count bug
+            log.exception("tokenize: a batch of %d failed; retrying item by item",
+                          len(batch["item_id"]))  # fmt: skip
+            return tokenize_rows_one_by_one(self.teacher, self.quantizer, batch, **self.kw)
+
+
+def tokenize_rows_one_by_one(
+    teacher: LoadedTeacher, quantizer: Any, batch: dict[str, Any], **kw: Any
+) -> dict[str, Any]:
+    """:func:`tokenize_batch` per row, so one item that fails is quarantined
+    (``error_type = "internal"``, stage teacher) instead of failing the job on every re-run."""
+    import torch
+
+    n = len(batch["item_id"])
+    parts = []
+    for i in range(n):
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        try:
+            parts.append(tokenize_batch(teacher, quantizer, row, **kw))
+        except Exception as err:
+            log.exception("tokenize: item %s failed", row["item_id"][0])
+            if teacher.device.type == "cuda":
+                torch.cuda.empty_cache()
+            row["error_type"] = np.array(["internal"], dtype=object)
+            row["error"] = np.array(
+                [f"{row['url'][0]}: {teacher.spec.name}: {type(err).__name__}: {err}"],
+                dtype=object,
+            )
+            parts.append(tokenize_batch(teacher, quantizer, row, **kw))  # skips the row
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def tokenize_map_kwargs(
@@ -211,7 +245,11 @@ def tokenize_map_kwargs(
         "compute": ActorPoolStrategy(size=teacher.num_actors),
         "batch_size": teacher.batch_size,
         "batch_format": "numpy",
-        "num_gpus": teacher.num_gpus if gpus_available and teacher.device != "cpu" else 0,
+        # device "cuda" always asks for GPUs, so an autoscaler adds GPU nodes; "auto" asks
+        # only when the cluster has GPUs now (a CPU-only laptop or CI cluster).
+        "num_gpus": teacher.num_gpus
+        if teacher.device == "cuda" or (teacher.device == "auto" and gpus_available)
+        else 0,
         "fn_constructor_kwargs": {
             "teacher": teacher,
             "quantizer_url": quantizer_url,

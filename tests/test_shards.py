@@ -351,6 +351,28 @@ def test_validate_finds_each_corruption(tmp_path: Path, corrupt, message: str) -
     assert any(message in p for p in problems), problems
 
 
+def test_validate_finds_lost_and_doubled_items(tmp_path: Path) -> None:
+    # A whole shard gone (index row, tokens and quarantine): the plan's count exposes it.
+    out = str(tmp_path / "lost")
+    build_output(out, shards=3, rows=2)
+    write_atomic(join(out, "_work/plan.json"), json.dumps({"items": 3 * 2 + 2}).encode(), LOCAL)
+    assert validate(out) == []
+    index = [e for e in open_index(out, LOCAL).to_pylist() if e["shard"] != 2]
+    write_index(out, index)
+    Path(out, "tokens/shard-00002.parquet").unlink()
+    problems = validate(out)
+    assert any("plan has 8" in p for p in problems), problems
+    # One item quarantined in two shards' quarantine files.
+    out = str(tmp_path / "twice")
+    build_output(out, shards=3, rows=2)
+    q = pq.read_table(Path(out, "quarantine/shard-00001.parquet"))
+    write_atomic(join(out, "quarantine/shard-00000.parquet"), parquet_bytes(q.slice(0, 1)), LOCAL)
+    index = open_index(out, LOCAL).to_pylist()
+    index[0]["quarantined"] = 1
+    write_index(out, index)
+    assert any("more than once" in p for p in validate(out))
+
+
 def test_check_shard_table_names_the_rows(tmp_path: Path) -> None:
     table = shard_table(0, shard_rows(0, 6, TEACHERS), TEACHERS)
     assert check_shard_table(table, TEACHERS, "s") == []

@@ -64,6 +64,10 @@ def _register() -> None:
     from spear.cli import tokenize
 
     app.command("tokenize")(tokenize.tokenize)
+    from spear.cli import train
+
+    app.command("train")(train.train)
+    app.command("features")(train.features)
     app.command("demo")(demo.demo)
     from spear.cli import quantizer
 

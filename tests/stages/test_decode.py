@@ -357,3 +357,30 @@ def test_real_librivox_recordings() -> None:
             err = back[400:-400] - ref[400:-400] / 32768.0
             snr = 10 * np.log10(np.sum((ref[400:-400] / 32768.0) ** 2) / np.sum(err**2))
             assert len(back) == len(ref) and snr > 30, (path, r, snr)
+
+
+def test_transient_read_errors_are_retried(tmp_path) -> None:
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    from spear.stages.decode import decode_batch
+
+    class Flaky(LocalFileSystem):  # the first two opens fail as a throttled S3 GET would
+        protocol = "flaky"
+        fails = 2
+
+        def _open(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if Flaky.fails:
+                Flaky.fails -= 1
+                raise ConnectionResetError("connection reset by peer")
+            return super()._open(path, *args, **kwargs)
+
+    fsspec.register_implementation("flaky", Flaky, clobber=True)
+    sf.write(tmp_path / "a.wav", np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+    batch = {"url": np.array([f"flaky://{tmp_path}/a.wav"], dtype=object)}
+    cfg = DecodeConfig(io_retries=3)
+    out = decode_batch(batch, cfg, StorageConfig())
+    assert out["error_type"][0] == "" and out["num_samples"][0] == 16000
+    Flaky.fails = 5  # more failures than retries: quarantined as io, with the reason
+    out = decode_batch(batch, DecodeConfig(io_retries=1), StorageConfig())
+    assert out["error_type"][0] == "io" and "reset" in out["error"][0]

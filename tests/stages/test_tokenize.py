@@ -53,3 +53,27 @@ def test_rows_by_domain_error_and_length() -> None:
 def test_bad_domains_are_refused() -> None:
     with pytest.raises(ConfigError, match="music"):
         TokenizeTeacherConfig(domains=("speech", "music"))
+
+
+def test_a_failing_item_is_quarantined_not_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spear.stages.tokenize as stage
+
+    teacher = load_teacher(TeacherConfig(name="wavlm-tiny"))
+    q = Quantizer(QuantizerInfo(dim=64, num_codebooks=4, codebook_size=16))
+    rng = np.random.default_rng(1)
+    waves = [(rng.standard_normal(n) * 3000).astype(np.int16) for n in (8000, 12345, 9000)]
+    real = stage.run_teacher
+
+    def flaky(t, ws):  # one item's length breaks the model (as a CUDA OOM would)
+        if any(len(w) == 12345 for w in ws):
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(t, ws)
+
+    monkeypatch.setattr(stage, "run_teacher", flaky)
+    tok = stage.TokenizeStage.__new__(stage.TokenizeStage)
+    tok.teacher, tok.quantizer = teacher, q
+    tok.kw = {"prefix": "wavlm", "domains": ("speech",), "refine_rounds": 1, "keep_audio": ()}
+    out = tok(batch_of(waves, ["speech"] * 3, ["", "", ""]))
+    assert list(out["error_type"]) == ["", "internal", ""]
+    assert "simulated" in out["error"][1]
+    assert out["wavlm_frames"][0] > 0 and out["wavlm_frames"][2] > 0

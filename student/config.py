@@ -1,0 +1,356 @@
+"""Typed settings of the student (SPEC section 4): encoder presets, masking, heads, mixing,
+optimiser.
+
+Presets are small functions (``zipformer_large()``); :data:`ENCODER_PRESETS` maps their names.
+Every dataclass validates itself, so a bad value fails when the config is parsed, not mid-run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from spear.stages.decode import DecodeConfig
+
+NUM_STACKS = 7
+DOWNSAMPLING = (1, 2, 4, 8, 4, 2, 1)
+"""Stack rates 50, 25, 12.5, 6.25, 12.5, 25, 50 Hz after the 2x Conv2d subsampling."""
+CNN_KERNELS = (31, 31, 15, 15, 15, 31, 31)
+
+
+def _per_stack(name: str, values: tuple[int, ...], n: int) -> None:
+    if len(values) != n:
+        raise ValueError(f"{name} needs one value per stack ({n}), got {len(values)}")
+    if any(v < 1 for v in values):
+        raise ValueError(f"{name} must be positive, got {values}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ZipformerConfig:
+    """A Zipformer2 encoder (icefall's, simplified: no balancers/whiteners, plain Linear)."""
+
+    num_features: int = 128
+    """Input feature bins (128-bin fbank)."""
+    downsampling: tuple[int, ...] = DOWNSAMPLING
+    """Per-stack downsampling relative to the 50 Hz embedding; its length is the stack count."""
+    num_layers: tuple[int, ...] = (1, 2, 2, 3, 1, 1, 1)
+    """Encoder layers per stack."""
+    encoder_dims: tuple[int, ...] = (1024,) * NUM_STACKS
+    """Channels per stack; the output has max(encoder_dims) channels."""
+    feedforward_dims: tuple[int, ...] = (3072,) * NUM_STACKS
+    """Feed-forward hidden size per stack (the three FF modules use 3/4, 1 and 5/4 of it)."""
+    unmasked_dims: tuple[int, ...] = (512,) * NUM_STACKS
+    """Channels never hit by the training-time feature mask (icefall's encoder_unmasked_dim)."""
+    num_heads: tuple[int, ...] = (8,) * NUM_STACKS
+    """Attention heads per stack."""
+    cnn_kernels: tuple[int, ...] = CNN_KERNELS
+    """Depthwise convolution kernel per stack (odd)."""
+    query_head_dim: int = 32
+    value_head_dim: int = 12
+    pos_head_dim: int = 4
+    pos_dim: int = 48
+    """Size of the relative positional embedding."""
+    embed_channels: tuple[int, int, int] = (8, 32, 128)
+    """Channels of the three subsampling convolutions (icefall's layer1/2/3_channels)."""
+    dropout: float = 0.1
+    """Dropout on each module's residual branch."""
+    feature_mask_prob: float = 0.125
+    """Per frame and stack, the probability that channels above ``unmasked_dims`` are zeroed in
+    training (our choice, near icefall's)."""
+
+    def __post_init__(self) -> None:
+        n = len(self.downsampling)
+        for name in (
+            "downsampling",
+            "num_layers",
+            "encoder_dims",
+            "feedforward_dims",
+            "unmasked_dims",
+            "num_heads",
+            "cnn_kernels",
+        ):
+            _per_stack(name, getattr(self, name), n)
+        if any(k % 2 == 0 for k in self.cnn_kernels):
+            raise ValueError(f"cnn_kernels must be odd, got {self.cnn_kernels}")
+        if any(u > d for u, d in zip(self.unmasked_dims, self.encoder_dims, strict=True)):
+            raise ValueError("unmasked_dims must not exceed encoder_dims")
+        if len(self.embed_channels) != 3 or min(self.embed_channels) < 1:
+            raise ValueError(f"embed_channels needs 3 positive values, got {self.embed_channels}")
+        if self.pos_dim % 2:
+            raise ValueError(f"pos_dim must be even, got {self.pos_dim}")
+        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.feature_mask_prob < 1.0:
+            raise ValueError("dropout and feature_mask_prob must be in [0, 1)")
+
+    @property
+    def output_dim(self) -> int:
+        return max(self.encoder_dims)
+
+
+def zipformer_tiny() -> ZipformerConfig:
+    """~1.5M parameters (2.1M with both heads): for tests and CPU smoke runs."""
+    return ZipformerConfig(
+        num_layers=(1,) * NUM_STACKS,
+        encoder_dims=(64, 64, 96, 96, 96, 64, 64),
+        feedforward_dims=(128, 128, 192, 192, 192, 128, 128),
+        unmasked_dims=(32,) * NUM_STACKS,
+        num_heads=(4,) * NUM_STACKS,
+        cnn_kernels=(7, 7, 5, 5, 5, 7, 7),
+        query_head_dim=16,
+        value_head_dim=8,
+        pos_head_dim=4,
+        pos_dim=16,
+        embed_channels=(4, 8, 16),
+    )
+
+
+def zipformer_base() -> ZipformerConfig:
+    """~93M: 512-d at 50 Hz (the paper gives no layout; this one has 93.3M)."""
+    return ZipformerConfig(
+        num_layers=(1, 2, 2, 3, 2, 1, 1),
+        encoder_dims=(512,) * NUM_STACKS,
+        feedforward_dims=(1536,) * NUM_STACKS,
+        unmasked_dims=(256,) * NUM_STACKS,
+    )
+
+
+def zipformer_large() -> ZipformerConfig:
+    """~327M: layers 1,2,2,3,1,1,1, dim 1024, FF 3072, unmasked 512 (SPEC)."""
+    return ZipformerConfig()
+
+
+def zipformer_xlarge() -> ZipformerConfig:
+    """~600M: layers 1,2,3,4,1,1,1, dim 1280, FF 3840, unmasked 768 (SPEC)."""
+    return ZipformerConfig(
+        num_layers=(1, 2, 3, 4, 1, 1, 1),
+        encoder_dims=(1280,) * NUM_STACKS,
+        feedforward_dims=(3840,) * NUM_STACKS,
+        unmasked_dims=(768,) * NUM_STACKS,
+    )
+
+
+ENCODER_PRESETS: dict[str, Callable[[], ZipformerConfig]] = {
+    "tiny": zipformer_tiny,
+    "base": zipformer_base,
+    "large": zipformer_large,
+    "xlarge": zipformer_xlarge,
+}
+
+PRESET_PARAMS: dict[str, float] = {"base": 93e6, "large": 327e6, "xlarge": 600e6}
+"""Published encoder parameter counts the presets land within 5% of (the heads add
+24 x 256 x dim: 3.1M for base, 6.3M for large, 7.9M for xlarge)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class MaskConfig:
+    """Masking on the fbank before subsampling (wav2vec2-style spans)."""
+
+    time_prob: float = 0.65
+    """wav2vec2's mask_prob: spans started = time_prob * frames / time_span (rounded randomly).
+    Overlapping spans make the covered fraction lower (~0.48 at 0.65, 10)."""
+    time_span: int = 10
+    """Frames per time span (100 ms at 100 Hz); masked frames become the learned embedding."""
+    channel_prob: float = 0.25
+    """Like ``time_prob`` over mel bins; masked bins are set to 0 on every frame."""
+    channel_span: int = 20
+    """Mel bins per channel span."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.time_prob <= 1.0 or not 0.0 <= self.channel_prob <= 1.0:
+            raise ValueError("time_prob and channel_prob must be in [0, 1]")
+        if self.time_span < 1 or self.channel_span < 1:
+            raise ValueError("spans must be >= 1")
+
+
+@dataclass(kw_only=True, frozen=True)
+class HeadConfig:
+    """One teacher's prediction head and loss weights."""
+
+    name: str
+    """Token column prefix (``wavlm``, ``dasheng``)."""
+    num_codebooks: int
+    codebook_size: int = 256
+    frame_rate: float = 50.0
+    """Teacher token rate in Hz; aligned to the student's 50 Hz (x2 repeat for 25 Hz)."""
+    weight_speech: float = 1.0
+    """Loss weight on speech items."""
+    weight_audio: float = 1.0
+    """Loss weight on audio items."""
+
+    def __post_init__(self) -> None:
+        if self.num_codebooks < 1 or self.codebook_size < 2 or self.frame_rate <= 0:
+            raise ValueError(f"head {self.name!r}: bad codebooks/size/rate")
+        if self.weight_speech < 0 or self.weight_audio < 0:
+            raise ValueError(f"head {self.name!r}: weights must be >= 0")
+
+
+def default_heads() -> tuple[HeadConfig, ...]:
+    """The asymmetric dual-domain loss: 1.0 WavLM everywhere, 0.1 Dasheng on audio only."""
+    return (
+        HeadConfig(name="wavlm", num_codebooks=16, frame_rate=50.0),
+        HeadConfig(
+            name="dasheng", num_codebooks=8, frame_rate=25.0, weight_speech=0.0, weight_audio=0.1
+        ),
+    )
+
+
+@dataclass(kw_only=True, frozen=True)
+class StudentConfig:
+    """Everything that defines the student network (what a checkpoint must carry)."""
+
+    preset: str = "base"
+    """Encoder preset name (``tiny``, ``base``, ``large``, ``xlarge``), used when ``encoder``
+    is not given."""
+    encoder: ZipformerConfig | None = None
+    """Explicit encoder settings; overrides ``preset``."""
+    heads: tuple[HeadConfig, ...] = field(default_factory=default_heads)
+    """One head per teacher."""
+
+    def __post_init__(self) -> None:
+        if self.encoder is None and self.preset not in ENCODER_PRESETS:
+            raise ValueError(
+                f"preset must be one of {sorted(ENCODER_PRESETS)}, got {self.preset!r}"
+            )
+        names = [h.name for h in self.heads]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"heads need distinct names, got {names}")
+
+    def encoder_config(self) -> ZipformerConfig:
+        return self.encoder if self.encoder is not None else ENCODER_PRESETS[self.preset]()
+
+
+@dataclass(kw_only=True, frozen=True)
+class MixConfig:
+    """Overlaying another batch item or a noise clip for robustness (SPEC section 4)."""
+
+    inbatch_prob: float = 0.1
+    """Fraction of items that get another item of their batch overlaid (our choice)."""
+    noise_prob: float = 0.1
+    """Fraction of items that get a noise clip overlaid (needs noise clips)."""
+    inbatch_snr: tuple[float, float] = (-5.0, 5.0)
+    """SNR range in dB (primary over mixed-in power) for speech-on-speech mixing."""
+    noise_snr: tuple[float, float] = (5.0, 20.0)
+    """SNR range in dB for noise mixing."""
+    overlap: tuple[float, float] = (0.2, 0.5)
+    """Fraction of the primary's length the mixed-in signal covers."""
+    token_mixing: bool = False
+    """In-batch mixing only: inside the overlap replace each target token by the mixed-in
+    item's with probability r/(1+r), r = 10^(-SNR/10). Off: targets stay the clean primary's."""
+
+    def __post_init__(self) -> None:
+        for name in ("inbatch_prob", "noise_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1]")
+        if self.inbatch_prob + self.noise_prob > 1.0:
+            raise ValueError("inbatch_prob + noise_prob must be <= 1")
+        for name in ("inbatch_snr", "noise_snr", "overlap"):
+            lo, hi = getattr(self, name)
+            if lo > hi:
+                raise ValueError(f"{name}: low {lo} > high {hi}")
+        if not 0.0 < self.overlap[0] <= self.overlap[1] <= 1.0:
+            raise ValueError(f"overlap must lie in (0, 1], got {self.overlap}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    name: Literal["scaled_adam", "adamw"] = "scaled_adam"
+    """``scaled_adam`` (the paper's, with Eden) or ``adamw`` (with the same Eden shape)."""
+    lr: float = 0.045
+    """Base learning rate (0.045 for ScaledAdam; ~1e-3 is typical for AdamW)."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.01
+    """AdamW only (ScaledAdam bounds parameter RMS instead)."""
+    clipping_scale: float = 2.0
+    """ScaledAdam: clip the gradient norm at this multiple of the median of recent norms."""
+    grad_clip: float = 1.0
+    """AdamW: max gradient norm (0: off). ScaledAdam clips by itself (``clipping_scale``)."""
+    lr_batches: float = 7500.0
+    """Eden: steps at which the step factor has fallen to 2^-0.25."""
+    lr_hours: float = 75_000.0
+    """Eden: audio hours at which the data factor has fallen to 2^-0.25 (the paper's epochs
+    counted in hours)."""
+    warmup_batches: float = 500.0
+    """Eden: linear warm-up from half the rate over this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.lr_batches <= 0 or self.lr_hours <= 0:
+            raise ValueError("lr, lr_batches and lr_hours must be positive")
+        if self.warmup_batches < 0 or self.grad_clip < 0 or self.clipping_scale <= 0:
+            raise ValueError("warmup_batches, grad_clip must be >= 0; clipping_scale > 0")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainDataConfig:
+    """How token shards become training batches."""
+
+    min_seconds: float = 0.9
+    """Items shorter than this are skipped (SPEC: 0.9-32 s)."""
+    max_seconds: float = 32.0
+    """Items longer than this are skipped."""
+    batch_seconds: float = 300.0
+    """Audio seconds per batch per worker (the paper: ~300-400 s per GPU)."""
+    num_buckets: int = 10
+    """Duration buckets (log-spaced between min and max seconds)."""
+    prep_rows: int = 16
+    """Items per ``prepare_batch`` call (also the pool in-batch mixing draws partners from)."""
+    prep_cpus: float = 1.0
+    """CPUs per data-preparation task."""
+    noise_urls: tuple[str, ...] = ()
+    """Audio files to use as noise clips (decoded whole, once per worker process)."""
+    deterministic: bool = True
+    """Keep Ray Data's output order (``preserve_order``) so a resumed run sees the same
+    batches; costs some data-loading throughput."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_seconds < self.max_seconds:
+            raise ValueError("need 0 < min_seconds < max_seconds")
+        if self.batch_seconds < self.max_seconds:
+            raise ValueError("batch_seconds must be >= max_seconds (a batch holds any item)")
+        if self.num_buckets < 1 or self.prep_rows < 1 or self.prep_cpus <= 0:
+            raise ValueError("num_buckets, prep_rows must be >= 1 and prep_cpus > 0")
+
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """Everything ``spear train`` is configured with (the ``train`` config section)."""
+
+    student: StudentConfig = field(default_factory=StudentConfig)
+    """The network: encoder preset and one head per teacher with its loss weights."""
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """How the shards' audio is decoded (same as the tokenize run's)."""
+    max_steps: int = 500_000
+    """Stop after this many optimiser steps (epochs repeat the data until then)."""
+    num_workers: int = 1
+    """Training workers (one per GPU)."""
+    use_gpu: bool | None = None
+    """Train on GPUs; default: when the cluster has any."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per training worker (data preparation uses the rest)."""
+    precision: Precision = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU; ``fp16`` adds a gradient scaler."""
+    checkpoint_every: int = 2000
+    """Steps between checkpoints (and one at the end)."""
+    keep_checkpoints: int = 3
+    """Checkpoints kept in storage (oldest deleted)."""
+    log_every: int = 50
+    """Steps between log lines / reported metrics."""
+    max_failures: int = 3
+    """Worker failures retried from the latest checkpoint before the run fails."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.num_workers < 1 or self.cpus_per_worker <= 0:
+            raise ValueError("max_steps, num_workers must be >= 1 and cpus_per_worker > 0")
+        if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("checkpoint_every, log_every and keep_checkpoints must be >= 1")
+        if self.max_failures < 0:
+            raise ValueError("max_failures must be >= 0")

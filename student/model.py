@@ -1,0 +1,286 @@
+"""The student: fbank -> (masking) -> Zipformer2 -> one head per teacher; and one training step.
+
+* :class:`Student` - an ``nn.Module`` that needs nothing of the training job:
+  ``Student.from_checkpoint(url)`` loads a ``student.pt`` (or a training checkpoint folder that
+  holds one) and ``student.encode(feats, lengths)`` gives 50 Hz features for downstream work.
+* :class:`Batch` - a collated batch: padded fbank, lengths, domains, teacher-rate targets.
+* :func:`compute_loss` / :func:`train_step` - pure functions of (model, batch, optimiser,
+  schedule, generator): masks come from the explicit generator, dropout from torch's global RNG,
+  so a run restored with both RNG states repeats the next step exactly.
+
+``student.pt`` is ``torch.save`` of ``{"format": "spear-student", "version": 1, "config":
+<StudentConfig as plain data>, "model": state_dict}``; it loads with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from spear.config import from_dict, to_dict
+from spear.errors import SpearError
+from spear.storage import StorageConfig, filesystem, read_bytes, write_atomic
+from spear.student.config import MaskConfig, StudentConfig
+from spear.student.frontend import NUM_MEL_BINS
+from spear.student.heads import CodebookHead
+from spear.student.losses import LossOutput, align_targets, dual_domain_loss
+from spear.student.masking import apply_masks, draw_masks
+from spear.student.optim import Eden
+from spear.student.zipformer import Zipformer2
+
+STUDENT_FILE = "student.pt"
+STUDENT_FORMAT = "spear-student"
+STUDENT_VERSION = 1
+FRAME_RATE = 50.0
+"""Student output frames per second."""
+
+
+class StudentFileError(SpearError):
+    """A student checkpoint is missing or not one spear wrote."""
+
+
+@dataclass
+class StudentOutput:
+    encoder_out: Tensor
+    """(B, T, D) at 50 Hz, zero on padded frames."""
+    lengths: Tensor
+    """(B,) valid output frames."""
+    logits: dict[str, Tensor]
+    """Per teacher: (B, T, C, K)."""
+
+
+class Student(nn.Module):
+    def __init__(self, cfg: StudentConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        enc = cfg.encoder_config()
+        if enc.num_features != NUM_MEL_BINS:
+            raise ValueError(f"the student takes {NUM_MEL_BINS}-bin fbank, got {enc.num_features}")
+        self.encoder = Zipformer2(enc)
+        # Replaces masked fbank frames; small so masked input starts near the features' scale.
+        self.mask_embedding = nn.Parameter(torch.randn(enc.num_features) * 0.1)
+        self.heads = nn.ModuleDict({h.name: CodebookHead(enc.output_dim, h) for h in cfg.heads})
+
+    @property
+    def output_dim(self) -> int:
+        return self.encoder.output_dim
+
+    def encode(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """fbank (B, T, 128) + frame counts -> encoder output (B, (T-7)//2, D) + lengths."""
+        out: tuple[Tensor, Tensor] = self.encoder(feats, lengths)
+        return out
+
+    def forward(
+        self,
+        feats: Tensor,
+        lengths: Tensor,
+        time_mask: Tensor | None = None,
+        channel_mask: Tensor | None = None,
+    ) -> StudentOutput:
+        if time_mask is not None and channel_mask is not None:
+            feats = apply_masks(feats, time_mask, channel_mask, self.mask_embedding)
+        x, out_lengths = self.encoder(feats, lengths)
+        logits = {name: head(x) for name, head in self.heads.items()}
+        return StudentOutput(encoder_out=x, lengths=out_lengths, logits=logits)
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        return {
+            "format": STUDENT_FORMAT,
+            "version": STUDENT_VERSION,
+            "config": to_dict(self.cfg),
+            "model": self.state_dict(),
+        }
+
+    def save(self, url: str, storage: StorageConfig | None = None) -> None:
+        """Write a standalone ``student.pt`` to ``url`` (any fsspec URL)."""
+        buf = io.BytesIO()
+        torch.save(self.checkpoint_dict(), buf)
+        write_atomic(url, buf.getvalue(), storage or StorageConfig())
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Student:
+        if state.get("format") != STUDENT_FORMAT:
+            raise StudentFileError(
+                f"not a spear student checkpoint (format {state.get('format')!r})"
+            )
+        if state.get("version") != STUDENT_VERSION:
+            raise StudentFileError(
+                f"student checkpoint version {state.get('version')} is not "
+                f"{STUDENT_VERSION}; upgrade spear to read it"
+            )
+        model = cls(from_dict(StudentConfig, state["config"]))
+        model.load_state_dict(state["model"])
+        return model
+
+    @classmethod
+    def from_checkpoint(
+        cls, url: str, storage: StorageConfig | None = None, map_location: str = "cpu"
+    ) -> Student:
+        """Load a ``student.pt`` file, or the one inside a training checkpoint folder."""
+        storage = storage or StorageConfig()
+        fs, path = filesystem(url, storage)
+        if fs.isdir(path):
+            url = url.rstrip("/") + "/" + STUDENT_FILE
+        try:
+            data = read_bytes(url, storage)
+        except FileNotFoundError:
+            raise StudentFileError(f"no student checkpoint at {url!r}") from None
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        return cls.from_state(state)
+
+
+def unwrap(model: nn.Module) -> Student:
+    """The Student inside a DDP (or other ``.module``) wrapper."""
+    inner = getattr(model, "module", model)
+    if not isinstance(inner, Student):
+        raise TypeError(f"expected a Student, got {type(inner).__name__}")
+    return inner
+
+
+@dataclass
+class Batch:
+    feats: Tensor
+    """(B, T, 128) fbank, zero-padded."""
+    feat_lens: Tensor
+    """(B,) fbank frames."""
+    domains: Tensor
+    """(B,) 0 speech, 1 audio."""
+    targets: dict[str, Tensor] = field(default_factory=dict)
+    """Per teacher prefix: (B, T_teacher, C) long at the teacher's rate, -100 where absent."""
+    num_samples: Tensor | None = None
+    """(B,) audio samples at 16 kHz (for hours seen); default from the fbank frames."""
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            feats=self.feats.to(device, non_blocking=True),
+            feat_lens=self.feat_lens.to(device),
+            domains=self.domains.to(device),
+            targets={k: v.to(device, non_blocking=True) for k, v in self.targets.items()},
+            num_samples=self.num_samples,
+        )
+
+    @property
+    def seconds(self) -> float:
+        if self.num_samples is not None:
+            return float(self.num_samples.sum()) / 16_000
+        return float(self.feat_lens.sum()) / 100.0
+
+
+@dataclass
+class StepStats:
+    step: int
+    loss: float
+    """Weighted loss per student frame (what is minimised)."""
+    per_teacher: dict[str, float]
+    """Unweighted loss per target frame, per teacher."""
+    lr: float
+    frames: int
+    """Student output frames in the batch."""
+    seconds: float
+    """Audio seconds in the batch."""
+    grad_norm: float = math.nan
+
+
+def compute_loss(
+    model: nn.Module,
+    batch: Batch,
+    mask: MaskConfig | None,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, LossOutput, Tensor]:
+    """(loss per student frame, the loss parts, number of student frames). ``mask`` None: no
+    masking (evaluation)."""
+    student = unwrap(model)
+    time_mask = channel_mask = None
+    if mask is not None:
+        if generator is None:
+            raise ValueError("masking needs a generator")
+        time_mask, channel_mask = draw_masks(
+            batch.feat_lens.cpu(), batch.feats.shape[-1], mask, generator
+        )
+        t = batch.feats.shape[1]
+        time_mask = nn.functional.pad(time_mask, (0, t - time_mask.shape[1]))
+        time_mask, channel_mask = (
+            time_mask.to(batch.feats.device),
+            channel_mask.to(batch.feats.device),
+        )
+    out: StudentOutput = model(batch.feats, batch.feat_lens, time_mask, channel_mask)
+    t_out = out.encoder_out.shape[1]
+    rates = {h.name: h.frame_rate for h in student.cfg.heads}
+    targets = {
+        name: align_targets(codes, rates[name], FRAME_RATE, t_out)
+        for name, codes in batch.targets.items()
+        if name in rates
+    }
+    # Targets on padded output frames are ignored: an item's padding is not its audio.
+    padded = torch.arange(t_out, device=out.lengths.device)[None, :] >= out.lengths[:, None]
+    targets = {k: v.masked_fill(padded[..., None], -100) for k, v in targets.items()}
+    parts = dual_domain_loss(out.logits, targets, batch.domains, student.cfg.heads)
+    frames = out.lengths.sum().clamp_min(1)
+    return parts.total / frames, parts, frames
+
+
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Eden,
+    *,
+    step: int,
+    hours: float,
+    mask: MaskConfig,
+    generator: torch.Generator,
+    grad_clip: float = 0.0,
+    autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> StepStats:
+    """One optimiser step on ``batch`` (already on the model's device). ``step`` and ``hours``
+    are the progress *before* this step; they set the learning rate.
+
+    The loss is summed over frames (SPEC) and divided by the batch's frame count, so its size
+    does not depend on the batch length; Adam-family updates are invariant to that scale."""
+    model.train()
+    scheduler.set_progress(step, hours)
+    device_type = batch.feats.device.type
+    ctx = (
+        torch.autocast(device_type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else nullcontext()
+    )
+    with ctx:
+        loss, parts, frames = compute_loss(model, batch, mask, generator)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    grad_norm = math.nan
+    if grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    # A teacher without target frames in this batch (no audio items for Dasheng) is left out
+    # rather than logged as a loss of 0.
+    per_teacher = {
+        k: float(v) / int(parts.frames[k])
+        for k, v in parts.per_teacher.items()
+        if int(parts.frames[k]) > 0
+    }
+    return StepStats(
+        step=step + 1,
+        loss=float(loss.detach()),
+        per_teacher=per_teacher,
+        lr=float(optimizer.param_groups[0]["lr"]),
+        frames=int(frames),
+        seconds=batch.seconds,
+        grad_norm=grad_norm,
+    )

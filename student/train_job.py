@@ -1,0 +1,513 @@
+"""``spear train``: student pre-training on Ray Train (one recipe: setup, train, checkpoint).
+
+Steps:
+1. Driver: list the token shards (``OUT/tokens/*.parquet`` of a tokenize run), check that the
+   student's heads match the shards' teachers (names, codebooks, rates), start/join Ray.
+2. Ray Data: ``read_parquet`` -> :func:`spear.student.data.prepare_batch` in CPU tasks (0.9-32 s
+   filter, decode, mixing, fbank) -> ``streaming_split`` across the training workers.
+3. Each worker (``TorchTrainer``, gloo on CPU, NCCL on GPU): DDP student, ScaledAdam + Eden (or
+   AdamW), batches of ``batch_seconds`` audio from length buckets, bf16/fp16 autocast on GPU.
+   Workers agree every step on whether all still have a batch (DDP needs equal step counts)
+   and on the audio seconds seen (Eden's "hours").
+4. Every ``checkpoint_every`` steps: ``student.pt`` + ``train_state.pt`` (rank 0) and
+   ``rng-<rank>.pt`` (every rank) reported as one ``ray.train.Checkpoint`` into
+   ``OUT/train/`` (any fsspec URL). Re-running the same command resumes from the latest one:
+   the data stream of the interrupted epoch is replayed and the batches already trained on are
+   skipped. ``FailureConfig`` retries worker failures from the latest checkpoint.
+5. At the end: ``OUT/student.pt`` (loads with ``Student.from_checkpoint``).
+
+Logs (rank 0, every ``log_every`` steps): step, loss, loss per teacher, lr, audio hours seen,
+audio seconds/s per worker, tokens/s, and the fraction of time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spear.errors import SpearError
+from spear.formats import TokenTeacherInfo
+from spear.ray_utils import RayConfig, init_ray
+from spear.storage import StorageConfig, check_url, filesystem, join, protocol_of, write_atomic
+from spear.student.checkpointing import (
+    Progress,
+    load_train_state,
+    rng_state,
+    set_rng_state,
+    train_state_dict,
+)
+from spear.student.config import HeadConfig, Precision, StudentConfig, TrainConfig
+from spear.student.data import (
+    bucket_batches,
+    collate_rows,
+    iter_rows,
+    open_token_shards,
+    prepare_batch,
+)
+from spear.student.model import STUDENT_FILE, StepStats, Student, train_step, unwrap
+from spear.student.optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+METRICS_DIR = "metrics"
+METRICS_FILE = "metrics.jsonl"
+RUN_NAME = "train"
+"""Checkpoints go to ``OUT/train/checkpoint_*``."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    metrics: dict[str, Any]
+    """The last reported metrics."""
+    checkpoint: str | None
+    """The latest checkpoint folder (URL)."""
+    student_url: str
+    """``OUT/student.pt``."""
+
+
+def heads_from_shards(
+    cfg: StudentConfig, teachers: list[TokenTeacherInfo]
+) -> tuple[HeadConfig, ...]:
+    """The configured heads with their shapes (C, K, frame rate) taken from the shards' tokens:
+    the loss weights are the recipe's, the codebook shapes the data's. A head whose teacher the
+    shards lack is dropped with a warning (a WavLM-only tokenize run trains a WavLM-only
+    student); none left is an error."""
+    found = {t.prefix: t for t in teachers}
+    heads = []
+    for h in cfg.heads:
+        t = found.get(h.name)
+        if t is None:
+            log.warning("train: the shards carry no %r tokens; training without that head", h.name)
+            continue
+        shape = (t.num_codebooks, t.codebook_size, t.frame_rate)
+        if shape != (h.num_codebooks, h.codebook_size, h.frame_rate):
+            log.warning(
+                "train: head %r set to the shards' %dx%d codes at %g Hz (configured %dx%d at %g)",
+                h.name, *shape, h.num_codebooks, h.codebook_size, h.frame_rate,
+            )  # fmt: skip
+        heads.append(
+            dataclasses.replace(
+                h,
+                num_codebooks=t.num_codebooks,
+                codebook_size=t.codebook_size,
+                frame_rate=t.frame_rate,
+            )
+        )
+    if not heads:
+        raise SpearError(
+            f"the shards carry tokens of {sorted(found)}, the student's heads are "
+            f"{[h.name for h in cfg.heads]}: nothing to train; set train.student.heads"
+        )
+    return tuple(heads)
+
+
+def check_heads(cfg: StudentConfig, teachers: list[TokenTeacherInfo]) -> None:
+    """Fail with one line when a head has no matching tokens in the shards."""
+    found = {t.prefix: t for t in teachers}
+    for h in cfg.heads:
+        t = found.get(h.name)
+        if t is None:
+            raise SpearError(
+                f"the student has a {h.name!r} head but the shards carry tokens of "
+                f"{sorted(found)}; set train.student.heads to match"
+            )
+        if (t.num_codebooks, t.codebook_size) != (h.num_codebooks, h.codebook_size):
+            raise SpearError(
+                f"head {h.name!r}: {h.num_codebooks}x{h.codebook_size} codes, the shards hold "
+                f"{t.num_codebooks}x{t.codebook_size}"
+            )
+        if abs(t.frame_rate - h.frame_rate) > 1e-6:
+            raise SpearError(
+                f"head {h.name!r}: frame rate {h.frame_rate} Hz, the shards' is {t.frame_rate} Hz"
+            )
+
+
+def _pyarrow_fs(url: str, storage: StorageConfig) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) for Ray: fsspec's view wrapped, so every fsspec URL
+    and our S3 endpoint settings work; plain local paths use Ray's default."""
+    if protocol_of(url) == "file":
+        return os.path.abspath(url.removeprefix("file://")), None
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    # s3fs refuses multipart writes (checkpoints) with blocks under 5 MB.
+    storage = dataclasses.replace(storage, block_size=max(storage.block_size, 8 << 20))
+    fs, path = filesystem(url, storage)
+    return path, PyFileSystem(FSSpecHandler(fs))
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+def _all_reduce(values: list[float], world: int, device: torch.device) -> list[float]:
+    if world == 1:
+        return values
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [float(v) for v in t.tolist()]
+
+
+def _batches(
+    shard: Any, teachers: dict[str, int], cfg: TrainConfig, stats: dict[str, float]
+) -> Iterator[Any]:
+    """One epoch of collated batches from this worker's stream; ``stats['wait']`` accumulates
+    seconds spent waiting for data."""
+    rows = iter_rows(
+        shard.iter_batches(batch_size=cfg.data.prep_rows, batch_format="numpy", prefetch_batches=4)
+    )
+    it = bucket_batches(rows, cfg.data)
+    while True:
+        t0 = time.perf_counter()
+        group = next(it, None)
+        if group is None:
+            return
+        batch = collate_rows(group, teachers)
+        stats["wait"] += time.perf_counter() - t0
+        yield batch
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: TrainConfig = config["cfg"]
+    teachers: dict[str, int] = config["teachers"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts them)
+    model: torch.nn.Module = Student(cfg.student)
+    model = ray.train.torch.prepare_model(model)
+    opt, sched = build_optimizer(model, cfg.optim)
+    precision = autocast_dtype(cfg.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
+    torch.manual_seed(cfg.seed * 1_000_003 + rank)  # dropout differs per rank
+    progress = Progress(extra={"epoch": 0})
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            progress = _restore(folder, model, opt, sched, generator, scaler, rank, device)
+        if rank == 0:
+            log.info("resumed from %s at step %d", checkpoint.path, progress.step)
+
+    shard = ray.train.get_dataset_shard("train")
+    grad_clip = cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0
+    window: dict[str, float] = {"wait": 0.0, "seconds": 0.0, "frames": 0.0, "steps": 0.0}
+    window_start = time.perf_counter()
+    last: StepStats | None = None
+    metrics: dict[str, Any] = {}
+    start_step = progress.step
+    epoch = int(progress.extra.get("epoch", 0))
+    skip = progress.batches
+    done = progress.step >= cfg.max_steps
+    while not done:
+        consumed = 0
+        batches = _batches(shard, teachers, cfg, window)
+        while True:
+            batch = next(batches, None)
+            if batch is not None and consumed < skip:
+                consumed += 1  # already trained on before the restart
+                continue
+            have, seconds = _all_reduce(
+                [0.0 if batch is None else 1.0, 0.0 if batch is None else batch.seconds],
+                world,
+                device,
+            )
+            if have < world:  # someone ran out: the epoch ends for all (equal DDP steps)
+                break
+            assert batch is not None
+            last = train_step(
+                model,
+                batch.to(device),
+                opt,
+                sched,
+                step=progress.step,
+                hours=progress.hours,
+                mask=cfg.mask,
+                generator=generator,
+                grad_clip=grad_clip,
+                autocast_dtype=precision,
+                scaler=scaler,
+            )
+            consumed += 1
+            progress.step += 1
+            progress.hours += seconds / 3600.0
+            progress.batches = consumed
+            window["seconds"] += batch.seconds
+            window["frames"] += last.frames
+            window["steps"] += 1
+            done = progress.step >= cfg.max_steps
+            log_now = progress.step % cfg.log_every == 0 or done
+            ckpt_now = progress.step % cfg.checkpoint_every == 0 or done
+            if log_now or ckpt_now:
+                metrics = _metrics(last, progress, window, time.perf_counter() - window_start)
+                metrics["epoch"] = epoch
+                metrics["start_step"] = start_step
+                if rank == 0 and log_now:
+                    log.info("train %s", _format(metrics))
+                    # One small object per log line; the driver merges them into
+                    # metrics.jsonl (the run report's loss curves) when the run ends.
+                    row = json.dumps(metrics | {"time": time.time()}).encode()
+                    write_atomic(join(config["metrics_url"], f"step-{progress.step:09d}.json"),
+                                 row, config["storage"])  # fmt: skip
+                window = dict.fromkeys(window, 0.0)
+                window_start = time.perf_counter()
+            if ckpt_now:
+                progress.extra["epoch"] = epoch
+                _report_checkpoint(metrics, model, opt, sched, progress, generator, scaler, rank)
+            elif log_now:
+                ray.train.report(metrics)
+            if done:
+                break
+        if done:
+            break
+        if progress.batches == 0 and skip == 0:
+            raise SpearError("no training batches: every item was filtered out or failed")
+        epoch += 1
+        skip = 0
+        progress.batches = 0
+    if rank == 0 and last is None and progress.step >= cfg.max_steps:
+        log.info("nothing to do: the checkpoint is at step %d >= max_steps", progress.step)
+
+
+def _merge_metrics(out_url: str, storage: StorageConfig) -> None:
+    """``OUT/metrics/step-*.json`` (every run and resume) -> ``OUT/metrics.jsonl``, by step."""
+    fs, path = filesystem(join(out_url, METRICS_DIR), storage)
+    if not fs.exists(path):
+        return
+    names = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+    blobs = fs.cat(names) if names else {}
+    lines = [blobs[k].decode().strip() for k in sorted(blobs)]
+    write_atomic(join(out_url, METRICS_FILE), ("\n".join(lines) + "\n").encode(), storage)
+
+
+def _metrics(
+    last: StepStats, progress: Progress, window: dict[str, float], elapsed: float
+) -> dict[str, Any]:
+    steps = max(window["steps"], 1.0)
+    elapsed = max(elapsed, 1e-9)
+    out: dict[str, Any] = {
+        "step": progress.step,
+        "loss": last.loss,
+        "lr": last.lr,
+        "hours": progress.hours,
+        "audio_s_per_s": window["seconds"] / elapsed,
+        "tokens_per_s": window["frames"] / elapsed,
+        "data_wait": window["wait"] / elapsed,
+        "step_time": elapsed / steps,
+    }
+    for k, v in last.per_teacher.items():
+        out[f"loss_{k}"] = v
+    return out
+
+
+def _format(m: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def _report_checkpoint(
+    metrics: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    progress: Progress,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    rank: int,
+) -> None:
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as folder:
+        # Each rank's RNG (masks, dropout) so every worker repeats its own next step.
+        torch.save(rng_state(generator), os.path.join(folder, f"rng-{rank}.pt"))
+        if rank == 0:
+            torch.save(unwrap(model).checkpoint_dict(), os.path.join(folder, STUDENT_FILE))
+            torch.save(
+                train_state_dict(opt, sched, progress, generator, scaler),
+                os.path.join(folder, "train_state.pt"),
+            )
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _restore(
+    folder: str,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched: Any,
+    generator: torch.Generator,
+    scaler: torch.amp.GradScaler | None,
+    rank: int,
+    device: torch.device,
+) -> Progress:
+    student = torch.load(os.path.join(folder, STUDENT_FILE), map_location=device, weights_only=True)
+    unwrap(model).load_state_dict(student["model"])
+    state = torch.load(
+        os.path.join(folder, "train_state.pt"), map_location="cpu", weights_only=True
+    )
+    progress = load_train_state(state, opt, sched, generator, scaler)
+    rng_file = os.path.join(folder, f"rng-{rank}.pt")
+    if os.path.exists(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True), generator)
+    return progress
+
+
+def build_dataset(
+    files: list[str],
+    teachers: list[TokenTeacherInfo],
+    cfg: TrainConfig,
+    storage: StorageConfig,
+) -> Any:
+    """The Ray Data pipeline: token shards -> prepared training rows."""
+    import ray.data
+
+    paths, pafs = zip(*(_pyarrow_fs(f, storage) for f in files), strict=True)
+    names = [h.name for h in cfg.student.heads]
+    columns = ["item_id", "domain", "url", "start", "duration", "num_samples"]
+    columns += [f"{n}_codes" for n in names]
+    ds = ray.data.read_parquet(list(paths), filesystem=pafs[0], columns=columns)
+    info = {t.prefix: t for t in teachers}
+    return ds.map_batches(
+        prepare_batch,  # type: ignore[arg-type]  # Ray's stub ignores that fn_kwargs fills the rest
+        fn_kwargs={
+            "teachers": {n: info[n].num_codebooks for n in names},
+            "rates": {n: info[n].frame_rate for n in names},
+            "data": cfg.data,
+            "mix": cfg.mix,
+            "decode": cfg.decode,
+            "storage": storage,
+            "seed": cfg.seed,
+        },
+        batch_format="numpy",
+        batch_size=cfg.data.prep_rows,
+        num_cpus=cfg.data.prep_cpus,
+    )
+
+
+def _fit(
+    files: list[str],
+    teachers: list[TokenTeacherInfo],
+    cfg: TrainConfig,
+    storage: StorageConfig,
+    use_gpu: bool,
+    storage_path: str,
+    storage_fs: Any,
+    out_url: str,
+) -> Any:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "cfg": cfg,
+            "teachers": {h.name: h.num_codebooks for h in cfg.student.heads},
+            "metrics_url": join(out_url, METRICS_DIR),
+            "storage": storage,
+        },
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+        datasets={"train": build_dataset(files, teachers, cfg, storage)},
+    )
+    try:
+        return trainer.fit()
+    except Exception as err:
+        # Ray wraps worker errors (V1 and V2 define their own TrainingFailedError); the user
+        # needs one line: the worker's own SpearError when there is one.
+        if type(err).__name__ != "TrainingFailedError":
+            raise
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, SpearError):
+            cause = cause.__cause__
+        raise SpearError(f"training failed: {cause or err}") from err
+
+
+def run_train(
+    shards_url: str,
+    out_url: str,
+    cfg: TrainConfig,
+    storage: StorageConfig,
+    ray_cfg: RayConfig,
+) -> TrainResult:
+    """Train (or resume training) the student on the token shards at ``shards_url``;
+    checkpoints and the final ``student.pt`` go to ``out_url``."""
+    check_url(shards_url)
+    check_url(out_url)
+    storage = storage.resolved()
+    files, teachers = open_token_shards(shards_url, storage)
+    heads = heads_from_shards(cfg.student, teachers)
+    cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, heads=heads))
+    check_heads(cfg.student, teachers)
+    init_ray(ray_cfg)
+    import ray
+    from ray.data import DataContext
+
+    use_gpu = cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    # The training workers hold their CPUs for the whole run; data preparation needs at least
+    # one more task's worth, or it never runs (a silent hang on a small local Ray).
+    need = cfg.num_workers * cfg.cpus_per_worker + cfg.data.prep_cpus
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        msg = (
+            f"train needs {need:g} CPUs ({cfg.num_workers} workers x {cfg.cpus_per_worker:g} "
+            f"+ {cfg.data.prep_cpus:g} for data preparation), the cluster has {have:g}; lower "
+            "train.num_workers, train.cpus_per_worker or train.data.prep_cpus"
+        )
+        if ray_cfg.address is None and "RAY_ADDRESS" not in os.environ:
+            raise SpearError(msg)  # a local Ray will not grow
+        log.warning("%s (waiting for the autoscaler)", msg)
+    storage_path, storage_fs = _pyarrow_fs(out_url, storage)
+    # preserve_order for this job only: the driver's context is shared with other jobs.
+    options = DataContext.get_current().execution_options
+    keep_order = options.preserve_order
+    options.preserve_order = keep_order or cfg.data.deterministic
+    try:
+        result = _fit(files, teachers, cfg, storage, use_gpu, storage_path, storage_fs, out_url)
+        _merge_metrics(out_url, storage)
+    finally:
+        options.preserve_order = keep_order
+    ckpt = result.checkpoint
+    student_url = join(out_url, STUDENT_FILE)
+    if ckpt is not None:
+        with ckpt.as_directory() as folder:
+            Student.from_state(
+                torch.load(
+                    os.path.join(folder, STUDENT_FILE), map_location="cpu", weights_only=True
+                )
+            ).save(student_url, storage)
+    metrics = dict(result.metrics or {})
+    return TrainResult(
+        steps=int(metrics.get("step", 0)),
+        metrics=metrics,
+        checkpoint=None if ckpt is None else str(ckpt.path),
+        student_url=student_url,
+    )

@@ -1,0 +1,95 @@
+"""Training data without Ray: shards -> prepared rows -> length buckets -> batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from spear.errors import SpearError
+from spear.stages.decode import DecodeConfig
+from spear.storage import StorageConfig
+from spear.student.config import HeadConfig, MixConfig, StudentConfig, TrainDataConfig
+from spear.student.data import (
+    SecondsBucketer,
+    bucket_batches,
+    collate_rows,
+    iter_rows,
+    open_token_shards,
+    prepare_batch,
+)
+from spear.student.synthetic import write_token_output
+from spear.student.train_job import check_heads
+
+
+def test_prepare_and_collate(tmp_path: Path) -> None:
+    teachers = write_token_output(str(tmp_path), 6, (0.5, 2.0), seed=0)
+    files, found = open_token_shards(str(tmp_path), StorageConfig())
+    assert found == teachers and len(files) == 1
+    table = pq.read_table(files[0]).to_pydict()
+    batch = {k: np.asarray(v, dtype=object) for k, v in table.items()}
+    data = TrainDataConfig(min_seconds=0.9, max_seconds=32.0)
+    out = prepare_batch(
+        batch,
+        teachers={"wavlm": 2, "dasheng": 1},
+        rates={"wavlm": 50.0, "dasheng": 25.0},
+        data=data,
+        mix=MixConfig(inbatch_prob=0.5, noise_prob=0.0),
+        decode=DecodeConfig(),
+        storage=StorageConfig(),
+        seed=0,
+    )
+    secs = np.asarray(table["num_samples"]) / 16000
+    assert len(out["item_id"]) == int(((secs >= 0.9) & (secs <= 32)).sum()) > 0
+    rows = list(iter_rows([out]))
+    b = collate_rows(rows, {"wavlm": 2, "dasheng": 1})
+    assert b.feats.shape[0] == len(rows) and b.feats.shape[2] == 128
+    assert int(b.feat_lens.max()) == b.feats.shape[1]
+    speech = b.domains == 0
+    assert (b.targets["dasheng"][speech] == -100).all()  # speech items carry no Dasheng codes
+    assert (b.targets["wavlm"][:, 0] >= 0).all()
+
+
+def test_bucketer_bounds_seconds_and_groups_lengths() -> None:
+    rng = np.random.default_rng(0)
+    secs = rng.uniform(1, 30, size=300)
+    rows = [{"num_samples": int(s * 16000), "i": i} for i, s in enumerate(secs)]
+    data = TrainDataConfig(batch_seconds=100.0, num_buckets=6)
+    batches = list(bucket_batches(rows, data))
+    assert sorted(r["i"] for b in batches for r in b) == list(range(300))  # every row once
+    b = SecondsBucketer(0.9, 32.0, 100.0, 6)
+    for batch in batches:
+        s = [r["num_samples"] / 16000 for r in batch]
+        assert sum(s) <= 100.0 or len(batch) == 1
+        assert len({b.bucket_of(x) for x in s}) == 1
+
+
+def test_heads_must_match_shards(tmp_path: Path) -> None:
+    teachers = write_token_output(str(tmp_path), 2, (1.0, 1.5))
+    ok = StudentConfig(
+        preset="tiny",
+        heads=(
+            HeadConfig(name="wavlm", num_codebooks=2),
+            HeadConfig(name="dasheng", num_codebooks=1, frame_rate=25.0),
+        ),
+    )
+    check_heads(ok, teachers)
+    with pytest.raises(SpearError, match="16x256"):
+        check_heads(StudentConfig(preset="tiny"), teachers)
+    with pytest.raises(SpearError, match="no token shards"):
+        open_token_shards(str(tmp_path / "nothing"), StorageConfig())
+
+
+def test_heads_take_their_shapes_from_the_shards(tmp_path: Path) -> None:
+    from spear.student.train_job import heads_from_shards
+
+    teachers = write_token_output(str(tmp_path), 2, (1.0, 1.5))
+    heads = heads_from_shards(StudentConfig(preset="tiny"), teachers)  # default 16x256 heads
+    check_heads(StudentConfig(preset="tiny", heads=heads), teachers)
+    shapes = {h.name: (h.num_codebooks, h.frame_rate, h.weight_audio) for h in heads}
+    assert shapes == {"wavlm": (2, 50.0, 1.0), "dasheng": (1, 25.0, 0.1)}  # weights kept
+    only = StudentConfig(preset="tiny", heads=(HeadConfig(name="other", num_codebooks=4),))
+    with pytest.raises(SpearError, match="nothing to train"):
+        heads_from_shards(only, teachers)
