@@ -119,5 +119,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+def run(*args: str) -> int:
+    """Run the CLI in this process and return its exit status (for tests and notebooks)."""
+    try:
+        main(list(args))
+    except SystemExit as err:
+        return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    return 0
+
+
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from spear.cli.main import main
+from spear.cli.main import run as cli
 from spear.formats import EMBEDDING_DTYPE, read_metadata
 from spear.pipeline.embed import EmbedConfig, select_items
 from spear.pipeline.manifest import read_manifest
@@ -19,14 +19,6 @@ from spear.storage import StorageConfig
 from spear.synth import write_corpus, write_speech_like
 
 pytestmark = pytest.mark.integration
-
-
-def cli(*args: str) -> int:
-    try:
-        main(list(args))
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
