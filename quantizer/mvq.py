@@ -15,13 +15,15 @@ The pairwise scores need inner products of candidate changes. The reference impl
 (k2-fsa ``multi_quantization``) materialises (B, groups, K', dim) difference tensors for them in
 every round. Here everything comes from the centres' Gram matrix ``G = centers @ centers.T``,
 computed once per set of weights: substitution scores are sums of Gram rows, and the cross terms
-of the merges are sums of entries of a small per-vector matrix of look-ups, so after the first
-``x @ centers.T`` no tensor of size ``dim`` is touched again.
+of the merges are sums of Gram entries between shortlisted entries (looked up per codebook pair,
+summed with embedding bags), so after the first ``x @ centers.T`` no tensor of size ``dim`` is
+touched again.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +55,7 @@ def check_same_quantizer(id_a: str, id_b: str, what: str = "codes") -> None:
         )
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process id, workers)
 _POOLS_LOCK = threading.Lock()
 
 
@@ -61,9 +63,11 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
     """``workers`` threads whose torch operations run single-threaded (set once per thread).
 
     ``torch.set_num_threads`` sets the calling thread's OpenMP/MKL thread count and a process
-    default; the default is restored as soon as every worker has set its own."""
+    default; the default is restored as soon as every worker has set its own. A forked child
+    gets pools of its own (threads do not survive a fork)."""
+    key = (os.getpid(), workers)
     with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
+        pool = _POOLS.get(key)
         if pool is None:
             saved = torch.get_num_threads()
             ready = threading.Barrier(workers + 1)
@@ -77,7 +81,7 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
                 pool.submit(int)
             ready.wait()
             torch.set_num_threads(saved)
-            _POOLS[workers] = pool
+            _POOLS[key] = pool
         return pool
 
 
@@ -130,7 +134,6 @@ class _Tables:
     version: tuple[int, ...]
     flat: Tensor  # (C*K, dim) centres
     gram: Tensor  # (C*K, C*K) all centre inner products
-    blocks: Tensor  # (C*C*K*K,) the Gram matrix as contiguous (C, C, K, K) blocks
     diag_rows: Tensor  # (C, K, K) the diagonal blocks: <c_ja, c_jb>
     sq: Tensor  # (C, K) squared norms of the centres
 
@@ -294,10 +297,10 @@ class Quantizer(nn.Module):
             flat = self.get_centers().reshape(c * k, self.dim).detach()
             gram = flat @ flat.T  # (C*K, C*K)
             gram = 0.5 * (gram + gram.T)  # exactly symmetric, so look-ups agree both ways
-            blocks4 = gram.view(c, k, c, k).permute(0, 2, 1, 3).contiguous()  # (C, C, K, K)
-            diag_rows = blocks4.diagonal(dim1=0, dim2=1).permute(2, 0, 1).contiguous()
+            # (C, K, K) diagonal blocks: diag_rows[j, a, b] = <c_ja, c_jb>
+            diag_rows = gram.view(c, k, c, k).diagonal(0, 0, 2).permute(2, 0, 1).contiguous()
             sq = gram.diagonal().reshape(c, k).clone()
-        self._tables = _Tables(version, flat, gram, blocks4.view(-1), diag_rows, sq)
+        self._tables = _Tables(version, flat, gram, diag_rows, sq)
         return self._tables
 
     # -- phase change ----------------------------------------------------------------------
@@ -409,13 +412,18 @@ def merge_candidates(
     """Merge candidate groups pairwise until one best combination remains.
 
     Two groups' candidates p (even group) and q (odd group) combine with error change
-    ``val[p] + val[q] + 2 * sum_{j in even, l in odd} <d_j(p), d_l(q)>``, where d_j(p) is the
-    change of codebook j's centre under candidate p (zero where p keeps the current entry).
-    Every d_j is one of codebook j's S shortlisted substitutions, so the merge first looks up,
-    per vector, the (S, S) matrix ``m[j, a, l, y] = <c_j,a - c_j,o, c_l,y - c_l,o>`` for each
-    codebook pair (j, l) that meets in this merge (each pair meets exactly once in the whole
-    search: C(C-1)/2 * S^2 look-ups a round, about 31k for 16 x 256), then sums its rows over
-    the even candidates' entries (an embedding bag) and picks the odd candidates' entries.
+    ``val[p] + val[q] + 2 * <D(p), D(q)>``, where D(p) is the change of the reconstruction under
+    p: the sum over the group's codebooks j of (centre p_j - current centre o_j). With
+    ``t[p, q] = <sum_j c_j,p_j, sum_l c_l,q_l>`` that cross term is
+    ``t[p, q] - t[p, o] - t[o, q] + t[o, o]`` (o: keep the current entries), so each group
+    carries one extra candidate, "current entries", and t is all that is needed.
+
+    Every p_j is one of codebook j's S shortlisted entries or its current one, so a merge first
+    looks up, per vector, ``g[j, a, l, y] = <c_j,a, c_l,y>`` over those S+1 entries for each
+    codebook pair (j, l) that meets in it (each pair meets exactly once in the whole search:
+    C(C-1)/2 * (S+1)^2 look-ups a round, about 35k for 16 x 256), then forms t with two
+    embedding bags: rows of g summed over the even candidates' entries, then the result's
+    (transposed) rows summed over the odd candidates' entries.
 
     Args:
         val: (B, C, S) error change of each single-codebook candidate.
