@@ -115,7 +115,14 @@ def main() -> None:
             wavlm=TokenizeTeacherConfig(quantizer=quantizers["wavlm"]),
             dasheng=DashengTokenizeConfig(quantizer=quantizers["dasheng"]),
         )
-        tconf = {p: TeacherConfig(name=n, batch_size=16) for p, n in teachers.items()}
+        # The WavLM actor is the bottleneck and the Dasheng one mostly idles: let WavLM's
+        # torch use every core (the loop gets them all too).
+        tconf = {
+            p: TeacherConfig(
+                name=n, batch_size=16, cpu_threads=args.num_cpus if p == "wavlm" else 0
+            )
+            for p, n in teachers.items()
+        }
         t0 = time.perf_counter()
         s = run_tokenize(f"{tmp}/m", f"{tmp}/t", tconf, tcfg, QuantizerEncodeConfig(),
                          DecodeConfig(), StorageConfig(), ray_cfg)  # fmt: skip

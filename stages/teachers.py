@@ -232,6 +232,10 @@ class TeacherConfig:
     """Node-local checkpoint cache (default ``~/.cache/spear/checkpoints``)."""
     seed: int = 0
     """Seed of the random init when ``checkpoint`` is None."""
+    cpu_threads: int = 0
+    """torch threads of an actor running on CPU; 0 keeps Ray's default (one per CPU the actor
+    holds). More than its share helps when one teacher is the bottleneck on a small CPU-only
+    cluster and the other's actor idles."""
 
     def __post_init__(self) -> None:
         if self.name not in TEACHERS:
@@ -249,6 +253,8 @@ class TeacherConfig:
             raise ConfigError("teacher batch_seconds, batch_size and num_actors must be positive")
         if self.num_gpus < 0:
             raise ConfigError("teacher num_gpus must be >= 0")
+        if self.cpu_threads < 0:
+            raise ConfigError("teacher cpu_threads must be >= 0")
 
     @property
     def spec(self) -> TeacherSpec:
