@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from spear.cli.main import main
+from spear.cli.main import run
 from spear.errors import SpearError
 from spear.plan import (
     Rates,
@@ -138,14 +138,6 @@ def test_rates_file_errors(tmp_path: Path) -> None:
     )
     with pytest.raises(SpearError, match="x_realtime/core"):
         load_rates([unit])
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_cli_mixes_file_and_explicit_rates(tmp_path: Path, capsys) -> None:

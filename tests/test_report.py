@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from spear.cli.main import main
+from spear.cli.main import run
 from spear.formats import (
     TOKEN_INDEX_SCHEMA,
     TOKEN_INDEX_VERSION,
@@ -144,14 +144,6 @@ def write_train_run(out: Path) -> None:
     ]  # fmt: skip
     text = "\n".join(json.dumps(r) for r in rows) + '\n{"step": 21, "ti'  # killed mid-line
     (out / "metrics.jsonl").write_text(text)
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def test_nice_ticks() -> None:

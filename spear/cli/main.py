@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 import typer
 
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
-def run(*args: str) -> int:
+def run(argv: Sequence[str]) -> int:
     """Run the CLI in this process and return its exit status (for tests and notebooks)."""
     try:
-        main(list(args))
+        main(list(argv))
     except SystemExit as err:
         return err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
     return 0

@@ -7,15 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spear.cli.main import app, main
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from spear.cli.main import app, run
 
 
 def _commands() -> list[list[str]]:

@@ -8,15 +8,7 @@ from pathlib import Path
 import pytest
 from test_shards import build_output
 
-from spear.cli.main import main
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
+from spear.cli.main import run
 
 
 @pytest.fixture

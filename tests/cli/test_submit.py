@@ -28,16 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from spear.cli.main import main
+from spear.cli.main import run
 from spear.cli.submit import stage_command
-
-
-def run(args: list[str]) -> int:
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 def dry_run(args: list[str], capsys) -> list[str]:

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from spear.cli.main import run as cli
+from spear.cli.main import run
 from spear.formats import EMBEDDING_DTYPE, read_metadata
 from spear.pipeline.embed import EmbedConfig, select_items
 from spear.pipeline.manifest import read_manifest
@@ -19,6 +19,10 @@ from spear.storage import StorageConfig
 from spear.synth import write_corpus, write_speech_like
 
 pytestmark = pytest.mark.integration
+
+
+def cli(*args: str) -> int:
+    return run(args)
 
 
 @pytest.fixture(scope="module")

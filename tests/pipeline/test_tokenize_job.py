@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spear.cli.main import run as cli
+from spear.cli.main import run
 from spear.formats import codes_from_bytes, read_token_teachers
 from spear.pipeline.manifest import read_manifest
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
@@ -28,6 +28,10 @@ from spear.storage import StorageConfig, filesystem, join, read_bytes, write_ato
 from spear.synth import write_speech_like
 
 pytestmark = pytest.mark.integration
+
+
+def cli(*args: str) -> int:
+    return run(args)
 
 
 def make_quantizer(url: str, teacher: str, dim: int, layer: int, seed: int,

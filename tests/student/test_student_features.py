@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spear.cli.main import run as cli
+from spear.cli.main import run
 from spear.pipeline.manifest import read_manifest
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.storage import StorageConfig
@@ -20,6 +20,10 @@ from spear.student.model import Student
 from spear.synth import write_speech_like
 
 pytestmark = pytest.mark.integration
+
+
+def cli(*args: str) -> int:
+    return run(args)
 
 
 def test_features_match_the_standalone_module(ray_cluster: str, tmp_path: Path) -> None:
