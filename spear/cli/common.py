@@ -48,3 +48,16 @@ EndpointOpt = Annotated[
 def resolve(config: Path | None, sets: list[str] | None, **overrides: Any) -> SpearConfig:
     """Defaults <- config file <- --set <- the command's own options (dotted keys)."""
     return load_config(config, overrides=overrides, sets=sets)
+
+
+def require_urls(**urls: str) -> None:
+    """Fail with one line when an option is missing or not a URL spear can use: keys are the
+    option names (``manifest`` for ``--manifest``), values what was given."""
+    from spear.errors import SpearError
+    from spear.storage import check_url
+
+    missing = [f"--{k.replace('_', '-')}" for k, v in urls.items() if not v]
+    if missing:
+        raise SpearError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required")
+    for v in urls.values():
+        check_url(v)

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
 from spear.errors import SpearError
 
 
@@ -58,14 +58,10 @@ def embed(
     Re-running with the same --out resumes; another teacher or sample there is refused.
     """
     from spear.pipeline.embed import EmbedConfig, run_embed
-    from spear.storage import check_url
 
-    if not manifest or not out:
-        raise SpearError("both --manifest and --out are required")
+    require_urls(manifest=manifest, out=out)
     if teacher not in ("wavlm", "dasheng"):
         raise SpearError(f"--teacher must be wavlm or dasheng, got {teacher!r}")
-    check_url(manifest)
-    check_url(out)
     section = f"teachers.{teacher}"
     cfg = resolve(
         config,

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, resolve
-from spear.errors import SpearError
+from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
 
 
 def tokenize(
@@ -55,10 +54,7 @@ def tokenize(
     from spear.pipeline.tokenize import run_tokenize
     from spear.storage import check_url
 
-    if not manifest or not out:
-        raise SpearError("both --manifest and --out are required")
-    check_url(manifest)
-    check_url(out)
+    require_urls(manifest=manifest, out=out)
     cfg = resolve(
         config,
         set_,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
 from spear.errors import SpearError
 
 
@@ -46,13 +46,9 @@ def train(
 ) -> None:
     """Pre-train the student on token shards with Ray Train (DDP); re-running the same
     command resumes from the latest checkpoint under --out."""
-    from spear.storage import check_url
     from spear.student.train_job import run_train
 
-    if not shards or not out:
-        raise SpearError("both --shards and --out are required")
-    check_url(shards)
-    check_url(out)
+    require_urls(shards=shards, out=out)
     cfg = resolve(
         config,
         set_,
@@ -100,13 +96,9 @@ def features(
     set_: SetOpt = None,
 ) -> None:
     """Write a trained student's 50 Hz frame features for every manifest item."""
-    from spear.storage import check_url
     from spear.student.features import run_features
 
-    if not checkpoint or not manifest or not out:
-        raise SpearError("--checkpoint, --manifest and --out are required")
-    for url in (checkpoint, manifest, out):
-        check_url(url)
+    require_urls(checkpoint=checkpoint, manifest=manifest, out=out)
     if device not in ("auto", "cuda", "cpu"):
         raise SpearError(f"--device must be auto, cuda or cpu, got {device!r}")
     cfg = resolve(config, set_, **{"storage.endpoint_url": s3_endpoint, "ray.address": address})
