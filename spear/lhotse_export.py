@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ from spear.shards import (
     shard_teachers,
     shard_url,
 )
-from spear.storage import StorageConfig, filesystem, protocol_of, unstrip
+from spear.storage import StorageConfig, filesystem, join, protocol_of, unstrip
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ def _export_shar(
 
     from spear.stages.decode import DecodeConfig, DecodeError, decode_segment
 
-    decode = DecodeConfig(sample_rate=SAMPLE_RATE)
+    decode = _run_decode_config(out, storage, DecodeConfig)
     memory = MemoryRawWriter()
     fields = {"recording": audio_format} | {codebook_field(t.prefix): "numpy" for t in tinfo}
     with SharWriter(summary.dest, fields=fields, shard_size=shard_size) as w:
@@ -329,3 +330,17 @@ def _export_shar(
                 w.write(cut)
                 summary.cuts += 1
     summary.files = sorted(p for paths in w.output_paths.values() for p in paths)
+
+
+def _run_decode_config(out: str, storage: StorageConfig, cls: Any) -> Any:
+    """The decode settings the tokenize run used (its report.json), so the exported audio is
+    the audio that was tokenized; the defaults when the report predates them."""
+    from spear.config import from_dict
+    from spear.storage import exists, read_bytes
+
+    url = join(out, "report.json")
+    if exists(url, storage):
+        saved = json.loads(read_bytes(url, storage)).get("config", {}).get("decode")
+        if saved:
+            return from_dict(cls, saved)
+    return cls(sample_rate=SAMPLE_RATE)
