@@ -75,12 +75,17 @@ class QuantizerDataConfig:
     """Fraction of frames held out for validation (whole items, chosen by seed)."""
     max_heldout_frames: int = 10_000
     """Cap on held-out frames."""
+    min_heldout_items: int = 4
+    """Hold out at least this many items (at most a quarter of them) when there are frames to
+    hold out, whatever the fraction says: the RRL of one item says little."""
     shuffle_frames: int = 200_000
     """Frames in the shuffle buffer of the training stream."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.min_heldout_items < 0:
+            raise ValueError(f"min_heldout_items must be >= 0, got {self.min_heldout_items}")
 
 
 @dataclass(kw_only=True, frozen=True)

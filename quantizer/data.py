@@ -105,8 +105,11 @@ def open_embeddings(
     order = sorted(emb.items)
     random.Random(seed).shuffle(order)
     held = 0
+    # At least a few items even on a small set: one held-out item can be a single stationary
+    # sound whose frames barely vary, which makes its RRL (relative to that variance) meaningless.
+    min_items = min(data.min_heldout_items, len(order) // 4) if target > 0 else 0
     for item in order:
-        if held >= target:
+        if held >= target and len(emb.heldout_items) >= min_items:
             break
         if held + emb.items[item] > data.max_heldout_frames:
             continue

@@ -29,3 +29,20 @@ def test_training_reaches_rrl_bound() -> None:
     # 16 bits for 32 dims of 8 clusters of rank 4: a trained quantiser gets about 0.20 here
     # (an untrained one is above 1); the bound leaves room for other platforms.
     assert rrl < 0.3, rrl
+
+
+def test_heldout_keeps_a_few_items_on_a_small_set(tmp_path) -> None:
+    import numpy as np
+
+    from spear.quantizer.config import QuantizerDataConfig
+    from spear.quantizer.data import open_embeddings
+    from spear.quantizer.synthetic import write_embedding_shards
+    from spear.storage import StorageConfig
+
+    # 40 items of 50 frames: 5 % of the frames is one item; the minimum asks for four.
+    x = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
+    write_embedding_shards(str(tmp_path), x, shards=2, item_frames=50)
+    emb = open_embeddings(str(tmp_path), StorageConfig(), QuantizerDataConfig(), seed=0)
+    assert len(emb.heldout_items) == 4
+    none = open_embeddings(str(tmp_path), StorageConfig(), QuantizerDataConfig(heldout_fraction=0))
+    assert none.heldout_items == []
