@@ -25,7 +25,7 @@ import json
 import logging
 import posixpath
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -44,9 +44,15 @@ from spear.formats import (
     with_metadata,
 )
 from spear.pipeline.manifest import read_manifest
+from spear.pipeline.parts import gather_parts, part_counts
 from spear.ray_utils import RayConfig, dataset_from_table, init_ray
 from spear.stages.decode import DecodeConfig, decode_dataset
-from spear.stages.teachers import TeacherConfig, TeacherStage, map_batches_kwargs
+from spear.stages.teachers import (
+    TeacherConfig,
+    TeacherStage,
+    checkpoint_sha256,
+    map_batches_kwargs,
+)
 from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
@@ -149,7 +155,7 @@ def run_embed(
     num_shards = int(shard_of[-1]) + 1
     # The weights' digest, once, on the driver: it goes into the plan (other weights at the same
     # URL are refused on resume) and into every shard's metadata.
-    sha = _checkpoint_sha(teacher, storage)
+    sha = checkpoint_sha256(teacher, storage)
     plan = {
         "checkpoint_sha256": sha,
         "manifest": manifest,
@@ -179,20 +185,17 @@ def run_embed(
         init_ray(ray_cfg)
 
         pending = table.filter(pa.compute.is_in(table["shard"], pa.array(todo, pa.int32())))
-        expected = Counter(pending["shard"].to_pylist())
+        expected = part_counts(pending, "shard")
         blocks = max(1, min(len(todo) * 4, pending.num_rows // 4 or 1))
         ds = dataset_from_table(pending, blocks)
         ds = decode_dataset(ds, decode, storage)
         ds = ds.map_batches(TeacherStage, **map_batches_kwargs(teacher, storage))
-        rows: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for i in range(len(batch["item_id"])):
-                s = int(batch["shard"][i])
-                rows[s].append({k: batch[k][i] for k in batch})
-                if len(rows[s]) == expected[s]:
-                    _write_shard(out, s, rows.pop(s), teacher, sha, storage)
-        if rows:  # every item comes back, as embeddings or as a decode error
-            raise RuntimeError(f"shards {sorted(rows)} incomplete after the dataset finished")
+        gather_parts(
+            ds.iter_batches(batch_format="numpy", batch_size=None),
+            "shard",
+            expected,
+            lambda s, rows: _write_shard(out, s, rows, teacher, sha, storage),
+        )
 
     # Summary over every shard, those of earlier runs included.
     e = pq.read_table(epath, filesystem=fs, columns=["num_frames"])
@@ -207,16 +210,6 @@ def run_embed(
     report = asdict(summary) | {"checkpoint_sha256": sha}
     write_atomic(join(out, SUCCESS), json.dumps(report, indent=1).encode(), storage)
     return summary
-
-
-def _checkpoint_sha(teacher: TeacherConfig, storage: StorageConfig) -> str | None:
-    if teacher.checkpoint is None:
-        return None
-    from spear.checkpoints import fetch_checkpoint, fetch_hub, is_hub_id
-
-    if is_hub_id(teacher.checkpoint):
-        return fetch_hub(teacher.checkpoint, teacher.cache_dir).sha256
-    return fetch_checkpoint(teacher.checkpoint, storage, teacher.cache_dir).sha256
 
 
 def _write_shard(

@@ -52,10 +52,11 @@ from spear.formats import (
     with_metadata,
 )
 from spear.pipeline.manifest import read_manifest
+from spear.pipeline.parts import gather_parts, part_counts
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.ray_utils import RayConfig, dataset_from_table, init_ray
 from spear.stages.decode import DecodeConfig, decode_batch
-from spear.stages.teachers import TeacherConfig
+from spear.stages.teachers import TeacherConfig, checkpoint_sha256
 from spear.stages.tokenize import (
     NOT_RUN,
     TokenizeConfig,
@@ -119,7 +120,6 @@ def resolve_teachers(
     storage: StorageConfig,
 ) -> list[JobTeacher]:
     """The teachers with a quantiser configured, checked against each other (driver side)."""
-    from spear.pipeline.embed import _checkpoint_sha
     from spear.quantizer.train import load_quantizer
 
     out = []
@@ -146,7 +146,7 @@ def resolve_teachers(
                 f"tokenize.{prefix}.quantizer {tok.quantizer!r} was trained on layer "
                 f"{q.info.layer}, the teacher outputs layer {layer}"
             )
-        sha = _checkpoint_sha(tcfg, storage)
+        sha = checkpoint_sha256(tcfg, storage)
         info = teacher_info(prefix, tcfg, q, tok.domains, sha)
         out.append(JobTeacher(prefix, tcfg, tok.quantizer, info, q.info.rrl))
     if not out:
@@ -309,6 +309,7 @@ def run_tokenize(
     table = read_manifest(manifest, storage).select([*RUN_COLUMNS])
     if table.num_rows == 0:
         raise SpearError(f"the manifest at {manifest!r} has no items")
+    hours_in = float(pa.compute.sum(table["duration"]).as_py()) / 3600
     if pa.compute.count_distinct(table["item_id"]).as_py() != table.num_rows:
         raise SpearError(f"the manifest at {manifest!r} repeats item ids")
     job = resolve_teachers(teachers, cfg, storage)
@@ -357,10 +358,7 @@ def run_tokenize(
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         pending = table.filter(pa.compute.is_in(table["shard"], pa.array(todo, pa.int32())))
         del table
-        counts = pa.compute.value_counts(pending["shard"])
-        expected = dict(
-            zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
-        )
+        expected = part_counts(pending, "shard")
         secs = pending["duration"].to_numpy()
         progress = _Progress(
             pending.num_rows, float(secs.sum()) / 3600, cfg.progress_seconds, stages
@@ -388,29 +386,19 @@ def run_tokenize(
                 gpus_available=gpus,
             )
             ds = ds.map_batches(TokenizeStage, **kwargs)
-        rows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         infos = [t.info for t in job]
-        written: set[int] = set()
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            progress.add(batch, prefixes)
-            for i in range(len(batch["item_id"])):
-                s = int(batch["shard"][i])
-                if s in written:  # a late copy from a retried task: the shard is committed
-                    continue
-                rows[s][str(batch["item_id"][i])] = {k: batch[k][i] for k in batch}
-                if len(rows[s]) == expected[s]:
-                    _write_shard(out, s, list(rows.pop(s).values()), infos, storage)
-                    written.add(s)
-                    progress.shards += 1
-                    progress.mark(min_gap=1.0)
-        if rows:  # every item comes back, as tokens or as an error row
-            raise SpearError(
-                f"shards {sorted(rows)[:5]} are incomplete after the dataset finished; "
-                "re-run the same command to finish them"
-            )
+
+        def write(shard: int, rows: list[dict[str, Any]]) -> None:
+            _write_shard(out, shard, rows, infos, storage)
+            progress.shards += 1
+            progress.mark(min_gap=1.0)
+
+        gather_parts(ds.iter_batches(batch_format="numpy", batch_size=None), "shard", expected,
+                     write, on_batch=lambda b: progress.add(b, prefixes))  # fmt: skip
         progress.mark()
         log.warning(progress.line())
 
+    summary.hours_in = hours_in
     summary, report = _finish(out, manifest, job, plan, summary, progress, storage)
     report["skipped_items"] = skipped
     if progress is None and exists(join(out, REPORT), storage):
@@ -543,7 +531,6 @@ def _finish(
     tok = pq.read_table(tpath, filesystem=fs, columns=["source", "domain", "num_samples"])
     fs_q, qpath = filesystem(join(out, "quarantine"), storage)
     q = pq.read_table(qpath, filesystem=fs_q, schema=QUARANTINE_SCHEMA)
-    man = read_manifest(manifest, storage).select(["duration"])
     summary.ok = tok.num_rows
     summary.items = tok.num_rows + q.num_rows
     if summary.items != plan["items"]:
@@ -552,7 +539,6 @@ def _finish(
             "changed by hand; re-run into another --out"
         )
     summary.quarantined = dict(Counter(q["error_type"].to_pylist()))
-    summary.hours_in = float(pa.compute.sum(man["duration"]).as_py()) / 3600
     secs = tok["num_samples"].to_numpy() / SAMPLE_RATE
     summary.hours_out = float(secs.sum()) / 3600
     summary.token_bytes = int(sum(e["bytes"] for e in entries))

@@ -241,3 +241,10 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{str(path)!r} must hold a JSON object")
     return data
+
+
+def fetch(source: str, storage: StorageConfig, cache_dir: str | None = None) -> LocalCheckpoint:
+    """A hub id through :func:`fetch_hub`, anything else through :func:`fetch_checkpoint`."""
+    if is_hub_id(source):
+        return fetch_hub(source, cache_dir)
+    return fetch_checkpoint(source, storage, cache_dir)

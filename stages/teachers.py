@@ -310,7 +310,7 @@ def load_teacher(cfg: TeacherConfig, storage: StorageConfig | None = None) -> Lo
     """Build the model and load its weights once (fetching the checkpoint to this node)."""
     import torch
 
-    from spear.checkpoints import fetch_checkpoint, fetch_hub, is_hub_id
+    from spear.checkpoints import fetch
 
     spec = cfg.spec
     layer = cfg.layer or spec.layer
@@ -320,10 +320,7 @@ def load_teacher(cfg: TeacherConfig, storage: StorageConfig | None = None) -> Lo
         torch.manual_seed(cfg.seed)
         model, layout = spec.build(layer), "random"
     else:
-        if is_hub_id(cfg.checkpoint):
-            ckpt = fetch_hub(cfg.checkpoint, cfg.cache_dir)
-        else:
-            ckpt = fetch_checkpoint(cfg.checkpoint, storage or StorageConfig(), cfg.cache_dir)
+        ckpt = fetch(cfg.checkpoint, storage or StorageConfig(), cfg.cache_dir)
         model, layout = spec.load(ckpt, layer)
         sha = ckpt.sha256
         log.info("teacher %s: %s checkpoint %s sha256 %s", spec.name, layout, ckpt.source, sha)
@@ -332,6 +329,8 @@ def load_teacher(cfg: TeacherConfig, storage: StorageConfig | None = None) -> Lo
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     model = model.to(device).eval()
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     for p in model.parameters():
         p.requires_grad_(False)
     autocast = None
@@ -350,6 +349,18 @@ def load_teacher(cfg: TeacherConfig, storage: StorageConfig | None = None) -> Lo
         layer=layer,
         checkpoint_sha256=sha,
         layout=layout,
+    )
+
+
+def checkpoint_sha256(cfg: TeacherConfig, storage: StorageConfig) -> str | None:
+    """sha256 of the teacher's weights (fetched once per node), None for random init: the
+    driver records it in a job's plan, so other weights at the same URL are refused."""
+    from spear.checkpoints import fetch
+
+    return (
+        None
+        if cfg.checkpoint is None
+        else str(fetch(cfg.checkpoint, storage, cfg.cache_dir).sha256)
     )
 
 

@@ -182,10 +182,6 @@ class TokenizeStage:
         from spear.quantizer.train import load_quantizer
 
         self.teacher = load_teacher(teacher, storage)
-        if self.teacher.device.type == "cpu" and teacher.cpu_threads:
-            import torch
-
-            torch.set_num_threads(teacher.cpu_threads)
         self.quantizer = load_quantizer(quantizer_url, storage, str(self.teacher.device)).eval()
         self.kw = {
             "prefix": prefix,

@@ -19,7 +19,6 @@ import json
 import logging
 import posixpath
 import time
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -38,6 +37,7 @@ from spear.formats import (
     with_metadata,
 )
 from spear.pipeline.manifest import read_manifest
+from spear.pipeline.parts import gather_parts, part_counts
 from spear.ray_utils import RayConfig, dataset_from_table, init_ray
 from spear.stages.decode import DecodeConfig, decode_dataset
 from spear.storage import StorageConfig, filesystem, join, write_atomic
@@ -144,10 +144,7 @@ def run_features(
 
         gpus = ray.cluster_resources().get("GPU", 0) > 0
         pending = table.filter(pa.compute.is_in(table["part"], pa.array(todo, pa.int32())))
-        counts = pa.compute.value_counts(pending["part"])
-        expected = dict(
-            zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
-        )
+        expected = part_counts(pending, "part")
         ds = dataset_from_table(pending, max(1, pending.num_rows // batch_size))
         ds = decode_dataset(ds, decode or DecodeConfig(), storage.resolved())
         ds = ds.map_batches(
@@ -162,13 +159,12 @@ def run_features(
                 "device": device,
             },
         )
-        rows: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for i in range(len(batch["item_id"])):
-                p = int(batch["part"][i])
-                rows[p][str(batch["item_id"][i])] = {k: batch[k][i] for k in batch}
-                if len(rows[p]) == expected[p]:
-                    _write_part(out, p, list(rows.pop(p).values()), fmt, checkpoint, dim, storage)
+        gather_parts(
+            ds.iter_batches(batch_format="numpy", batch_size=None),
+            "part",
+            expected,
+            lambda p, rows: _write_part(out, p, rows, fmt, checkpoint, dim, storage),
+        )
     fs_q, qpath = filesystem(join(out, "quarantine"), storage)
     if fs_q.exists(qpath):
         import pyarrow.parquet as pq
