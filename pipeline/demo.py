@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from spear.config import SpearConfig, replace
-from spear.pipeline.embed import EmbedConfig, EmbedSummary, run_embed
+from spear.pipeline.embed import EmbedSummary, run_embed
 from spear.pipeline.manifest import ManifestSummary, build_manifest
 from spear.pipeline.tokenize import REPORT, TokenizeSummary, run_tokenize
 from spear.quantizer.train import train_quantizer
@@ -69,8 +69,10 @@ def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResul
     embeds: dict[str, EmbedSummary] = {}
     quantizers: dict[str, str] = {}
     for prefix, teacher in teachers.items():
-        e = run_embed(manifest, join(out, f"embeddings-{prefix}"), teacher,
-                      EmbedConfig(items_per_shard=16), cfg.decode, storage, cfg.ray)  # fmt: skip
+        ecfg = replace(cfg.embed, items_per_shard=16)
+        e = run_embed(
+            manifest, join(out, f"embeddings-{prefix}"), teacher, ecfg, cfg.decode, storage, cfg.ray
+        )
         print(e.line(), flush=True)
         embeds[prefix] = e
         # A short schedule and small codebooks for the 64-d tiny teachers: seconds, not hours.

@@ -3,19 +3,19 @@
 These shards are the quantiser's training data (SPEC section 2: ~70 h of LibriSpeech for WavLM,
 AudioSet balanced for Dasheng), so the job takes a seeded sample by hours or by fraction.
 
-Steps:
+Steps (the skeleton of ``pipeline/job.py``):
 1. Select items: filter by domain, then a seeded hash order (stable across runs and machines);
    ``--hours`` keeps a prefix of it, ``--fraction`` keeps items whose hash falls below it.
-   Cut the selection into shards of ``items_per_shard`` (the resume unit).
-2. Stream the items of unfinished shards through decode (CPU tasks) and the teacher (an actor
-   pool, GPU when the cluster has one). Float embeddings stay on the actors until the driver
-   collects a shard's rows.
-3. The driver writes a shard (``quarantine/shard-N`` first, then ``embeddings/shard-N``: the
-   commit marker) as soon as every one of its items has come back, exactly once.
+   Cut the selection into shards of ``items_per_shard`` (the resume unit); the plan records
+   the selection's content digest, the teacher and its checkpoint digest.
+2. Each unfinished shard travels as one Ray Data row through decode (CPU tasks), the teacher
+   (an actor pool, GPU when asked or present) and a write task that builds and commits
+   ``quarantine/shard-N`` and ``embeddings/shard-N`` (``pipeline/commit.py``). Embeddings
+   never reach the driver.
 
 Output under ``--out``: ``embeddings/shard-NNNNN.parquet`` (EMBEDDING_SHARD_SCHEMA, metadata:
 teacher, layer, dim, frame rate, checkpoint sha256), ``quarantine/shard-NNNNN.parquet``,
-``_work/plan.json``, ``_SUCCESS.json``.
+``_work/``, ``_SUCCESS.json``.
 """
 
 from __future__ import annotations
@@ -23,15 +23,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import posixpath
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from spear.config import to_dict
 from spear.errors import SpearError
@@ -43,45 +41,17 @@ from spear.formats import (
     quarantine_table,
     with_metadata,
 )
+from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
 from spear.pipeline.manifest import read_manifest
-from spear.pipeline.parts import gather_parts, part_counts
-from spear.ray_utils import RayConfig, dataset_from_table, init_ray
-from spear.stages.decode import DecodeConfig, decode_dataset
-from spear.stages.teachers import (
-    TeacherConfig,
-    TeacherStage,
-    checkpoint_sha256,
-    map_batches_kwargs,
-)
-from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
+from spear.pipeline.settings import EmbedConfig
+from spear.ray_utils import RayConfig
+from spear.stages.decode import DecodeConfig
+from spear.stages.teachers import TeacherConfig, TeacherStage, checkpoint_sha256
+from spear.storage import StorageConfig, join, write_atomic
 
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
-
-
-@dataclass(kw_only=True, frozen=True)
-class EmbedConfig:
-    """Which items ``spear embed`` runs a teacher on."""
-
-    domain: Literal["auto", "speech", "audio", "all"] = "auto"
-    """Items of this domain; ``auto``: speech for WavLM teachers, audio for Dasheng ones."""
-    hours: float | None = None
-    """Keep a seeded sample of about this many hours (None: no limit)."""
-    fraction: float | None = None
-    """Keep a seeded fraction of the items (None: all)."""
-    seed: int = 0
-    """Seed of the sample."""
-    items_per_shard: int = 256
-    """Items per output shard; also the resume unit."""
-
-    def __post_init__(self) -> None:
-        if self.hours is not None and self.hours <= 0:
-            raise SpearError("embed hours must be positive")
-        if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise SpearError("embed fraction must be in (0, 1]")
-        if self.items_per_shard < 1:
-            raise SpearError("embed items_per_shard must be >= 1")
 
 
 @dataclass
@@ -146,112 +116,138 @@ def run_embed(
     """Embed (or resume embedding) the selected items of ``manifest`` into ``out``."""
     t0 = time.time()
     spec = teacher.spec
-    table = select_items(read_manifest(manifest, storage), cfg, spec.family)
+    table = select_items(read_manifest(manifest, storage, columns=list(COLUMNS)), cfg, spec.family)
     if table.num_rows == 0:
         raise SpearError(f"no items of the selected domain in {manifest!r}")
-    n = cfg.items_per_shard
-    shard_of = np.arange(table.num_rows) // n
-    table = table.append_column("shard", pa.array(shard_of, type=pa.int32()))
-    num_shards = int(shard_of[-1]) + 1
+    table = cut_units(table, items_per_unit=cfg.items_per_shard)
     # The weights' digest, once, on the driver: it goes into the plan (other weights at the same
     # URL are refused on resume) and into every shard's metadata.
     sha = checkpoint_sha256(teacher, storage)
-    plan = {
+    speed = (
+        "num_actors",
+        "num_gpus",
+        "num_cpus",
+        "cpu_threads",
+        "batch_seconds",
+        "compile",
+        "device",
+        "cache_dir",
+        "checkpoint",
+    )
+    decides = {
         "checkpoint_sha256": sha,
-        "manifest": manifest,
-        "teacher": to_dict(teacher) | {"num_actors": None, "batch_size": None, "num_gpus": None},
+        "teacher": {k: v for k, v in to_dict(teacher).items() if k not in speed},
         "embed": to_dict(cfg),
-        "decode": to_dict(decode),
-        "items": table.num_rows,
+        "decode": to_dict(decode) | {"io_threads": None, "io_retries": None},
     }
-    plan_url = join(out, "_work/plan.json")
-    if exists(plan_url, storage):
-        if json.loads(read_bytes(plan_url, storage)) != plan:
-            raise SpearError(
-                f"{out!r} holds embeddings of another teacher, sample or manifest; "
-                "use another --out"
+    plan = make_plan("embed", table, COLUMNS, decides, {"manifest": manifest})
+    unit_job = UnitJob(
+        kind=f"embed {spec.name}",
+        out=out,
+        unit_prefix="shard",
+        columns=COLUMNS,
+        outputs=lambda n: [f"quarantine/{n}.parquet", f"embeddings/{n}.parquet"],
+        actors=[
+            ActorStage(
+                name=spec.name,
+                cls=TeacherStage,
+                kwargs={"cfg": teacher, "storage": storage.resolved()},
+                num_actors=teacher.num_actors,
+                device=teacher.device,
+                num_gpus=teacher.num_gpus,
+                num_cpus=teacher.num_cpus,
             )
-    else:
-        write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
-
-    fs, epath = filesystem(join(out, "embeddings"), storage)
-    done = set()
-    if fs.exists(epath):
-        done = {posixpath.basename(p) for p in fs.ls(epath, detail=False)}
-    todo = [s for s in range(num_shards) if f"shard-{s:05d}.parquet" not in done]
-    summary = EmbedSummary(out=out, teacher=spec.name, shards=num_shards)
-    summary.shards_done_before = num_shards - len(todo)
-    if todo:
-        init_ray(ray_cfg)
-
-        pending = table.filter(pa.compute.is_in(table["shard"], pa.array(todo, pa.int32())))
-        expected = part_counts(pending, "shard")
-        blocks = max(1, min(len(todo) * 4, pending.num_rows // 4 or 1))
-        ds = dataset_from_table(pending, blocks)
-        ds = decode_dataset(ds, decode, storage)
-        ds = ds.map_batches(TeacherStage, **map_batches_kwargs(teacher, storage))
-        gather_parts(
-            ds.iter_batches(batch_format="numpy", batch_size=None),
-            "shard",
-            expected,
-            lambda s, rows: _write_shard(out, s, rows, teacher, sha, storage),
-        )
-
-    # Summary over every shard, those of earlier runs included.
-    e = pq.read_table(epath, filesystem=fs, columns=["num_frames"])
-    fs_q, qpath = filesystem(join(out, "quarantine"), storage)
-    q = pq.read_table(qpath, filesystem=fs_q, columns=["error_type"])
-    summary.embedded = e.num_rows
-    summary.items = e.num_rows + q.num_rows
-    summary.frames = int(np.sum(e["num_frames"].to_numpy()))
+        ],
+        writer=EmbeddingShardWriter(teacher, sha),
+        decode=decode,
+    )
+    run = run_units(unit_job, plan, table, storage, ray_cfg)
+    summary = EmbedSummary(
+        out=out, teacher=spec.name, shards=plan.units, shards_done_before=run.done_before
+    )
+    q: Counter[str] = Counter()
+    for e in run.entries:
+        summary.embedded += int(e["rows"])
+        summary.items += int(e["rows"]) + int(e["quarantined"])
+        summary.frames += int(e["frames"])
+        for counts in e["quarantine_by_stage"].values():
+            q.update(counts)
     summary.hours = summary.frames / spec.frame_rate / 3600
-    summary.quarantined = dict(Counter(q["error_type"].to_pylist()))
+    summary.quarantined = dict(q)
     summary.wall_seconds = time.time() - t0
-    report = asdict(summary) | {"checkpoint_sha256": sha}
+    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
     write_atomic(join(out, SUCCESS), json.dumps(report, indent=1).encode(), storage)
     return summary
 
 
-def _write_shard(
-    out: str,
-    shard: int,
-    rows: list[dict[str, Any]],
-    teacher: TeacherConfig,
-    sha: str | None,
-    storage: StorageConfig,
-) -> None:
-    spec = teacher.spec
-    good, bad = [], []
-    for r in sorted(rows, key=lambda r: str(r["item_id"])):
-        err = str(r.get("error_type", "") or "")
-        where = {"item_id": str(r["item_id"]), "source": str(r["url"])}
-        if err:
-            bad.append(quarantine_row(**where, stage="decode", error_type=err,
-                                      message=str(r["error"])))  # fmt: skip
-        elif int(r["num_frames"]) == 0:
-            msg = f"{int(r['num_samples'])} samples give no {spec.name} frame"
-            bad.append(quarantine_row(**where, stage="teacher", error_type="too_short",
-                                      message=msg))  # fmt: skip
-        else:
-            good.append(r)
-    meta = {
-        "teacher": spec.name,
-        "layer": teacher.layer or spec.layer,
-        "dim": spec.dim,
-        "frame_rate": spec.frame_rate,
-        "checkpoint": teacher.checkpoint,
-        "checkpoint_sha256": sha,
-    }
-    schema = with_metadata(EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION,
-                           **meta)  # fmt: skip
-    table = pa.table(
-        {
-            "item_id": [str(r["item_id"]) for r in good],
-            "num_frames": pa.array([int(r["num_frames"]) for r in good], pa.int32()),
-            "embeddings": pa.array([bytes(r["embeddings"]) for r in good], pa.binary()),
-        },
-        schema=schema,
-    )
-    name = f"shard-{shard:05d}.parquet"
-    write_atomic(join(out, "quarantine", name), parquet_bytes(quarantine_table(bad)), storage)
-    write_atomic(join(out, "embeddings", name), parquet_bytes(table), storage)
+COLUMNS = ("item_id", "domain", "url", "start", "duration")
+
+
+@dataclass(frozen=True)
+class EmbeddingShardWriter:
+    """Builds one embedding shard and its quarantine file from a unit's items (on a worker)."""
+
+    teacher: TeacherConfig
+    sha: str | None
+
+    def __call__(
+        self, shard: int, items: dict[str, np.ndarray]
+    ) -> tuple[dict[str, bytes], dict[str, Any]]:
+        spec = self.teacher.spec
+        name = f"shard-{shard:05d}"
+        order = np.argsort(items["item_id"].astype(str), kind="stable")
+        good, bad = [], []
+        for i in order:
+            err = str(items["error_type"][i] or "")
+            where = {"item_id": str(items["item_id"][i]), "source": str(items["url"][i])}
+            if err:
+                bad.append(
+                    quarantine_row(
+                        **where, stage="decode", error_type=err, message=str(items["error"][i])
+                    )
+                )
+            elif int(items["num_frames"][i]) == 0:
+                msg = f"{int(items['num_samples'][i])} samples give no {spec.name} frame"
+                bad.append(
+                    quarantine_row(**where, stage="teacher", error_type="too_short", message=msg)
+                )
+            else:
+                good.append(int(i))
+        meta = {
+            "teacher": spec.name,
+            "layer": self.teacher.layer or spec.layer,
+            "dim": spec.dim,
+            "frame_rate": spec.frame_rate,
+            "checkpoint": self.teacher.checkpoint,
+            "checkpoint_sha256": self.sha,
+        }
+        schema = with_metadata(
+            EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION, **meta
+        )
+        take = np.array(good, dtype=np.int64)
+        frames = items["num_frames"][take].astype(np.int32)
+        table = pa.table(
+            {
+                "item_id": items["item_id"][take].astype(str).tolist(),
+                "num_frames": pa.array(frames, pa.int32()),
+                "embeddings": pa.array([bytes(x) for x in items["embeddings"][take]], pa.binary()),
+            },
+            schema=schema,
+        )
+        by_stage: dict[str, Counter[str]] = {}
+        for r in bad:
+            by_stage.setdefault(r["stage"], Counter())[r["error_type"]] += 1
+        entry = {
+            "name": name,
+            "items": len(order),
+            "rows": len(good),
+            "quarantined": len(bad),
+            "frames": int(frames.sum()),
+            "audio_seconds": float(items["num_samples"][take].astype(np.float64).sum()) / 16_000,
+            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+        }
+        files = {
+            f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(bad)),
+            f"embeddings/{name}.parquet": parquet_bytes(table),
+        }
+        return files, entry

@@ -293,18 +293,22 @@ def require_finished(out: str, storage: StorageConfig) -> None:
     """Fail unless ``out`` holds a finished manifest run (a partial one would silently give
     later stages a subset)."""
     if not exists(join(out, SUCCESS), storage):
+        if not exists(out, storage):
+            raise SpearError(
+                f"manifest {out!r} does not exist; check the URL or run `spear manifest`"
+            )
         raise SpearError(
             f"{out!r} is not a finished manifest (no {SUCCESS}); run or resume `spear manifest`"
         )
 
 
-def read_manifest(out: str, storage: StorageConfig) -> pa.Table:
-    """The manifest table of a finished run at ``out``."""
+def read_manifest(out: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
+    """The manifest table of a finished run at ``out`` (only ``columns``, when given)."""
     require_finished(out, storage)
     fs, mpath = filesystem(join(out, "manifest"), storage)
     if not fs.exists(mpath):
         raise SpearError(f"no manifest at {out!r} (expected {join(out, 'manifest')})")
-    return pq.read_table(mpath, filesystem=fs, schema=MANIFEST_SCHEMA)
+    return pq.read_table(mpath, filesystem=fs, schema=MANIFEST_SCHEMA, columns=columns)
 
 
 def read_quarantine(out: str, storage: StorageConfig) -> pa.Table:

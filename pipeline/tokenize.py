@@ -1,20 +1,19 @@
 """The tokenize job: manifest -> decode -> teacher + MVQ encode -> token shards, exactly once.
 
-Steps:
-1. Plan (driver, before any cluster work): read the finished manifest, sort its items by id and
-   cut them into shards of ``items_per_shard``; load each configured teacher's quantiser header
-   (its id, C, K) and the checkpoint digest. The plan goes to ``_work/plan.json``; a later run
-   against the same ``--out`` must produce the same plan, or it is refused (no mixed tokens).
-2. Stream the items of unfinished shards through decode (CPU tasks, int16 audio) and one actor
-   pool per teacher (GPU when the cluster has one). Each teacher's quantiser runs inside its
-   actor, so float embeddings never enter the object store.
-3. The driver gathers rows by shard, keyed by item id (a retried task cannot double a row), and
-   writes a shard as soon as all its items are back: ``quarantine/shard-N``, then
-   ``_work/shards/shard-N.json`` (rows, bytes, sha256), then ``tokens/shard-N``, the commit
-   marker. Every write is atomic, so readers never see a partial file and a killed run redoes
-   exactly the shards without a token file.
-4. At the end: ``index.parquet`` (one row per shard), ``report.json`` (counts, hours, per-stage
-   throughput, a progress timeline, config and versions) and ``_SUCCESS.json``.
+Steps (the skeleton of ``pipeline/job.py``):
+1. Plan, on the driver before any cluster work: read the finished manifest's job columns,
+   keep the domains the configured teachers cover, sort by item id and cut into shards of at
+   most ``items_per_shard`` items and ``max_shard_hours`` of audio. Load each teacher's
+   quantiser header (its id, C, K) and the checkpoint digest. The plan (with the items'
+   content digest) goes to ``_work/plan.json``; a re-run must plan the same, or it is refused.
+2. Each unfinished shard travels as one Ray Data row: decode (CPU tasks, int16 audio), one
+   actor pool per teacher (GPU when asked or present; the quantiser runs inside the actor, so
+   float embeddings never enter the object store), then a write task that builds the shard's
+   token and quarantine files and commits them (``pipeline/commit.py``). Token rows never
+   reach the driver: it receives one small entry per shard.
+3. At the end: ``index.parquet`` (one row per shard), ``report.json`` (counts, hours, the
+   lineage's quarantine, per-stage throughput, a timeline, the slowest shards, config and
+   versions) and ``_SUCCESS.json``, all from the shards' entries.
 
 See ``docs/formats.md`` for the layout and ``docs/tokenize.md`` for running it.
 """
@@ -22,25 +21,21 @@ See ``docs/formats.md`` for the layout and ``docs/tokenize.md`` for running it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import platform
-import posixpath
-import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 
 from spear import __version__
 from spear.config import to_dict
 from spear.errors import SpearError
 from spear.formats import (
-    QUARANTINE_SCHEMA,
     SAMPLE_RATE,
     TOKEN_INDEX_SCHEMA,
     TOKEN_INDEX_VERSION,
@@ -51,11 +46,11 @@ from spear.formats import (
     token_shard_metadata,
     with_metadata,
 )
+from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units, table_digest
 from spear.pipeline.manifest import read_manifest
-from spear.pipeline.parts import gather_parts, part_counts
 from spear.quantizer.config import QuantizerEncodeConfig
-from spear.ray_utils import RayConfig, dataset_from_table, init_ray
-from spear.stages.decode import DecodeConfig, decode_batch
+from spear.ray_utils import RayConfig
+from spear.stages.decode import DecodeConfig
 from spear.stages.teachers import TeacherConfig, checkpoint_sha256
 from spear.stages.tokenize import (
     NOT_RUN,
@@ -63,9 +58,8 @@ from spear.stages.tokenize import (
     TokenizeStage,
     TokenizeTeacherConfig,
     teacher_info,
-    tokenize_map_kwargs,
 )
-from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
+from spear.storage import StorageConfig, exists, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +67,7 @@ SUCCESS = "_SUCCESS.json"
 REPORT = "report.json"
 INDEX = "index.parquet"
 RUN_COLUMNS = ("item_id", "source", "domain", "url", "start", "duration")
+SLOWEST = 10
 
 
 @dataclass(frozen=True)
@@ -114,6 +109,10 @@ class TokenizeSummary:
         )
 
 
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
 def resolve_teachers(
     teachers: dict[str, TeacherConfig],
     cfg: TokenizeConfig,
@@ -126,7 +125,7 @@ def resolve_teachers(
     for prefix, tcfg in teachers.items():
         tok: TokenizeTeacherConfig = getattr(cfg, prefix)
         if tok.quantizer is None or not tok.domains:
-            log.warning("tokenize: no %s tokens (no quantizer or no domains configured)", prefix)
+            log.info("tokenize: no %s tokens (no quantizer or no domains configured)", prefix)
             continue
         q = load_quantizer(tok.quantizer, storage)
         spec = tcfg.spec
@@ -157,20 +156,17 @@ def resolve_teachers(
     return out
 
 
-def _plan(
-    manifest: str,
-    items: int,
+def _decides(
     teachers: list[JobTeacher],
     cfg: TokenizeConfig,
     decode: DecodeConfig,
     encode: QuantizerEncodeConfig,
 ) -> dict[str, Any]:
-    """What a resumed run must agree on: everything that changes which items go in which
-    shard, or the codes an item gets. Speed settings (threads, batch sizes, actors) may change."""
+    """What changes which items go in which shard, or the codes an item gets. Speed settings
+    (threads, batch sizes, actors) may change between runs."""
     return {
-        "manifest": manifest,
-        "items": items,
         "items_per_shard": cfg.items_per_shard,
+        "max_shard_hours": cfg.max_shard_hours,
         "teachers": {
             t.prefix: asdict(t.info) | {"domains": list(t.info.domains), "dtype": t.config.dtype}
             for t in teachers
@@ -183,113 +179,88 @@ def _plan(
     }
 
 
-def _plan_diff(old: dict[str, Any], new: dict[str, Any], path: str = "") -> list[str]:
-    keys = sorted(set(old) | set(new))
-    diffs = []
-    for k in keys:
-        a, b = old.get(k), new.get(k)
-        where = f"{path}.{k}" if path else k
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _plan_diff(a, b, where)
-        elif a != b:
-            diffs.append(f"{where}: {a!r} there, {b!r} now")
-    return diffs
+@dataclass(frozen=True)
+class TokenShardWriter:
+    """Builds one token shard and its quarantine file from a unit's items (on a worker)."""
 
+    teachers: tuple[TokenTeacherInfo, ...]
 
-def _shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}.parquet"
-
-
-class _Progress:
-    """Counts, the timeline for the report, periodic log lines and Ray metrics."""
-
-    def __init__(self, total_items: int, total_hours: float, every: float, stages: list[str]):
-        from ray.util.metrics import Counter as RayCounter
-
-        self.t0 = time.time()
-        self.total_items, self.total_hours, self.every = total_items, total_hours, every
-        self.items = 0
-        self.hours = 0.0
-        self.shards = 0
-        self.busy = dict.fromkeys(stages, 0.0)
-        self.stage_items = dict.fromkeys(stages, 0)
-        self.stage_seconds = dict.fromkeys(stages, 0.0)
-        self.timeline: list[dict[str, Any]] = []
-        self.last = self.t0
-        self.m_hours = RayCounter("spear_tokenize_hours", "Audio hours tokenized")
-        self.m_items = RayCounter("spear_tokenize_items", "Items tokenized")
-        self.m_quarantined = RayCounter(
-            "spear_tokenize_quarantined", "Items quarantined", tag_keys=("reason",)
-        )
-
-    def add(self, batch: dict[str, Any], prefixes: list[str]) -> None:
-        n = len(batch["item_id"])
-        secs = np.asarray(batch["num_samples"], dtype=np.float64) / SAMPLE_RATE
-        err = [str(e) for e in batch["error_type"]]
-        ok = np.array([e == "" for e in err])
-        hours = float(secs[ok].sum()) / 3600
-        self.items += n
-        self.hours += hours
-        self.busy["decode"] += float(np.sum(batch["decode_seconds"]))
-        self.stage_items["decode"] += n
-        self.stage_seconds["decode"] += float(secs.sum())
+    def __call__(
+        self, shard: int, items: dict[str, np.ndarray]
+    ) -> tuple[dict[str, bytes], dict[str, Any]]:
+        name = shard_name(shard)
+        prefixes = [t.prefix for t in self.teachers]
+        order = np.argsort(items["item_id"].astype(str), kind="stable")
+        err = items["error_type"].astype(str)
+        good = [int(i) for i in order if not err[i]]
+        bad = [int(i) for i in order if err[i]]
+        qrows = [
+            quarantine_row(
+                item_id=str(items["item_id"][i]),
+                source=str(items["url"][i]),
+                stage="decode" if int(items["num_samples"][i]) == 0 else "teacher",
+                error_type=str(err[i]),
+                message=str(items["error"][i]),
+            )
+            for i in bad
+        ]
+        by_stage: dict[str, Counter[str]] = defaultdict(Counter)
+        for r in qrows:
+            by_stage[r["stage"]][r["error_type"]] += 1
+        schema, _ = token_shard_metadata(list(self.teachers), shard=shard)
+        take = np.array(good, dtype=np.int64)
+        cols: dict[str, Any] = {
+            "item_id": items["item_id"][take].astype(str).tolist(),
+            "source": items["source"][take].astype(str).tolist(),
+            "domain": items["domain"][take].astype(str).tolist(),
+            "url": items["url"][take].astype(str).tolist(),
+            "start": items["start"][take].astype(np.float64),
+            "duration": items["duration"][take].astype(np.float64),
+            "num_samples": items["num_samples"][take].astype(np.int64),
+        }
         for p in prefixes:
-            self.busy[p] += float(np.sum(batch[f"{p}_seconds"]))
-            ran = np.asarray(batch[f"{p}_frames"]) != NOT_RUN
-            self.stage_items[p] += int(ran.sum())
-            self.stage_seconds[p] += float(secs[ran].sum())
-        self.m_items.inc(int(ok.sum()))
-        if hours:
-            self.m_hours.inc(hours)
-        for reason, count in Counter(e for e in err if e).items():
-            self.m_quarantined.inc(count, tags={"reason": reason})
-        now = time.time()
-        if now - self.last >= self.every:
-            self.last = now
-            self.mark()
-            log.warning(self.line())
-
-    def mark(self, min_gap: float = 0.0) -> None:
-        """A timeline point for the report (skipped if the last one is under ``min_gap`` s old)."""
-        if self.timeline and time.time() - self.t0 - self.timeline[-1]["t"] < min_gap:
-            return
-        self.timeline.append(
-            {
-                "t": round(time.time() - self.t0, 3),
-                "items_done": self.items,
-                "hours_done": round(self.hours, 6),
-                "shards_done": self.shards,
-                "stage_busy": {k: round(v, 3) for k, v in self.busy.items()},
-            }
-        )
-
-    def line(self) -> str:
-        el = time.time() - self.t0
-        rate = self.hours * 3600 / el if el else 0.0
-        left = max(self.total_hours - self.hours, 0.0)
-        eta = left * 3600 / rate if rate else float("inf")
-        pct = 100 * self.items / self.total_items if self.total_items else 100.0
-        return (
-            f"tokenize: {self.items}/{self.total_items} items ({pct:.0f}%), "
-            f"{self.hours:.3f}/{self.total_hours:.3f} h, {self.shards} shards written, "
-            f"{rate:.1f}x real time, ETA {_fmt_seconds(eta)}"
-        )
+            frames = items[f"{p}_frames"][take].astype(np.int64)
+            ran = frames != NOT_RUN
+            cols[f"{p}_frames"] = pa.array(frames, pa.int32(), mask=~ran)
+            codes = items[f"{p}_codes"][take]
+            cols[f"{p}_codes"] = pa.array(
+                [bytes(c) if r else None for c, r in zip(codes, ran, strict=True)], pa.binary()
+            )
+        data = parquet_bytes(pa.table(cols, schema=schema))
+        secs = cols["num_samples"] / SAMPLE_RATE
+        run_secs = items["num_samples"].astype(np.float64) / SAMPLE_RATE
+        busy = {"decode": float(np.sum(items["decode_seconds"]))}
+        audio = {"decode": float(run_secs.sum())}
+        for p in prefixes:
+            busy[p] = float(np.sum(items[f"{p}_seconds"]))
+            audio[p] = float(run_secs[items[f"{p}_frames"] != NOT_RUN].sum())
+        entry = {
+            "name": name,
+            "items": len(order),
+            "rows": len(good),
+            "quarantined": len(bad),
+            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+            "audio_seconds": float(secs.sum()),
+            "input_digest": table_digest(
+                pa.table({c: items[c][order] for c in RUN_COLUMNS}), RUN_COLUMNS
+            ),
+            "stage_busy": busy,
+            "stage_audio_seconds": audio,
+            "hours_by_domain": _sum_by(cols["domain"], secs),
+            "hours_by_source": _sum_by(cols["source"], secs),
+        }
+        files = {
+            f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(qrows)),
+            f"tokens/{name}.parquet": data,  # published last
+        }
+        return files, entry
 
 
-def _fmt_seconds(s: float) -> str:
-    if s == float("inf"):
-        return "?"
-    return str(dt.timedelta(seconds=round(s)))
-
-
-def _decode_timed(
-    batch: dict[str, np.ndarray], cfg: DecodeConfig, storage: StorageConfig
-) -> dict[str, np.ndarray]:
-    t0 = time.perf_counter()
-    out = decode_batch(batch, cfg, storage)
-    n = len(out["item_id"])
-    out["decode_seconds"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
-    return out
+def _sum_by(keys: list[str], secs: np.ndarray) -> dict[str, float]:
+    acc: dict[str, float] = defaultdict(float)
+    for k, s in zip(keys, secs, strict=True):
+        acc[k] += float(s) / 3600
+    return dict(acc)
 
 
 def run_tokenize(
@@ -303,108 +274,85 @@ def run_tokenize(
     ray_cfg: RayConfig,
 ) -> TokenizeSummary:
     """Tokenize (or resume tokenizing) every item of ``manifest`` into ``out``."""
+    import time
+
     t0 = time.time()
     started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    # Only the columns the job needs: the manifest is held on the driver for the whole run.
-    table = read_manifest(manifest, storage).select([*RUN_COLUMNS])
+    table = read_manifest(manifest, storage, columns=list(RUN_COLUMNS))
     if table.num_rows == 0:
         raise SpearError(f"the manifest at {manifest!r} has no items")
-    hours_in = float(pa.compute.sum(table["duration"]).as_py()) / 3600
-    if pa.compute.count_distinct(table["item_id"]).as_py() != table.num_rows:
+    hours_in = float(pc.sum(table["duration"]).as_py()) / 3600
+    if pc.count_distinct(table["item_id"]).as_py() != table.num_rows:
         raise SpearError(f"the manifest at {manifest!r} repeats item ids")
     job = resolve_teachers(teachers, cfg, storage)
-    prefixes = [t.prefix for t in job]
     # Items of a domain no configured teacher covers are not part of this job (logged, counted).
     covered = sorted({d for t in job for d in t.info.domains})
-    in_job = pa.compute.is_in(table["domain"], pa.array(covered))
-    skipped = table.num_rows - pa.compute.sum(in_job).as_py()
+    in_job = pc.is_in(table["domain"], pa.array(covered))
+    skipped = table.num_rows - pc.sum(in_job).as_py()
     if skipped:
-        log.warning("tokenize: %d manifest items of domains outside %s are skipped", skipped,
-                    covered)  # fmt: skip
+        log.warning(
+            "tokenize: %d manifest items of domains outside %s are skipped", skipped, covered
+        )
         table = table.filter(in_job)
         if table.num_rows == 0:
             raise SpearError(f"no manifest item is of the domains {covered} the teachers cover")
-    table = table.sort_by("item_id")
-    shard_of = np.arange(table.num_rows) // cfg.items_per_shard
-    table = table.append_column("shard", pa.array(shard_of, type=pa.int32()))
-    num_shards = int(shard_of[-1]) + 1
-
-    plan = _plan(manifest, table.num_rows, job, cfg, decode, encode)
-    done = _finished_shards(out, storage)
-    plan_url = join(out, "_work/plan.json")
-    if exists(plan_url, storage) and done:
-        diffs = _plan_diff(json.loads(read_bytes(plan_url, storage)), plan)
-        if diffs:
-            raise SpearError(
-                f"{out!r} holds tokens of another run ({'; '.join(diffs[:3])}"
-                f"{'; ...' if len(diffs) > 3 else ''}); use another --out"
-            )
-    elif done:
-        raise SpearError(
-            f"{out!r} holds token shards but no _work/plan.json: cannot tell which teachers "
-            "and quantisers made them; use another --out"
+    table = cut_units(
+        table.sort_by("item_id"),
+        items_per_unit=cfg.items_per_shard,
+        max_unit_seconds=cfg.max_shard_hours * 3600 if cfg.max_shard_hours else None,
+    )
+    plan = make_plan(
+        "tokenize", table, RUN_COLUMNS, _decides(job, cfg, decode, encode), {"manifest": manifest}
+    )
+    stages = [
+        ActorStage(
+            name=t.prefix,
+            cls=TokenizeStage,
+            kwargs={
+                "teacher": t.config,
+                "quantizer_url": t.quantizer_url,
+                "storage": storage.resolved(),
+                "prefix": t.prefix,
+                "domains": getattr(cfg, t.prefix).domains,
+                "refine_rounds": encode.refine_rounds,
+                # Only rows a later teacher runs on carry their audio on.
+                "keep_audio": tuple(
+                    sorted({d for later in job[k + 1 :] for d in later.info.domains})
+                ),
+            },
+            num_actors=t.config.num_actors,
+            device=t.config.device,
+            num_gpus=t.config.num_gpus,
+            num_cpus=t.config.num_cpus,
         )
-    else:  # nothing committed yet: a corrected retry may change the plan
-        write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
-
-    todo = [s for s in range(num_shards) if s not in done]
-    summary = TokenizeSummary(out=out, shards=num_shards, shards_done_before=len(done))
-    stages = ["decode", *prefixes]
-    progress: _Progress | None = None
-    if todo:
-        init_ray(ray_cfg)
-        import ray
-
-        gpus = ray.cluster_resources().get("GPU", 0) > 0
-        pending = table.filter(pa.compute.is_in(table["shard"], pa.array(todo, pa.int32())))
-        del table
-        expected = part_counts(pending, "shard")
-        secs = pending["duration"].to_numpy()
-        progress = _Progress(
-            pending.num_rows, float(secs.sum()) / 3600, cfg.progress_seconds, stages
-        )
-        blocks = max(1, min(len(todo) * 4, pending.num_rows // cfg.decode_batch_size or 1))
-        ds = dataset_from_table(pending, blocks)
-        del pending
-        ds = ds.map_batches(
-            _decode_timed,
-            fn_kwargs={"cfg": decode, "storage": storage.resolved()},
-            batch_format="numpy",
-            batch_size=cfg.decode_batch_size,
-            num_cpus=cfg.decode_cpus,
-        )
-        for k, t in enumerate(job):
-            tok: TokenizeTeacherConfig = getattr(cfg, t.prefix)
-            kwargs = tokenize_map_kwargs(
-                t.config,
-                t.quantizer_url,
-                storage.resolved(),
-                prefix=t.prefix,
-                domains=tok.domains,
-                refine_rounds=encode.refine_rounds,
-                keep_audio=tuple(sorted({d for later in job[k + 1 :] for d in later.info.domains})),
-                gpus_available=gpus,
-            )
-            ds = ds.map_batches(TokenizeStage, **kwargs)
-        infos = [t.info for t in job]
-
-        def write(shard: int, rows: list[dict[str, Any]]) -> None:
-            _write_shard(out, shard, rows, infos, storage)
-            progress.shards += 1
-            progress.mark(min_gap=1.0)
-
-        gather_parts(ds.iter_batches(batch_format="numpy", batch_size=None), "shard", expected,
-                     write, on_batch=lambda b: progress.add(b, prefixes))  # fmt: skip
-        progress.mark()
-        log.warning(progress.line())
-
+        for k, t in enumerate(job)
+    ]
+    unit_job = UnitJob(
+        kind="tokenize",
+        out=out,
+        unit_prefix="shard",
+        columns=RUN_COLUMNS,
+        outputs=lambda n: [f"quarantine/{n}.parquet", f"tokens/{n}.parquet"],
+        actors=stages,
+        writer=TokenShardWriter(tuple(t.info for t in job)),
+        decode=decode,
+        decode_cpus=cfg.decode_cpus,
+        write_concurrency=cfg.write_concurrency,
+        progress_seconds=cfg.progress_seconds,
+    )
+    run = run_units(unit_job, plan, table, storage, ray_cfg)
+    del table
+    summary = TokenizeSummary(out=out, shards=plan.units, shards_done_before=run.done_before)
+    progress = run.progress
     summary.hours_in = hours_in
-    summary, report = _finish(out, manifest, job, plan, summary, progress, storage)
+    report = _finish(out, manifest, job, plan.items, run.entries, summary, storage)
     report["skipped_items"] = skipped
-    if progress is None and exists(join(out, REPORT), storage):
+    if progress is not None:
+        report["timeline"] = progress.timeline
+    elif exists(join(out, REPORT), storage):
         # Nothing was redone: keep the throughput record of the run that did the work.
         old = json.loads(read_bytes(join(out, REPORT), storage))
-        report |= {k: old[k] for k in ("stages", "timeline", "started") if k in old}
+        report |= {k: old[k] for k in ("timeline", "started") if k in old}
     summary.wall_seconds = time.time() - t0
     report = {"started": started} | report
     report |= {
@@ -423,156 +371,92 @@ def run_tokenize(
     return summary
 
 
-def _finished_shards(out: str, storage: StorageConfig) -> set[int]:
-    """Shards whose token file exists (the commit marker). Temporary files that a killed run
-    left behind (local writes go through ``.tmp-*``) are removed from every output folder."""
-    done: set[int] = set()
-    for folder in ("tokens", "quarantine", "_work/shards"):
-        fs, path = filesystem(join(out, folder), storage)
-        if not fs.exists(path):
-            continue
-        for p in fs.ls(path, detail=False):
-            name = posixpath.basename(p)
-            if name.startswith(".tmp-"):
-                fs.rm(p)
-            elif folder == "tokens" and name.startswith("shard-") and name.endswith(".parquet"):
-                done.add(int(name[len("shard-") : -len(".parquet")]))
-    return done
-
-
-def _write_shard(
-    out: str,
-    shard: int,
-    rows: list[dict[str, Any]],
-    teachers: list[TokenTeacherInfo],
-    storage: StorageConfig,
-) -> None:
-    good, bad = [], []
-    for r in sorted(rows, key=lambda r: str(r["item_id"])):
-        err = str(r["error_type"])
-        if err:
-            stage = "decode" if int(r["num_samples"]) == 0 else "teacher"
-            bad.append(
-                quarantine_row(
-                    item_id=str(r["item_id"]),
-                    source=str(r["url"]),
-                    stage=stage,
-                    error_type=err,
-                    message=str(r["error"]),
-                )
-            )
-        else:
-            good.append(r)
-    schema, _ = token_shard_metadata(teachers, shard=shard)
-    cols: dict[str, Any] = {
-        "item_id": [str(r["item_id"]) for r in good],
-        "source": [str(r["source"]) for r in good],
-        "domain": [str(r["domain"]) for r in good],
-        "url": [str(r["url"]) for r in good],
-        "start": [float(r["start"]) for r in good],
-        "duration": [float(r["duration"]) for r in good],
-        "num_samples": [int(r["num_samples"]) for r in good],
-    }
-    for t in teachers:
-        ran = [int(r[f"{t.prefix}_frames"]) != NOT_RUN for r in good]
-        cols[f"{t.prefix}_frames"] = [
-            int(r[f"{t.prefix}_frames"]) if x else None for r, x in zip(good, ran, strict=True)
-        ]
-        cols[f"{t.prefix}_codes"] = [
-            bytes(r[f"{t.prefix}_codes"]) if x else None for r, x in zip(good, ran, strict=True)
-        ]
-    data = parquet_bytes(pa.table(cols, schema=schema))
-    name = _shard_name(shard)
-    entry = {
-        "shard": shard,
-        "path": f"tokens/{name}",
-        "rows": len(good),
-        "quarantined": len(bad),
-        "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "audio_seconds": sum(int(r["num_samples"]) for r in good) / SAMPLE_RATE,
-    }
-    write_atomic(join(out, "quarantine", name), parquet_bytes(quarantine_table(bad)), storage)
-    write_atomic(
-        join(out, "_work/shards", name[: -len(".parquet")] + ".json"),
-        json.dumps(entry).encode(),
-        storage,
-    )
-    write_atomic(join(out, "tokens", name), data, storage)  # the commit marker: last
+def _manifest_quarantine(manifest: str, storage: StorageConfig) -> dict[str, int]:
+    """Reasons and counts of the files the manifest run itself quarantined."""
+    try:
+        done = json.loads(read_bytes(join(manifest, SUCCESS), storage))
+    except (FileNotFoundError, ValueError):
+        return {}
+    return {str(k): int(v) for k, v in (done.get("quarantined") or {}).items()}
 
 
 def _finish(
     out: str,
     manifest: str,
     job: list[JobTeacher],
-    plan: dict[str, Any],
+    planned_items: int,
+    entries: list[dict[str, Any]],
     summary: TokenizeSummary,
-    progress: _Progress | None,
     storage: StorageConfig,
-) -> tuple[TokenizeSummary, dict[str, Any]]:
-    """Index, counts and the report over every shard, those of earlier runs included."""
-    # One request for all entries (fsspec fetches them concurrently on object stores).
-    fs_w, wpath = filesystem(join(out, "_work/shards"), storage)
-    paths = [posixpath.join(wpath, f"shard-{s:05d}.json") for s in range(summary.shards)]
-    try:
-        blobs = fs_w.cat(paths)
-    except FileNotFoundError as err:
-        raise SpearError(f"{out!r}: an index entry under _work/shards is missing ({err}); "
-                         "re-run into another --out") from None  # fmt: skip
-    by_name = {posixpath.basename(k): v for k, v in blobs.items()}
-    entries = [json.loads(by_name[posixpath.basename(p)]) for p in paths]
-
+) -> dict[str, Any]:
+    """Index, counts and the report over every shard's entry, earlier runs' included."""
+    index_rows: list[dict[str, Any]] = []
+    for e in entries:
+        path = f"tokens/{e['name']}.parquet"
+        f = e["files"][path]
+        index_rows.append(
+            {
+                "shard": int(e["unit"]),
+                "path": path,
+                "rows": int(e["rows"]),
+                "quarantined": int(e["quarantined"]),
+                "bytes": int(f["bytes"]),
+                "sha256": str(f["sha256"]),
+                "audio_seconds": float(e["audio_seconds"]),
+            }
+        )
     index = pa.Table.from_pylist(
-        entries, schema=with_metadata(TOKEN_INDEX_SCHEMA, "token_index", TOKEN_INDEX_VERSION)
+        index_rows, schema=with_metadata(TOKEN_INDEX_SCHEMA, "token_index", TOKEN_INDEX_VERSION)
     )
     write_atomic(join(out, INDEX), parquet_bytes(index), storage)
 
-    fs, tpath = filesystem(join(out, "tokens"), storage)
-    tok = pq.read_table(tpath, filesystem=fs, columns=["source", "domain", "num_samples"])
-    fs_q, qpath = filesystem(join(out, "quarantine"), storage)
-    q = pq.read_table(qpath, filesystem=fs_q, schema=QUARANTINE_SCHEMA)
-    summary.ok = tok.num_rows
-    summary.items = tok.num_rows + q.num_rows
-    if summary.items != plan["items"]:
+    summary.ok = sum(int(e["rows"]) for e in entries)
+    summary.items = sum(int(e["rows"]) + int(e["quarantined"]) for e in entries)
+    if summary.items != planned_items:
         raise SpearError(
-            f"{out!r} holds {summary.items} items, the plan has {plan['items']}: the output was "
+            f"{out!r} holds {summary.items} items, the plan has {planned_items}: the output was "
             "changed by hand; re-run into another --out"
         )
-    summary.quarantined = dict(Counter(q["error_type"].to_pylist()))
-    secs = tok["num_samples"].to_numpy() / SAMPLE_RATE
-    summary.hours_out = float(secs.sum()) / 3600
-    summary.token_bytes = int(sum(e["bytes"] for e in entries))
-
-    def hours_by(col: str) -> dict[str, float]:
-        acc: dict[str, float] = defaultdict(float)
-        for key, s in zip(tok[col].to_pylist(), secs, strict=True):
-            acc[key] += float(s) / 3600
-        return dict(sorted(acc.items()))
-
-    stages: dict[str, Any] = {}
-    if progress is not None:
-        for name, busy in progress.busy.items():
-            audio = progress.stage_seconds[name]
-            stages[name] = {
-                "items": progress.stage_items[name],
-                "busy_seconds": round(busy, 3),
-                "rate_x_realtime": round(audio / busy, 1) if busy else None,
-            }
-    teachers = []
-    for t in job:
-        entry = asdict(t.info) | {"domains": list(t.info.domains), "rrl": t.rrl}
-        teachers.append(entry)
-    report = {
+    reasons: Counter[str] = Counter()
+    by_stage: dict[str, Counter[str]] = defaultdict(Counter)
+    hours_domain: Counter[str] = Counter()
+    hours_source: Counter[str] = Counter()
+    busy: Counter[str] = Counter()
+    audio: Counter[str] = Counter()
+    for e in entries:
+        for stage, counts in e["quarantine_by_stage"].items():
+            reasons.update(counts)
+            by_stage[stage].update(counts)
+        hours_domain.update(e["hours_by_domain"])
+        hours_source.update(e["hours_by_source"])
+        busy.update(e.get("stage_busy", {}))
+        audio.update(e.get("stage_audio_seconds", {}))
+    manifest_q = _manifest_quarantine(manifest, storage)
+    summary.quarantined = dict(reasons)
+    summary.hours_out = sum(float(e["audio_seconds"]) for e in entries) / 3600
+    summary.token_bytes = sum(int(r["bytes"]) for r in index_rows)
+    stages = {
+        name: {
+            "busy_seconds": round(b, 3),
+            "rate_x_realtime": round(audio[name] / b, 1) if b else None,
+        }
+        for name, b in busy.items()
+    }
+    slowest = sorted(entries, key=lambda e: -sum(e.get("stage_busy", {}).values()))[:SLOWEST]
+    teachers = [asdict(t.info) | {"domains": list(t.info.domains), "rrl": t.rrl} for t in job]
+    return {
         "kind": "tokenize",
         "out": out,
         "manifest": manifest,
         "items": summary.items,
         "ok": summary.ok,
         "quarantined": summary.quarantined,
+        "quarantine_by_stage": {"manifest": manifest_q} | {k: dict(v) for k, v in by_stage.items()},
+        "quarantined_in_lineage": sum(manifest_q.values()) + sum(reasons.values()),
         "hours_in": summary.hours_in,
         "hours_out": summary.hours_out,
-        "hours_by_domain": hours_by("domain"),
-        "hours_by_source": hours_by("source"),
+        "hours_by_domain": dict(sorted(hours_domain.items())),
+        "hours_by_source": dict(sorted(hours_source.items())),
         "shards": summary.shards,
         "shards_done_before": summary.shards_done_before,
         "token_bytes": summary.token_bytes,
@@ -581,9 +465,16 @@ def _finish(
         ),
         "teachers": teachers,
         "stages": stages,
-        "timeline": progress.timeline if progress is not None else [],
+        "slowest_shards": [
+            {
+                "shard": int(e["unit"]),
+                "seconds": round(sum(e.get("stage_busy", {}).values()), 3),
+                "items": int(e["items"]),
+                "audio_seconds": round(float(e["audio_seconds"]), 3),
+            }
+            for e in slowest
+        ],
     }
-    return summary, report
 
 
 def _versions() -> dict[str, str]:

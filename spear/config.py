@@ -24,6 +24,7 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 from spear.errors import ConfigError
+from spear.pipeline.settings import EmbedConfig, FeaturesConfig
 from spear.quantizer.config import QuantizerConfig
 from spear.ray_utils import RayConfig
 from spear.stages.decode import DecodeConfig
@@ -50,12 +51,16 @@ class SpearConfig:
     """Decoding and resampling to 16 kHz mono int16."""
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     """The speech (WavLM) and audio (Dasheng) teachers: checkpoints and how they run."""
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    """``spear embed``: which items a teacher embeds (the quantiser's training sample)."""
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
     """MVQ quantiser training, held-out split and encoding."""
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     """``spear tokenize``: quantiser per teacher, domains per teacher, shard size."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """``spear train``: the student, masking, mixing, optimiser, data and Ray Train settings."""
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    """``spear features``: output format, part size, how the student runs."""
 
 
 def _type_name(tp: Any) -> str:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from spear.errors import ConfigError, SpearError
 
 log = logging.getLogger(__name__)
 
@@ -17,12 +20,15 @@ _FORWARDED_ENV = (
     "AWS_SESSION_TOKEN",
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_CONFIG_FILE",
+    # The commit protocol's fault hook (pipeline/commit.py), for the fault tests.
+    "SPEAR_FAULTS",
+    "SPEAR_FAULTS_DIR",
 )
 
 
 @dataclass(kw_only=True, frozen=True)
 class RayConfig:
-    """Which Ray to run on."""
+    """Which Ray to run on, and how a job waits on it."""
 
     address: str | None = None
     """Address of an existing cluster (``ray://host:10001``, ``host:6379`` or ``auto``).
@@ -33,12 +39,29 @@ class RayConfig:
     """GPUs of a local Ray (default: those Ray detects)."""
     object_store_memory: int | None = None
     """Object store bytes of a local Ray (default: Ray's choice)."""
-    progress_bars: bool = True
-    """Show Ray Data's progress bars (they only draw in a terminal)."""
+    progress_bars: bool = False
+    """Ray Data's own per-operator progress bars (spear shows one line per job instead)."""
+    start_attempts: int = 3
+    """Tries to start a local Ray: on a loaded machine the raylet may miss Ray's fixed 30 s
+    registration window; each retry waits longer (5 s, 10 s, ...)."""
+    autoscaling: bool = False
+    """The cluster adds nodes on demand (KubeRay or cluster-launcher autoscaler): the sizing
+    check that fails a job whose actors cannot fit the cluster of now is skipped."""
+    stall_seconds: float = 1800.0
+    """A job in which no unit finishes for this long ends with an error instead of waiting
+    forever (the first unit includes actor start-up and model loading)."""
+
+    def __post_init__(self) -> None:
+        if self.start_attempts < 1 or self.stall_seconds <= 0:
+            raise ConfigError("ray start_attempts must be >= 1 and stall_seconds positive")
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster, or start a local one; idempotent."""
+    """Connect to the configured cluster, or start a local one; idempotent.
+
+    A local Ray starts with what a batch job needs: no dashboard (its HTTP server and
+    agents cost a loaded 2-core machine seconds of start-up), and a start-up timeout is retried
+    with backoff. Failing that, one line says what to do."""
     # Ray >= 2.45 re-runs workers through `uv run` when the driver runs under it; the driver's
     # environment is already the locked one, and the re-run only adds start-up time and noise.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
@@ -51,28 +74,55 @@ def init_ray(cfg: RayConfig) -> None:
     runtime_env = {"env_vars": env} if env else None
     if address:
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        try:
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        except Exception as err:
+            raise SpearError(
+                f"cannot connect to the Ray cluster at {address!r} ({_first_line(err)}); check "
+                "--address / RAY_ADDRESS and that the cluster is up (`ray status`)"
+            ) from None
     else:
-        ray.init(
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            object_store_memory=cfg.object_store_memory,
-            runtime_env=runtime_env,
-            include_dashboard=False,
-        )
+        _start_local(cfg, runtime_env)
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
 
 
-def dataset_from_table(table: Any, blocks: int) -> Any:
-    """A Ray Dataset of ``table`` in about ``blocks`` blocks, cut on the driver.
-
-    Not ``from_arrow(table).repartition(n)``: a repartition is an all-to-all step whose tasks
-    can starve behind actor pools that hold every CPU of a small cluster.
-    """
+def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:
     import ray
 
-    step = max(1, -(-table.num_rows // max(1, blocks)))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, table.num_rows, step)])
+    last: Exception | None = None
+    for attempt in range(cfg.start_attempts):
+        if attempt:
+            wait = 5.0 * attempt
+            log.warning(
+                "local Ray did not start (%s); retrying in %.0f s (%d/%d)",
+                _first_line(last),
+                wait,
+                attempt + 1,
+                cfg.start_attempts,
+            )
+            time.sleep(wait)
+        try:
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                num_gpus=cfg.num_gpus,
+                object_store_memory=cfg.object_store_memory,
+                runtime_env=runtime_env,
+                include_dashboard=False,
+            )
+            return
+        except Exception as err:  # Ray raises a bare Exception for the start-up timeout
+            last = err
+            ray.shutdown()
+    raise SpearError(
+        f"a local Ray did not start after {cfg.start_attempts} tries ({_first_line(last)}); "
+        "the machine may be overloaded: stop other Ray processes (`ray stop`), retry, raise "
+        "ray.start_attempts, or join a running cluster with --address"
+    )
+
+
+def _first_line(err: BaseException | None) -> str:
+    text = str(err).strip().splitlines()[0] if err is not None and str(err).strip() else ""
+    return f"{type(err).__name__}: {text}" if err is not None else "unknown error"

@@ -8,6 +8,8 @@ would not reach it either.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import posixpath
 import uuid
@@ -18,6 +20,8 @@ import fsspec
 from fsspec.core import url_to_fs
 
 from spear.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -151,6 +155,108 @@ def _write_atomic(url: str, data: bytes, storage: StorageConfig) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def create_exclusive(url: str, data: bytes, storage: StorageConfig) -> bool:
+    """Create the object at ``url`` only if it does not exist; True if this call created it.
+
+    The commit primitive of exactly-once outputs: of two writers racing for one name, exactly
+    one wins. Local files: a hard link from a complete temporary file (atomic, fails if the
+    name exists). S3 (s3fs) and ``memory://``: a conditional PUT (``If-None-Match: *``).
+    Other filesystems have no exclusive create that fsspec exposes; there an existence check
+    precedes the write, which is exclusive only while one writer runs per name (logged).
+    """
+    fs, path = filesystem(url, storage)
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    try:
+        if proto in ("file", "local"):
+            parent = posixpath.dirname(path)
+            fs.makedirs(parent, exist_ok=True)
+            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+            return True
+        if proto in ("s3", "s3a", "memory"):
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                return False
+            return True
+        _warn_not_exclusive(proto)
+        if fs.exists(path):
+            return False
+        fs.pipe_file(path, data)
+        return True
+    except StorageError:
+        raise
+    except Exception as err:
+        raise StorageError(f"cannot write {url!r}: {type(err).__name__}: {err}") from None
+
+
+@functools.cache
+def _warn_not_exclusive(proto: str) -> None:
+    log.warning(
+        "storage %s:// has no exclusive create in fsspec: commits are exclusive only while "
+        "one job writes to an output at a time",
+        proto,
+    )
+
+
+def move(src: str, dst: str, storage: StorageConfig) -> None:
+    """Move one object; ``dst`` appears whole (a rename locally, a server-side copy on S3)."""
+    fs, spath = filesystem(src, storage)
+    _, dpath = filesystem(dst, storage)
+    try:
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if proto in ("file", "local"):
+            fs.makedirs(posixpath.dirname(dpath), exist_ok=True)
+            os.replace(spath, dpath)
+        else:
+            fs.mv(spath, dpath)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise StorageError(f"cannot move {src!r} to {dst!r}: {type(err).__name__}: {err}") from None
+
+
+def remove_tree(url: str, storage: StorageConfig) -> None:
+    """Delete ``url`` and everything under it; nothing to delete is fine."""
+    fs, path = filesystem(url, storage)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as err:
+        raise StorageError(f"cannot delete {url!r}: {type(err).__name__}: {err}") from None
+
+
+def list_names(url: str, storage: StorageConfig) -> list[str]:
+    """Base names directly under the folder ``url`` (empty when it does not exist)."""
+    fs, path = filesystem(url, storage)
+    try:
+        if not fs.exists(path):
+            return []
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    except Exception as err:
+        raise StorageError(f"cannot list {url!r}: {type(err).__name__}: {err}") from None
+
+
+def forget_listings(url: str, storage: StorageConfig) -> None:
+    """Drop this process's cached listings under ``url`` (fsspec caches them per instance):
+    after other processes (Ray workers) wrote there, they are stale."""
+    fs, path = filesystem(url, storage)
+    fs.invalidate_cache(path)  # the path and its parents
+    cache = getattr(fs, "dircache", None)
+    if cache is not None:  # and every folder below it
+        for key in [k for k in cache if str(k).startswith(path.rstrip("/") + "/")]:
+            cache.pop(key, None)
 
 
 def read_bytes(url: str, storage: StorageConfig) -> bytes:

@@ -210,6 +210,9 @@ def decode_segment(
     """
     try:
         fs, path = filesystem(url, storage)
+        # A listing cached in this worker (the manifest's probe) may hold an older size of an
+        # object rewritten since; reads past the real end would then fail as I/O errors.
+        fs.invalidate_cache(path)
         raw = fs.open(path, "rb", block_size=storage.block_size, cache_type=_CACHE_TYPE)
     except Exception as err:  # storage layers raise many types; all are I/O failures here
         raise _io_error(url, err) from err

@@ -5,8 +5,8 @@
 * :class:`TeacherConfig` - which teacher, which checkpoint, how to run it.
 * :func:`load_teacher` - weights once (random init when no checkpoint is named).
 * :func:`embed_batch` - the pure function: an audio batch dict in, embeddings out; no Ray.
-* :class:`TeacherStage` - the Ray Data actor (``__init__`` loads, ``__call__`` embeds), and
-  :func:`map_batches_kwargs` for ``Dataset.map_batches(TeacherStage, **kwargs)``.
+* :class:`TeacherStage` - the actor stage (``__init__`` loads, ``__call__`` embeds); the jobs
+  in ``pipeline/`` run it on their units.
 
 Batch in (``spear.formats`` audio batch): ``item_id``, ``num_samples`` (int64), ``audio`` (binary,
 int16 LE mono 16 kHz) plus any other columns, which pass through. Batch out: the same rows with
@@ -221,13 +221,14 @@ class TeacherConfig:
     """``torch.compile`` the model (dynamic shapes); pays off on long runs."""
     batch_seconds: float = 300.0
     """Padded audio seconds per forward pass inside an actor (items sorted by length first)."""
-    batch_size: int = 64
-    """Rows per Ray Data batch handed to an actor (``map_batches(batch_size=...)``)."""
     num_gpus: float = 1.0
     """GPU share per actor; fractional values put several actors on one GPU (ignored without
     GPUs)."""
     num_actors: int = 1
     """Actor pool size (the pool never grows beyond this)."""
+    num_cpus: float | None = None
+    """CPU share per actor (Ray's scheduling). None: 1 beside a GPU; on a CPU-only cluster
+    what the cluster has beside one decode task, split over the job's actors (at most 1)."""
     cache_dir: str | None = None
     """Node-local checkpoint cache (default ``~/.cache/spear/checkpoints``)."""
     seed: int = 0
@@ -249,8 +250,8 @@ class TeacherConfig:
             raise ConfigError(
                 f"teacher {self.name}: only the final layer ({spec.layer}) is available"
             )
-        if self.batch_seconds <= 0 or self.batch_size < 1 or self.num_actors < 1:
-            raise ConfigError("teacher batch_seconds, batch_size and num_actors must be positive")
+        if self.batch_seconds <= 0 or self.num_actors < 1 or (self.num_cpus or 0) < 0:
+            raise ConfigError("teacher batch_seconds, num_actors and num_cpus must be positive")
         if self.num_gpus < 0:
             raise ConfigError("teacher num_gpus must be >= 0")
         if self.cpu_threads < 0:
@@ -465,35 +466,3 @@ class TeacherStage:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return embed_batch(self.teacher, batch, prefix=self.prefix, keep_audio=self.keep_audio)
-
-
-def map_batches_kwargs(
-    cfg: TeacherConfig,
-    storage: StorageConfig | None = None,
-    *,
-    prefix: str = "",
-    keep_audio: bool = False,
-    gpus_available: bool | None = None,
-) -> dict[str, Any]:
-    """Keyword arguments for ``ds.map_batches(TeacherStage, **kwargs)``.
-
-    A fixed-size actor pool, ``num_gpus`` per actor (when the cluster has GPUs), explicit batch
-    size, numpy batches.
-    """
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    if gpus_available is None:
-        gpus_available = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
-    return {
-        "compute": ActorPoolStrategy(size=cfg.num_actors),
-        "batch_size": cfg.batch_size,
-        "batch_format": "numpy",
-        "num_gpus": cfg.num_gpus if gpus_available and cfg.device != "cpu" else 0,
-        "fn_constructor_kwargs": {
-            "cfg": cfg,
-            "storage": storage,
-            "prefix": prefix,
-            "keep_audio": keep_audio,
-        },
-    }

@@ -71,19 +71,25 @@ class TokenizeConfig:
     dasheng: DashengTokenizeConfig = field(default_factory=DashengTokenizeConfig)
     """Dasheng tokens: on audio items only."""
     items_per_shard: int = 1000
-    """Items per token shard (the resume unit): ~30 MB of tokens for 30 s speech items."""
-    decode_batch_size: int = 16
-    """Manifest rows per decode task call."""
+    """Most items per token shard (the resume unit)."""
+    max_shard_hours: float | None = 2.0
+    """Most audio per token shard, in hours: a shard travels through the pipeline as one unit,
+    so this bounds the decoded audio one unit holds (2 h: 230 MB of int16) and the shard's
+    size (~7 MB of tokens). None: items only."""
     decode_cpus: float = 1.0
     """CPUs per decode task (Ray's scheduling share)."""
     progress_seconds: float = 30.0
-    """Seconds between one-line progress summaries in the log."""
+    """Seconds between one-line progress summaries in the log (without a terminal)."""
+    write_concurrency: int = 4
+    """Shard write tasks at once (I/O bound: they hold no CPU share)."""
 
     def __post_init__(self) -> None:
-        if self.items_per_shard < 1 or self.decode_batch_size < 1:
-            raise ConfigError("tokenize items_per_shard and decode_batch_size must be >= 1")
+        if self.items_per_shard < 1 or self.write_concurrency < 1:
+            raise ConfigError("tokenize items_per_shard and write_concurrency must be >= 1")
         if self.decode_cpus <= 0 or self.progress_seconds <= 0:
             raise ConfigError("tokenize decode_cpus and progress_seconds must be positive")
+        if self.max_shard_hours is not None and self.max_shard_hours <= 0:
+            raise ConfigError("tokenize max_shard_hours must be positive (or null)")
 
 
 def tokenize_batch(
@@ -223,40 +229,3 @@ def tokenize_rows_one_by_one(
             )
             parts.append(tokenize_batch(teacher, quantizer, row, **kw))  # skips the row
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def tokenize_map_kwargs(
-    teacher: TeacherConfig,
-    quantizer_url: str,
-    storage: StorageConfig,
-    *,
-    prefix: str,
-    domains: tuple[str, ...],
-    refine_rounds: int,
-    keep_audio: tuple[str, ...],
-    gpus_available: bool,
-) -> dict[str, Any]:
-    """Keyword arguments for ``ds.map_batches(TokenizeStage, **kwargs)``: a fixed actor pool,
-    ``num_gpus`` per actor when the cluster has GPUs. Ray Data restarts a dead actor and retries
-    its batches (``max_restarts=-1``, ``max_task_retries=-1`` are its defaults for actor pools)."""
-    from ray.data import ActorPoolStrategy
-
-    return {
-        "compute": ActorPoolStrategy(size=teacher.num_actors),
-        "batch_size": teacher.batch_size,
-        "batch_format": "numpy",
-        # device "cuda" always asks for GPUs, so an autoscaler adds GPU nodes; "auto" asks
-        # only when the cluster has GPUs now (a CPU-only laptop or CI cluster).
-        "num_gpus": teacher.num_gpus
-        if teacher.device == "cuda" or (teacher.device == "auto" and gpus_available)
-        else 0,
-        "fn_constructor_kwargs": {
-            "teacher": teacher,
-            "quantizer_url": quantizer_url,
-            "storage": storage,
-            "prefix": prefix,
-            "domains": domains,
-            "refine_rounds": refine_rounds,
-            "keep_audio": keep_audio,
-        },
-    }

@@ -38,16 +38,17 @@ def embed(
         float | None, typer.Option(help="Embed a seeded fraction of the items.")
     ] = None,
     domain: Annotated[
-        str,
+        str | None,
         typer.Option(
             help="Items of this domain: auto (speech for WavLM, audio for "
-            "Dasheng), speech, audio or all."
+            "Dasheng), speech, audio or all (embed.domain).",
+            show_default=False,
         ),
-    ] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the sample (embed.seed).")] = None,
     items_per_shard: Annotated[
-        int, typer.Option(help="Items per output shard (the resume unit).")
-    ] = 256,
+        int | None, typer.Option(help="Items per output shard, the resume unit (embed).")
+    ] = None,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
@@ -57,7 +58,7 @@ def embed(
 
     Re-running with the same --out resumes; another teacher or sample there is refused.
     """
-    from spear.pipeline.embed import EmbedConfig, run_embed
+    from spear.pipeline.embed import run_embed
 
     require_urls(manifest=manifest, out=out)
     if teacher not in ("wavlm", "dasheng"):
@@ -70,12 +71,15 @@ def embed(
             f"{section}.name": name,
             f"{section}.checkpoint": checkpoint,
             f"{section}.layer": layer,
+            "embed.hours": hours,
+            "embed.fraction": fraction,
+            "embed.domain": domain,
+            "embed.seed": seed,
+            "embed.items_per_shard": items_per_shard,
             "storage.endpoint_url": s3_endpoint,
             "ray.address": address,
         },
     )
-    ecfg = EmbedConfig(domain=domain, hours=hours, fraction=fraction, seed=seed,  # type: ignore[arg-type]
-                       items_per_shard=items_per_shard)  # fmt: skip
     tcfg = getattr(cfg.teachers, teacher)
-    summary = run_embed(manifest, out, tcfg, ecfg, cfg.decode, cfg.storage.resolved(), cfg.ray)
+    summary = run_embed(manifest, out, tcfg, cfg.embed, cfg.decode, cfg.storage.resolved(), cfg.ray)
     typer.echo(summary.line())

@@ -7,7 +7,6 @@ from typing import Annotated
 import typer
 
 from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
-from spear.errors import SpearError
 
 
 def train(
@@ -84,25 +83,40 @@ def features(
     ] = "",
     out: Annotated[str, typer.Option("--out", "-o", help="Output URL.")] = "",
     fmt: Annotated[
-        str, typer.Option("--format", help="parquet (parts) or numpy (one .npy per item).")
-    ] = "parquet",
+        str | None,
+        typer.Option(
+            "--format",
+            help="parquet (parts) or numpy (one .npy per item); features.format.",
+            show_default=False,
+        ),
+    ] = None,
     items_per_part: Annotated[
-        int, typer.Option(help="Items per output part (the resume unit).")
-    ] = 256,
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+        int | None, typer.Option(help="Items per output part, the resume unit (features).")
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="auto, cuda or cpu (features.device).", show_default=False)
+    ] = None,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Write a trained student's 50 Hz frame features for every manifest item."""
-    from spear.student.features import run_features
+    from spear.pipeline.features import run_features
 
     require_urls(checkpoint=checkpoint, manifest=manifest, out=out)
-    if device not in ("auto", "cuda", "cpu"):
-        raise SpearError(f"--device must be auto, cuda or cpu, got {device!r}")
-    cfg = resolve(config, set_, **{"storage.endpoint_url": s3_endpoint, "ray.address": address})
-    s = run_features(manifest, checkpoint, out, cfg.storage.resolved(), cfg.ray,
-                     decode=cfg.decode, fmt=fmt, items_per_part=items_per_part,  # type: ignore[arg-type]
-                     device=device)  # fmt: skip
+    cfg = resolve(
+        config,
+        set_,
+        **{
+            "features.format": fmt,
+            "features.items_per_part": items_per_part,
+            "features.device": device,
+            "storage.endpoint_url": s3_endpoint,
+            "ray.address": address,
+        },
+    )
+    s = run_features(
+        manifest, checkpoint, out, cfg.features, cfg.decode, cfg.storage.resolved(), cfg.ray
+    )
     typer.echo(s.line())

@@ -1,7 +1,10 @@
-"""Faults a multi-day tokenize job meets: the driver killed mid-run, a teacher actor killed.
+"""Faults a multi-day tokenize job meets: the driver killed mid-run, a teacher actor killed, a
+shard writer killed mid-write, before or after its commit, the driver killed between a shard's
+write and its commit, a copied or changed manifest.
 
-Either way, running the command (again) ends with every manifest item exactly once, as tokens
-or in quarantine, the shards holding exactly their planned items, and no partial file.
+Each ends, after running the command (again), with every manifest item exactly once, as tokens
+or in quarantine, the shards holding exactly their planned items with the codes of an
+uninterrupted run, and no partial or temporary file among the shards.
 """
 
 from __future__ import annotations
@@ -42,14 +45,28 @@ def job(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return {"manifest": manifest, "quantizer": str(root / "q"), "address": ray_cluster}
 
 
-def command(job: dict[str, str], out: Path) -> list[str]:
+def command(job: dict[str, str], out: Path, manifest: str | None = None) -> list[str]:
+    # Small shards: many units and actor calls, so a kill lands mid-run.
     return [
-        sys.executable, "-m", "spear.cli.main", "tokenize", "--manifest", job["manifest"],
-        "--out", str(out), "--wavlm", "wavlm-tiny", "--wavlm-quantizer", job["quantizer"],
-        "--items-per-shard", str(PER_SHARD), "--address", job["address"],
-        # Small batches: many shards and actor calls, so a kill lands mid-run.
-        "--set", "teachers.wavlm.batch_size=1", "--set", "tokenize.decode_batch_size=1",
+        sys.executable, "-m", "spear.cli.main", "tokenize", "--manifest",
+        manifest or job["manifest"], "--out", str(out), "--wavlm", "wavlm-tiny",
+        "--wavlm-quantizer", job["quantizer"], "--items-per-shard", str(PER_SHARD),
+        "--address", job["address"],
     ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(job: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """item id -> WavLM codes of an uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference") / "o"
+    done = subprocess.run(command(job, out), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return codes(out)
+
+
+def codes(out: Path) -> dict[str, bytes]:
+    t = pq.read_table(out / "tokens")
+    return dict(zip(t["item_id"].to_pylist(), t["wavlm_codes"].to_pylist(), strict=True))
 
 
 def wait_for(cond, timeout: float = 240.0, what: str = "") -> None:
@@ -76,6 +93,7 @@ def check_exactly_once(job: dict[str, str], out: Path) -> None:
         assert sorted(got) == want, f"shard {s}"
     leftovers = [p.name for p in out.rglob(".tmp-*")]
     assert leftovers == []
+    assert not (out / "_work/attempts").exists() or not list((out / "_work/attempts").iterdir())
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert [e["shard"] for e in index] == list(range(len(planned)))
     assert sum(e["rows"] + e["quarantined"] for e in index) == len(ids)
@@ -132,3 +150,74 @@ def test_teacher_actor_killed_mid_run(job: dict[str, str], tmp_path: Path) -> No
                  if "TokenizeStage" in a["ActorClassName"] and a["NumRestarts"] > 0]  # fmt: skip
     assert restarted, "the killed actor was not restarted"
     check_exactly_once(job, out)
+
+
+def _env(tmp_path: Path, faults: str) -> dict[str, str]:
+    return os.environ | {"SPEAR_FAULTS": faults, "SPEAR_FAULTS_DIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize("point", ["mid_stage", "before_commit", "before_publish"])
+def test_shard_writer_killed(
+    point: str, job: dict[str, str], reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The writer's process dies mid-write, after writing but before its commit, or after the
+    commit but before publishing: Ray retries the task and the job completes in one run."""
+    out = tmp_path / "o"
+    run = subprocess.run(command(job, out), capture_output=True, text=True, timeout=300,
+                         env=_env(tmp_path, f"{point}:shard-00001"))  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / f"{point}-shard-00001").exists(), "the fault did not fire"
+    check_exactly_once(job, out)
+    assert codes(out) == reference
+
+
+def test_driver_killed_between_write_and_commit(
+    job: dict[str, str], reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    proc = subprocess.Popen(command(job, out), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(tmp_path, "before_commit:shard-00002:hang"))  # fmt: skip
+    staged = out / "_work/attempts/shard-00002"
+    try:
+        wait_for(lambda: (tmp_path / "before_commit-shard-00002").exists()
+                 or proc.poll() is not None, what="a writer between write and commit")  # fmt: skip
+        assert proc.poll() is None
+        assert list(staged.rglob("tokens/shard-00002.parquet")), "nothing staged"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (out / "tokens/shard-00002.parquet").exists()
+    rerun = subprocess.run(command(job, out), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    check_exactly_once(job, out)
+    assert codes(out) == reference
+
+
+def test_manifest_copy_resumes_and_changed_manifest_is_refused(
+    job: dict[str, str], reference: dict[str, bytes], tmp_path: Path
+) -> None:
+    import shutil
+
+    out = tmp_path / "o"
+    first = subprocess.run(command(job, out), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    copy = tmp_path / "elsewhere" / "manifest-copy"
+    shutil.copytree(job["manifest"], copy)
+    again = subprocess.run(command(job, out, str(copy)), capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((out / "_SUCCESS.json").read_text())
+    assert summary["shards_done_before"] == summary["shards"]
+    # One item fewer: another manifest content, refused in one line before any Ray work.
+    parts = sorted((copy / "manifest").glob("*.parquet"))
+    t = pq.read_table(parts[0])
+    pq.write_table(t.slice(0, t.num_rows - 1), parts[0])
+    changed = subprocess.run(command(job, out, str(copy)), capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+    assert changed.returncode == 2
+    lines = changed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "manifest content" in lines[0], changed.stderr
+    assert codes(out) == reference

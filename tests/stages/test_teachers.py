@@ -22,7 +22,6 @@ from spear.stages.teachers import (
     _plan,
     embed_batch,
     load_teacher,
-    map_batches_kwargs,
 )
 
 
@@ -182,19 +181,28 @@ def test_checkpoint_of_another_size_is_rejected(tmp_path: Path) -> None:
 def test_ray_actor_stage(ray_cluster: str) -> None:
     import ray
 
-    cfg = TeacherConfig(name="wavlm-tiny", batch_size=2)
-    kwargs = map_batches_kwargs(cfg)
-    assert kwargs["num_gpus"] == 0 and kwargs["batch_size"] == 2
+    from spear.pipeline.job import pack, unit_actor, unpack
+
+    cfg = TeacherConfig(name="wavlm-tiny")
     batch = _batch([8_000, 1_000, 16_000])
-    rows = [{k: v[i] for k, v in batch.items()} for i in range(3)]
-    out = ray.data.from_items(rows).map_batches(TeacherStage, **kwargs).take_all()
-    by_id = {r["item_id"]: r for r in out}
+    units = ray.data.from_items([{"unit": 0, "data": pack(batch)}])
+    out = units.map_batches(
+        unit_actor(TeacherStage),
+        fn_constructor_kwargs={"cfg": cfg},
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=1,
+    ).take_all()
+    assert len(out) == 1 and out[0]["unit"] == 0
+    got = unpack(out[0]["data"])
+    by_id = {str(i): k for k, i in enumerate(got["item_id"])}
     assert sorted(by_id) == ["id0", "id1", "id2"]
-    assert by_id["id2"]["num_frames"] == TEACHERS["wavlm-tiny"].num_frames(16_000)
-    # The actor computes what the pure function computes (batched differently: fp16 rounding).
+    assert got["num_frames"][by_id["id2"]] == TEACHERS["wavlm-tiny"].num_frames(16_000)
+    # The actor computes what the pure function computes.
     local = embed_batch(load_teacher(cfg), batch)
     np.testing.assert_allclose(
-        np.frombuffer(by_id["id2"]["embeddings"], "<f2").astype(np.float32),
+        np.frombuffer(got["embeddings"][by_id["id2"]], "<f2").astype(np.float32),
         np.frombuffer(local["embeddings"][2], "<f2").astype(np.float32),
         rtol=2e-3,
         atol=1e-3,

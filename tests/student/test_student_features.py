@@ -57,3 +57,8 @@ def test_features_match_the_standalone_module(ray_cluster: str, tmp_path: Path) 
     # Re-running finds every part done.
     assert cli(*args) == 0
     assert json.loads((out / "_SUCCESS.json").read_text())["parts_done_before"] == summary["parts"]
+    # Another checkpoint into the same output is refused (features of two models never mix).
+    torch.manual_seed(1)
+    Student(StudentConfig(preset="tiny")).eval().save(str(tmp_path / "other.pt"))
+    other = [a if a != str(tmp_path / "student.pt") else str(tmp_path / "other.pt") for a in args]
+    assert cli(*other) == 2

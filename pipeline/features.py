@@ -1,0 +1,222 @@
+"""The features job: a trained student's 50 Hz frame features for every item of a manifest.
+
+Steps (the skeleton of ``pipeline/job.py``):
+1. Plan: the manifest's items sorted by id, cut into parts of ``items_per_part`` (the resume
+   unit); the plan records the items' content digest, the student checkpoint's sha256, the
+   output format and the decode settings, so a re-run with another checkpoint into the same
+   ``--out`` is refused instead of mixing features of two models.
+2. Each unfinished part travels as one Ray Data row: decode (CPU tasks), the student
+   (:class:`spear.student.features.FeatureStage` actors, GPU when asked or present), and a
+   write task that builds and commits the part's files (``pipeline/commit.py``).
+
+Output under ``out``: ``features/part-NNNNN.parquet`` (the embedding shard layout:
+``item_id``, ``num_frames``, ``embeddings``; metadata: checkpoint and its sha256, dim, frame
+rate, so ``spear quantizer train`` can read it too) or, with ``numpy``, ``features/ITEM_ID.npy``
+per item (float16); ``quarantine/part-NNNNN.parquet``; ``_work/``; ``_SUCCESS.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from spear.config import to_dict
+from spear.errors import SpearError
+from spear.formats import (
+    EMBEDDING_SHARD_SCHEMA,
+    EMBEDDING_SHARD_VERSION,
+    parquet_bytes,
+    quarantine_row,
+    quarantine_table,
+    with_metadata,
+)
+from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
+from spear.pipeline.manifest import read_manifest
+from spear.pipeline.settings import FeaturesConfig, Format
+from spear.ray_utils import RayConfig
+from spear.stages.decode import DecodeConfig
+from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
+
+log = logging.getLogger(__name__)
+
+FRAME_RATE = 50.0
+COLUMNS = ("item_id", "url", "start", "duration")
+
+
+@dataclass
+class FeaturesSummary:
+    out: str
+    items: int = 0
+    ok: int = 0
+    quarantined: int = 0
+    parts: int = 0
+    parts_done_before: int = 0
+    wall_seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"features: {self.items} items -> {self.ok} with features, {self.quarantined} "
+            f"quarantined; {self.parts} parts ({self.parts_done_before} done before); "
+            f"{self.wall_seconds:.1f} s -> {join(self.out, 'features')}"
+        )
+
+
+def student_digest(checkpoint: str, storage: StorageConfig) -> str:
+    """sha256 of the ``student.pt`` a checkpoint URL names (a file or a training folder)."""
+    from spear.student.model import STUDENT_FILE
+
+    fs, path = filesystem(checkpoint, storage)
+    url = checkpoint.rstrip("/") + "/" + STUDENT_FILE if fs.isdir(path) else checkpoint
+    return hashlib.sha256(read_bytes(url, storage)).hexdigest()
+
+
+def run_features(
+    manifest: str,
+    checkpoint: str,
+    out: str,
+    cfg: FeaturesConfig,
+    decode: DecodeConfig,
+    storage: StorageConfig,
+    ray_cfg: RayConfig,
+) -> FeaturesSummary:
+    """Write the student's features for every item of ``manifest`` under ``out``."""
+    from spear.student.features import FeatureStage
+    from spear.student.model import Student
+
+    t0 = time.time()
+    dim = Student.from_checkpoint(checkpoint, storage).output_dim  # fails here, before Ray
+    sha = student_digest(checkpoint, storage)
+    table = read_manifest(manifest, storage, columns=list(COLUMNS)).sort_by("item_id")
+    if table.num_rows == 0:
+        raise SpearError(f"the manifest at {manifest!r} has no items")
+    table = cut_units(table, items_per_unit=cfg.items_per_part)
+    decides = {
+        "checkpoint_sha256": sha,
+        "format": cfg.format,
+        "items_per_part": cfg.items_per_part,
+        "decode": to_dict(decode) | {"io_threads": None, "io_retries": None},
+    }
+    plan = make_plan(
+        "features", table, COLUMNS, decides, {"manifest": manifest, "checkpoint": checkpoint}
+    )
+    unit_job = UnitJob(
+        kind="features",
+        out=out,
+        unit_prefix="part",
+        columns=COLUMNS,
+        outputs=lambda n: (
+            [f"quarantine/{n}.parquet"]
+            + ([f"features/{n}.parquet"] if cfg.format == "parquet" else [])
+        ),
+        actors=[
+            ActorStage(
+                name="student",
+                cls=FeatureStage,
+                kwargs={
+                    "checkpoint": checkpoint,
+                    "storage": storage.resolved(),
+                    "device": cfg.device,
+                },
+                num_actors=cfg.num_actors,
+                device=cfg.device,
+                num_gpus=cfg.num_gpus,
+                num_cpus=cfg.num_cpus,
+            )
+        ],
+        writer=FeaturePartWriter(cfg.format, checkpoint, sha, dim),
+        decode=decode,
+    )
+    run = run_units(unit_job, plan, table, storage, ray_cfg)
+    summary = FeaturesSummary(out=out, parts=plan.units, parts_done_before=run.done_before)
+    summary.items = sum(int(e["items"]) for e in run.entries)
+    summary.quarantined = sum(int(e["quarantined"]) for e in run.entries)
+    summary.ok = summary.items - summary.quarantined
+    summary.wall_seconds = time.time() - t0
+    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
+    write_atomic(join(out, "_SUCCESS.json"), json.dumps(report, indent=1).encode(), storage)
+    return summary
+
+
+@dataclass(frozen=True)
+class FeaturePartWriter:
+    """Builds one features part (and its quarantine file) from a unit's items (on a worker)."""
+
+    fmt: Format
+    checkpoint: str
+    sha: str
+    dim: int
+
+    def __call__(
+        self, part: int, items: dict[str, np.ndarray]
+    ) -> tuple[dict[str, bytes], dict[str, Any]]:
+        name = f"part-{part:05d}"
+        order = np.argsort(items["item_id"].astype(str), kind="stable")
+        good, bad = [], []
+        for i in order:
+            err = str(items["error_type"][i] or "")
+            if err or int(items["num_frames"][i]) == 0:
+                url = str(items["url"][i])
+                bad.append(
+                    quarantine_row(
+                        item_id=str(items["item_id"][i]),
+                        source=url,
+                        stage="decode" if err else "student",
+                        error_type=err or "too_short",
+                        message=str(items["error"][i]) or f"{url}: no student frame",
+                    )
+                )
+            else:
+                good.append(int(i))
+        files = {f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(bad))}
+        if self.fmt == "numpy":
+            for i in good:
+                frames = int(items["num_frames"][i])
+                arr = np.frombuffer(bytes(items["features"][i]), "<f2").reshape(frames, self.dim)
+                buf = io.BytesIO()
+                np.save(buf, arr)
+                files[f"features/{items['item_id'][i]}.npy"] = buf.getvalue()
+        else:
+            meta = {
+                "checkpoint": self.checkpoint,
+                "checkpoint_sha256": self.sha,
+                "dim": self.dim,
+                "frame_rate": FRAME_RATE,
+                "model": "student",
+            }
+            schema = with_metadata(
+                EMBEDDING_SHARD_SCHEMA, "student_features", EMBEDDING_SHARD_VERSION, **meta
+            )
+            take = np.array(good, dtype=np.int64)
+            table = pa.table(
+                {
+                    "item_id": items["item_id"][take].astype(str).tolist(),
+                    "num_frames": pa.array(items["num_frames"][take].astype(np.int32), pa.int32()),
+                    "embeddings": pa.array(
+                        [bytes(x) for x in items["features"][take]], pa.binary()
+                    ),
+                },
+                schema=schema,
+            )
+            files[f"features/{name}.parquet"] = parquet_bytes(table)
+        by_stage: dict[str, Counter[str]] = {}
+        for r in bad:
+            by_stage.setdefault(r["stage"], Counter())[r["error_type"]] += 1
+        entry = {
+            "name": name,
+            "items": len(order),
+            "rows": len(good),
+            "quarantined": len(bad),
+            "audio_seconds": float(items["num_samples"][np.array(good, dtype=np.int64)].sum())
+            / 16_000,
+            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+        }
+        return files, entry
