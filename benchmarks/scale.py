@@ -87,11 +87,20 @@ def _teacher_infos() -> tuple[Any, ...]:
     from spear.formats import TokenTeacherInfo
 
     return tuple(
-        TokenTeacherInfo(prefix=p, teacher=p, family=p, layer=1, frame_rate=r, num_codebooks=c,
-                         codebook_size=256, quantizer_id=f"mvq-bench-{p}", checkpoint_sha256=None,
-                         domains=("audio",))
+        TokenTeacherInfo(
+            prefix=p,
+            teacher=p,
+            family=p,
+            layer=1,
+            frame_rate=r,
+            num_codebooks=c,
+            codebook_size=256,
+            quantizer_id=f"mvq-bench-{p}",
+            checkpoint_sha256=None,
+            domains=("audio",),
+        )
         for p, r, c in (("wavlm", 50.0, 16), ("dasheng", 25.0, 8))
-    )  # fmt: skip
+    )
 
 
 class _Rss:
@@ -152,11 +161,16 @@ def _old_write_shard(out: str, shard: int, rows: list[dict[str, Any]], infos: An
         cols[f"{t.prefix}_codes"] = [bytes(r[f"{t.prefix}_codes"]) for r in good]
     data = parquet_bytes(pa.table(cols, schema=schema))
     name = f"shard-{shard:05d}.parquet"
-    entry = {"shard": shard, "rows": len(good), "bytes": len(data),
-             "sha256": hashlib.sha256(data).hexdigest()}  # fmt: skip
+    entry = {
+        "shard": shard,
+        "rows": len(good),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
     write_atomic(join(out, "quarantine", name), parquet_bytes(quarantine_table([])), storage)
-    write_atomic(join(out, "_work/shards", f"shard-{shard:05d}.json"), json.dumps(entry).encode(),
-                 storage)  # fmt: skip
+    write_atomic(
+        join(out, "_work/shards", f"shard-{shard:05d}.json"), json.dumps(entry).encode(), storage
+    )
     write_atomic(join(out, "tokens", name), data, storage)
 
 
@@ -194,11 +208,16 @@ def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
         with _Rss() as rss:
             fn()
         wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
-        results.append({
-            "path": name, "rows_s": n / wall, "x_rt": n * ITEM_SECONDS / wall,
-            "cpu_per_1000": cpu / shards * 1000, "rss_mb": (rss.peak - rss.base) / 2**20,
-            "capacity": items * ITEM_SECONDS / (cpu / shards),
-        })  # fmt: skip
+        results.append(
+            {
+                "path": name,
+                "rows_s": n / wall,
+                "x_rt": n * ITEM_SECONDS / wall,
+                "cpu_per_1000": cpu / shards * 1000,
+                "rss_mb": (rss.peak - rss.base) / 2**20,
+                "capacity": items * ITEM_SECONDS / (cpu / shards),
+            }
+        )
 
     def old() -> None:
         blocks = [table.slice(i, 64) for i in range(0, n, 64)]
@@ -206,24 +225,39 @@ def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
         ds = ds.map_batches(fake_codes, batch_format="numpy", batch_size=64, num_cpus=1)
         expected = {s: items for s in range(shards)}
         out = f"{tmp}/old"
-        _old_gather(ds.iter_batches(batch_format="numpy", batch_size=None), expected,
-                    lambda s, rows: _old_write_shard(out, s, rows, infos))  # fmt: skip
+        _old_gather(
+            ds.iter_batches(batch_format="numpy", batch_size=None),
+            expected,
+            lambda s, rows: _old_write_shard(out, s, rows, infos),
+        )
 
     def units(out: str) -> Any:
         ds = unit_dataset(table, RUN_COLUMNS, list(range(shards)))
-        return ds.map_batches(map_units, fn_kwargs={"fn": fake_codes, "kwargs": {}},
-                              batch_size=1, batch_format="numpy", num_cpus=1)  # fmt: skip
+        return ds.map_batches(
+            map_units,
+            fn_kwargs={"fn": fake_codes, "kwargs": {}},
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=1,
+        )
 
     def stage() -> None:
         out = f"{tmp}/stage"
         ds = units(out).map_batches(
             write_units,
             fn_kwargs={"writer": TokenShardWriter(infos), "out": out, "storage": StorageConfig()},
-            batch_size=1, batch_format="numpy", num_cpus=0,
+            batch_size=1,
+            batch_format="numpy",
+            num_cpus=0,
             compute=ray.data.TaskPoolStrategy(size=4),
-        )  # fmt: skip
-        drive(ds, Progress("sink", n, n * ITEM_SECONDS / 3600, shards, 1e9), out,
-              StorageConfig(), stall_seconds=600)  # fmt: skip
+        )
+        drive(
+            ds,
+            Progress("sink", n, n * ITEM_SECONDS / 3600, shards, 1e9),
+            out,
+            StorageConfig(),
+            stall_seconds=600,
+        )
 
     def datasink() -> None:
         out = f"{tmp}/datasink"
@@ -231,8 +265,11 @@ def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
 
     # Warm the workers once, then alternate; each path on its own output folder.
     ray.data.range(8).map_batches(lambda b: b, num_cpus=1).take_all()
-    for name, fn in (("driver path (before)", old), ("write stage (now)", stage),
-                     ("Ray Data datasink", datasink)):  # fmt: skip
+    for name, fn in (
+        ("driver path (before)", old),
+        ("write stage (now)", stage),
+        ("Ray Data datasink", datasink),
+    ):
         measure(name, fn)
     return results
 
@@ -292,21 +329,34 @@ def orchestration(actors: list[int], rate: float, items: int, waves: int) -> lis
         cluster.add_node(num_cpus=0, resources={"stub_gpu": per_node})
     ray.init(address=cluster.address)
     rows = []
-    unit_seconds = items * ITEM_SECONDS / rate
     try:
         for n in actors:
             units = n * waves
             table = cut_units(_items(units * items, offset=n * 10**9), items_per_unit=items)
             with tempfile.TemporaryDirectory() as tmp:
                 job = UnitJob(
-                    kind=f"stub x{n}", out=f"{tmp}/o", unit_prefix="shard", columns=RUN_COLUMNS,
+                    kind=f"stub x{n}",
+                    out=f"{tmp}/o",
+                    unit_prefix="shard",
+                    columns=RUN_COLUMNS,
                     outputs=lambda u: [f"tokens/{u}.parquet"],
-                    actors=[ActorStage(name="stub", cls=StubTeacher, kwargs={"rate": rate},
-                                       num_actors=n, device="cpu", num_cpus=0,
-                                       resources={"stub_gpu": 1})],
-                    writer=TokenShardWriter(_teacher_infos()), decode=DecodeConfig(),
-                    decode_cpus=0.25, prepare=stub_prepare, write_concurrency=8,
-                )  # fmt: skip
+                    actors=[
+                        ActorStage(
+                            name="stub",
+                            cls=StubTeacher,
+                            kwargs={"rate": rate},
+                            num_actors=n,
+                            device="cpu",
+                            num_cpus=0,
+                            resources={"stub_gpu": 1},
+                        )
+                    ],
+                    writer=TokenShardWriter(_teacher_infos()),
+                    decode=DecodeConfig(),
+                    decode_cpus=0.25,
+                    prepare=stub_prepare,
+                    write_concurrency=8,
+                )
                 plan = make_plan("bench", table, RUN_COLUMNS, {})
                 t0 = time.perf_counter()
                 run = run_units(job, plan, table, StorageConfig(), RayConfig())
@@ -316,9 +366,16 @@ def orchestration(actors: list[int], rate: float, items: int, waves: int) -> lis
             first = next(m for m in marks if m["shards_done"] >= n)
             last = marks[-1]
             steady = (last["hours_done"] - first["hours_done"]) * 3600 / (last["t"] - first["t"])
-            rows.append({"actors": n, "units": units, "wall": wall,
-                         "x_rt": units * items * ITEM_SECONDS / wall, "steady": steady,
-                         "ideal": n * rate})  # fmt: skip
+            rows.append(
+                {
+                    "actors": n,
+                    "units": units,
+                    "wall": wall,
+                    "x_rt": units * items * ITEM_SECONDS / wall,
+                    "steady": steady,
+                    "ideal": n * rate,
+                }
+            )
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -348,8 +405,9 @@ def write_big_manifest(root: Path, n: int, parts: int = 20) -> None:
                 "item_id": pc.binary_join_element_wise(ids, pa.array(["0000"] * k), "-"),
                 "source": pa.array(["libriheavy"] * k),
                 "domain": pa.array(["speech"] * k),
-                "url": pc.binary_join_element_wise(pa.array(["s3://corpus/libriheavy/"] * k),
-                                                   ids, pa.array([".flac"] * k), ""),
+                "url": pc.binary_join_element_wise(
+                    pa.array(["s3://corpus/libriheavy/"] * k), ids, pa.array([".flac"] * k), ""
+                ),
                 "segment": seg,
                 "start": pa.array(np.zeros(k)),
                 "duration": pa.array(rng.uniform(2, 30, k)),
@@ -361,7 +419,7 @@ def write_big_manifest(root: Path, n: int, parts: int = 20) -> None:
                 "file_size": pa.array(np.full(k, 500_000, dtype=np.int64)),
             },
             schema=schema,
-        )  # fmt: skip
+        )
         pq.write_table(t, root / "manifest" / f"part-{p:05d}.parquet")
     (root / "_SUCCESS.json").write_text(json.dumps({"items": n}))
 
@@ -382,7 +440,8 @@ plan = make_plan("tokenize", table, RUN_COLUMNS, {}, {"manifest": manifest})
 check_plan(out, plan, 0, StorageConfig())
 t1 = time.perf_counter()
 rss_plan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-packed = sum(r["data"][0].as_buffer().size for r in unit_rows(table, RUN_COLUMNS, list(range(plan.units))))
+rows = unit_rows(table, RUN_COLUMNS, list(range(plan.units)))
+packed = sum(r["data"][0].as_buffer().size for r in rows)
 t2 = time.perf_counter()
 print(json.dumps({"items": table.num_rows, "units": plan.units, "plan_s": t1 - t0,
                   "pack_s": t2 - t1, "packed_mb": packed / 2**20, "rss_plan": rss_plan,
@@ -395,8 +454,12 @@ def plan(n: int, tmp: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     write_big_manifest(root, n)
     made = time.perf_counter() - t0
-    child = subprocess.run([sys.executable, "-c", _PLAN_CHILD, str(root), f"{tmp}/o"],
-                           capture_output=True, text=True, check=True)  # fmt: skip
+    child = subprocess.run(
+        [sys.executable, "-c", _PLAN_CHILD, str(root), f"{tmp}/o"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(child.stdout) | {"make_s": made}
 
 
@@ -425,38 +488,57 @@ def main() -> None:
                 res = sink(args.shards, args.items, tmp)
             finally:
                 ray.shutdown()
-            print(f"\n## sink: {args.shards} shards x {args.items} items of {ITEM_SECONDS:g} s "
-                  f"({WAVLM_BYTES + DASHENG_BYTES} B of codes per item), local Ray, "
-                  f"{os.cpu_count()} CPUs\n")  # fmt: skip
-            print("| path | rows/s | x real time | driver CPU s per 1,000 shards | driver RSS "
-                  "growth MB | driver capacity (x real time) |")  # fmt: skip
+            print(
+                f"\n## sink: {args.shards} shards x {args.items} items of {ITEM_SECONDS:g} s "
+                f"({WAVLM_BYTES + DASHENG_BYTES} B of codes per item), local Ray, "
+                f"{os.cpu_count()} CPUs\n"
+            )
+            print(
+                "| path | rows/s | x real time | driver CPU s per 1,000 shards | driver RSS "
+                "growth MB | driver capacity (x real time) |"
+            )
             print("|---|---|---|---|---|---|")
             for r in res:
-                print(f"| {r['path']} | {r['rows_s']:,.0f} | {r['x_rt']:,.0f} | "
-                      f"{r['cpu_per_1000']:.1f} | {r['rss_mb']:.0f} | {r['capacity']:,.0f} |")  # fmt: skip
+                print(
+                    f"| {r['path']} | {r['rows_s']:,.0f} | {r['x_rt']:,.0f} | "
+                    f"{r['cpu_per_1000']:.1f} | {r['rss_mb']:.0f} | {r['capacity']:,.0f} |"
+                )
         if args.part in ("all", "orchestration"):
-            rows = orchestration([int(a) for a in args.actors.split(",")], args.rate,
-                                 args.unit_items, args.waves)  # fmt: skip
-            print(f"\n## orchestration: stub teacher at {args.rate:g}x real time per actor, "
-                  f"units of {args.unit_items} x {ITEM_SECONDS:g} s, {args.waves} units per "
-                  "actor, 4 simulated nodes\n")  # fmt: skip
-            print("| actors | units | wall s | job x real time | steady x real time | ideal | "
-                  "steady / ideal |")  # fmt: skip
+            rows = orchestration(
+                [int(a) for a in args.actors.split(",")], args.rate, args.unit_items, args.waves
+            )
+            print(
+                f"\n## orchestration: stub teacher at {args.rate:g}x real time per actor, "
+                f"units of {args.unit_items} x {ITEM_SECONDS:g} s, {args.waves} units per "
+                "actor, 4 simulated nodes\n"
+            )
+            print(
+                "| actors | units | wall s | job x real time | steady x real time | ideal | "
+                "steady / ideal |"
+            )
             print("|---|---|---|---|---|---|---|")
             for r in rows:
-                print(f"| {r['actors']} | {r['units']} | {r['wall']:.1f} | {r['x_rt']:,.0f} | "
-                      f"{r['steady']:,.0f} | {r['ideal']:,.0f} | "
-                      f"{100 * r['steady'] / r['ideal']:.0f} % |")  # fmt: skip
+                print(
+                    f"| {r['actors']} | {r['units']} | {r['wall']:.1f} | {r['x_rt']:,.0f} | "
+                    f"{r['steady']:,.0f} | {r['ideal']:,.0f} | "
+                    f"{100 * r['steady'] / r['ideal']:.0f} % |"
+                )
         if args.part in ("all", "plan"):
             p = plan(args.plan_items, tmp)
-            print(f"\n## plan: {p['items']:,} items -> {p['units']:,} shards (manifest written "
-                  f"in {p['make_s']:.0f} s)\n")  # fmt: skip
+            print(
+                f"\n## plan: {p['items']:,} items -> {p['units']:,} shards (manifest written "
+                f"in {p['make_s']:.0f} s)\n"
+            )
             print("| step | seconds | peak RSS GB |")
             print("|---|---|---|")
-            print(f"| read, check ids, sort, cut, digest, write plan | {p['plan_s']:.1f} | "
-                  f"{p['rss_plan'] / 2**30:.2f} |")  # fmt: skip
-            print(f"| + pack the unit rows ({p['packed_mb']:,.0f} MB) | {p['pack_s']:.1f} | "
-                  f"{p['rss_all'] / 2**30:.2f} |")  # fmt: skip
+            print(
+                f"| read, check ids, sort, cut, digest, write plan | {p['plan_s']:.1f} | "
+                f"{p['rss_plan'] / 2**30:.2f} |"
+            )
+            print(
+                f"| + pack the unit rows ({p['packed_mb']:,.0f} MB) | {p['pack_s']:.1f} | "
+                f"{p['rss_all'] / 2**30:.2f} |"
+            )
 
 
 if __name__ == "__main__":

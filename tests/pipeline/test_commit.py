@@ -68,9 +68,11 @@ def test_duplicate_attempts_s3(s3_server) -> None:  # type: ignore[no-untyped-de
 
 
 def test_create_exclusive_everywhere(tmp_path: Path, s3_server) -> None:  # type: ignore[no-untyped-def]
-    for url, storage in ((str(tmp_path / "x.json"), LOCAL),
-                         ("memory://spear-test/x.json", LOCAL),
-                         (join(s3_server.bucket("excl"), "x.json"), s3_server.storage)):  # fmt: skip
+    for url, storage in (
+        (str(tmp_path / "x.json"), LOCAL),
+        ("memory://spear-test/x.json", LOCAL),
+        (join(s3_server.bucket("excl"), "x.json"), s3_server.storage),
+    ):
         assert create_exclusive(url, b"first", storage)
         assert not create_exclusive(url, b"second", storage)
         assert read_bytes(url, storage) == b"first"
