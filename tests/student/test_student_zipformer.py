@@ -378,3 +378,27 @@ def test_train_step_sets_the_schedules_from_hours_seen(monkeypatch: pytest.Monke
     g = torch.Generator().manual_seed(0)
     train_step(model, batch, opt, sched, step=9, hours=2.5, mask=MaskConfig(), generator=g)
     assert seen == [2.5 * 3600 / 600]
+
+
+def test_batch_level_decisions_respect_padding(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Training with constant attention and the position-score skip forced on (and the
+    # per-utterance random parts off): valid frames still ignore the padding.
+    monkeypatch.setattr(scaling, "_draw", lambda: 0.0)
+    monkeypatch.setattr(zipformer, "_draw", lambda: 0.0)
+    torch.manual_seed(0)
+    # torch's init: branches start large, so what the attention sees shows in the output
+    m = dataclasses.replace(
+        _no_randomness(), const_attention=0.5, pos_emb_skip=0.5, near_identity_init=False
+    )
+    encoder = Zipformer2(dataclasses.replace(ENCODER_PRESETS["tiny"](), machinery=m)).train()
+    short = torch.randn(1, 133, 128)
+    batch = torch.randn(2, 260, 128) * 5
+    batch[1, :133] = short[0]
+    alone, alone_len = encoder(short, torch.tensor([133]), batch_count=0.0)
+    both, _ = encoder(batch, torch.tensor([260, 133]), batch_count=0.0)
+    n = int(alone_len[0])
+    torch.testing.assert_close(both[1, :n], alone[0, :n], atol=1e-4, rtol=1e-4)
+    encoder.eval()
+    with torch.no_grad():
+        plain, _ = encoder(short, torch.tensor([133]))
+    assert not torch.allclose(plain[0, :n], alone[0, :n].detach(), atol=1e-2)  # it did act
