@@ -59,7 +59,7 @@ def bench_train(
     amp = torch.bfloat16 if device.type == "cuda" else None
     with FlopCounterMode(display=False) as counter:
         with torch.autocast(device.type, dtype=amp) if amp else torch.enable_grad():
-            loss, _, _ = compute_loss(model, batch, MaskConfig(), gen)
+            loss, _, _ = compute_loss(model, batch, MaskConfig(), gen, batch_count=0.0)
         loss.backward()
     flops = counter.get_total_flops()
     opt.zero_grad()

@@ -7,6 +7,7 @@ Every dataclass validates itself, so a bad value fails when the config is parsed
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -27,8 +28,147 @@ def _per_stack(name: str, values: tuple[int, ...], n: int) -> None:
 
 
 @dataclass(kw_only=True, frozen=True)
+class Schedule:
+    """A value that follows training progress (icefall's ScheduledFloat): piecewise linear in
+    the schedule batch count between ``points``, constant before the first and after the last.
+    The batch count is audio seconds seen (all workers) / ``ZipformerMachinery.batch_seconds``,
+    icefall's "adjusted batch count"."""
+
+    points: tuple[tuple[float, float], ...]
+    """(batch count, value) pairs, batch counts strictly increasing."""
+
+    def __post_init__(self) -> None:
+        if not self.points or any(len(p) != 2 for p in self.points):
+            raise ValueError(f"a schedule needs (batch, value) pairs, got {self.points}")
+        xs = [p[0] for p in self.points]
+        if any(b <= a for a, b in itertools.pairwise(xs)):
+            raise ValueError(f"schedule batch counts must increase, got {xs}")
+
+    def __call__(self, batch_count: float) -> float:
+        (x0, y0), (xn, yn) = self.points[0], self.points[-1]
+        if batch_count <= x0:
+            return float(y0)
+        if batch_count >= xn:
+            return float(yn)
+        for (xa, ya), (xb, yb) in itertools.pairwise(self.points):
+            if batch_count <= xb:
+                return float(ya + (yb - ya) * (batch_count - xa) / (xb - xa))
+        raise AssertionError("unreachable: batch_count lies inside the points")
+
+    @classmethod
+    def of(cls, *points: tuple[float, float]) -> Schedule:
+        return cls(points=tuple((float(x), float(y)) for x, y in points))
+
+    def values(self) -> tuple[float, ...]:
+        return tuple(float(y) for _, y in self.points)
+
+
+Scheduled = float | Schedule
+"""A constant or a :class:`Schedule` (YAML: a number, or ``{points: [[0, 0.3], [20000, 0.1]]}``)."""
+
+
+def scheduled(value: Scheduled, batch_count: float) -> float:
+    """The value of a constant-or-schedule at ``batch_count``."""
+    return value(batch_count) if isinstance(value, Schedule) else float(value)
+
+
+@dataclass(kw_only=True, frozen=True)
+class ZipformerMachinery:
+    """What makes icefall's Zipformer2 train stably: stochastic depth, scheduled dropout and
+    bypass floors, near-identity initial scales and the gradient-only Balancer/Whiten modules.
+    Defaults are icefall's ``egs/librispeech/ASR/zipformer`` values (docs/student.md lists
+    them). Nothing here changes the parameters or the eval-mode forward."""
+
+    batch_seconds: float = 600.0
+    """Audio seconds (all workers) that count as one batch of the schedules (icefall's
+    ``--ref-duration``)."""
+    dropout: Scheduled = Schedule(points=((0.0, 0.3), (20000.0, 0.1)))
+    """Dropout after the feed-forward activation and on the subsampling output, one mask per
+    (utterance, channel) shared over time."""
+    pos_emb_dropout: float = 0.15
+    """Element-wise dropout on the relative position embedding."""
+    layer_skip_start: float = 0.5
+    """Layer-skip (whole-layer, per utterance) probability while a layer warms up."""
+    layer_skip_end: float = 0.035
+    """Layer-skip probability after warm-up, times sqrt(stack downsampling); kept for good."""
+    layer_skip_batches: float = 4000.0
+    """Layer warm-up span: stack i of n warms up over batches [i+1, i+2] * this / (n+1), its
+    layers one after another."""
+    attention_skip: Scheduled = Schedule(points=((0.0, 0.2), (4000.0, 0.05), (16000.0, 0.0)))
+    """Per-utterance skip of the non-linear attention and both attentions (one mask for all
+    three)."""
+    conv_skip: Scheduled = Schedule(points=((0.0, 0.2), (4000.0, 0.05), (16000.0, 0.0)))
+    """Per-utterance skip of each convolution module."""
+    ff_skip: Scheduled = Schedule(points=((0.0, 0.1), (4000.0, 0.01), (50000.0, 0.0)))
+    """Per-utterance skip of the second and third feed-forward modules."""
+    const_attention: Scheduled = Schedule(points=((0.0, 0.25), (4000.0, 0.025)))
+    """Probability (per batch and layer) that the non-linear attention gets uniform weights
+    over the valid frames instead of the computed ones."""
+    pos_emb_skip: Scheduled = Schedule(points=((0.0, 0.5), (4000.0, 0.0)))
+    """Probability (per batch and layer) that attention scores leave out the position part."""
+    convnext_skip: Scheduled = Schedule(points=((0.0, 0.2), (20000.0, 0.015)))
+    """Per-utterance skip of the subsampling's ConvNeXt block."""
+    bypass_floor: Scheduled = Schedule(points=((0.0, 0.9), (20000.0, 0.2)))
+    """Lower limit of every bypass scale (layer, mid-layer, stack output), enforced through the
+    gradient as icefall does (the forward always uses the learned scale)."""
+    feature_mask_prob: float = 0.125
+    """Per utterance: channels between ``unmasked_dims`` and the midpoint up to the stack width
+    are zeroed with this probability, channels above the midpoint also with it again (~2x);
+    one draw per utterance shared by all stacks."""
+    balancers: bool = True
+    """Balancer modules: keep each channel's sign balance and magnitude in range (gradient
+    only)."""
+    whiteners: bool = True
+    """Whiten modules: keep activation covariances from collapsing onto few directions
+    (gradient only)."""
+    attention_score_limit: float = 25.0
+    """On 10 % of training calls, attention scores beyond +-limit get a gradient penalty
+    (0: off)."""
+    attention_score_penalty: float = 1e-4
+    """That penalty per unit of excess, relative to a loss summed over output frames (scaled by
+    1/frames here, since spear's loss is per frame)."""
+    embed_grad_scale: float = 0.2
+    """Gradient scale after the first subsampling convolution (1: off)."""
+    near_identity_init: bool = True
+    """icefall's initial scales: residual-branch output projections 0.05 (attention, conv)
+    and 0.1 (feed-forward), ConvNeXt output 0.01, position projection 0.05, attention input
+    query_head_dim^-0.25 (it replaces an explicit 1/sqrt(d)). False: torch defaults with the
+    explicit 1/sqrt(d)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_seconds <= 0:
+            raise ValueError(f"batch_seconds must be positive, got {self.batch_seconds}")
+        for name in (
+            "dropout",
+            "pos_emb_dropout",
+            "layer_skip_start",
+            "layer_skip_end",
+            "attention_skip",
+            "conv_skip",
+            "ff_skip",
+            "const_attention",
+            "pos_emb_skip",
+            "convnext_skip",
+            "bypass_floor",
+            "feature_mask_prob",
+        ):
+            v = getattr(self, name)
+            values = v.values() if isinstance(v, Schedule) else (float(v),)
+            if any(not 0.0 <= x < 1.0 for x in values):
+                raise ValueError(f"{name} must stay in [0, 1), got {v}")
+        if self.layer_skip_batches < 0 or self.attention_score_limit < 0:
+            raise ValueError("layer_skip_batches and attention_score_limit must be >= 0")
+        if self.attention_score_penalty < 0 or self.embed_grad_scale < 0:
+            raise ValueError("attention_score_penalty and embed_grad_scale must be >= 0")
+
+    def batch_count(self, hours: float) -> float:
+        """The schedules' batch count after ``hours`` of audio (all workers)."""
+        return hours * 3600.0 / self.batch_seconds
+
+
+@dataclass(kw_only=True, frozen=True)
 class ZipformerConfig:
-    """A Zipformer2 encoder (icefall's, simplified: no balancers/whiteners, plain Linear)."""
+    """A Zipformer2 encoder (icefall's layout; ``machinery`` holds its training-time parts)."""
 
     num_features: int = 128
     """Input feature bins (128-bin fbank)."""
@@ -53,11 +193,8 @@ class ZipformerConfig:
     """Size of the relative positional embedding."""
     embed_channels: tuple[int, int, int] = (8, 32, 128)
     """Channels of the three subsampling convolutions (icefall's layer1/2/3_channels)."""
-    dropout: float = 0.1
-    """Dropout on each module's residual branch."""
-    feature_mask_prob: float = 0.125
-    """Per frame and stack, the probability that channels above ``unmasked_dims`` are zeroed in
-    training (our choice, near icefall's)."""
+    machinery: ZipformerMachinery = field(default_factory=ZipformerMachinery)
+    """Stochastic depth, scheduled dropout and bypass floors, initial scales, Balancer/Whiten."""
 
     def __post_init__(self) -> None:
         n = len(self.downsampling)
@@ -79,8 +216,9 @@ class ZipformerConfig:
             raise ValueError(f"embed_channels needs 3 positive values, got {self.embed_channels}")
         if self.pos_dim % 2:
             raise ValueError(f"pos_dim must be even, got {self.pos_dim}")
-        if not 0.0 <= self.dropout < 1.0 or not 0.0 <= self.feature_mask_prob < 1.0:
-            raise ValueError("dropout and feature_mask_prob must be in [0, 1)")
+        top = self.machinery.layer_skip_end * max(self.downsampling) ** 0.5
+        if top >= 1.0:
+            raise ValueError(f"layer_skip_end x sqrt(downsampling) reaches {top:.3g} (>= 1)")
 
     @property
     def output_dim(self) -> int:

@@ -5,10 +5,11 @@
   holds one) and ``student.encode(feats, lengths)`` gives 50 Hz features for downstream work.
 * :class:`Batch` - a collated batch: padded fbank, lengths, domains, teacher-rate targets.
 * :func:`compute_loss` / :func:`train_step` - pure functions of (model, batch, optimiser,
-  schedule, generator): masks come from the explicit generator, dropout from torch's global RNG,
-  so a run restored with both RNG states repeats the next step exactly.
+  schedule, generator): masks come from the explicit generator, dropout and the encoder's other
+  random parts from torch's global RNG, so a run restored with both RNG states repeats the next
+  step exactly. ``train_step`` sets the encoder's schedules from the audio hours seen.
 
-``student.pt`` is ``torch.save`` of ``{"format": "spear-student", "version": 1, "config":
+``student.pt`` is ``torch.save`` of ``{"format": "spear-student", "version": 2, "config":
 <StudentConfig as plain data>, "model": state_dict}``; it loads with ``weights_only=True``.
 """
 
@@ -36,7 +37,10 @@ from spear.student.zipformer import Zipformer2
 
 STUDENT_FILE = "student.pt"
 STUDENT_FORMAT = "spear-student"
-STUDENT_VERSION = 1
+STUDENT_VERSION = 2
+"""2: the encoder with icefall's training machinery (initial scales replace the explicit
+attention scaling, bypasses no longer clamp in the forward); version 1 files compute another
+function, so they are refused."""
 FRAME_RATE = 50.0
 """Student output frames per second."""
 
@@ -82,10 +86,12 @@ class Student(nn.Module):
         lengths: Tensor,
         time_mask: Tensor | None = None,
         channel_mask: Tensor | None = None,
+        batch_count: float | None = None,
     ) -> StudentOutput:
+        """``batch_count``: the encoder schedules' position, needed in training mode."""
         if time_mask is not None and channel_mask is not None:
             feats = apply_masks(feats, time_mask, channel_mask, self.mask_embedding)
-        x, out_lengths = self.encoder(feats, lengths)
+        x, out_lengths = self.encoder(feats, lengths, batch_count)
         logits = {name: head(x) for name, head in self.heads.items()}
         return StudentOutput(encoder_out=x, lengths=out_lengths, logits=logits)
 
@@ -111,8 +117,8 @@ class Student(nn.Module):
             )
         if state.get("version") != STUDENT_VERSION:
             raise StudentFileError(
-                f"student checkpoint version {state.get('version')} is not "
-                f"{STUDENT_VERSION}; upgrade spear to read it"
+                f"student checkpoint version {state.get('version')}: this spear reads version "
+                f"{STUDENT_VERSION} only"
             )
         model = cls(from_dict(StudentConfig, state["config"]))
         model.load_state_dict(state["model"])
@@ -192,9 +198,10 @@ def compute_loss(
     batch: Batch,
     mask: MaskConfig | None,
     generator: torch.Generator | None,
+    batch_count: float | None = None,
 ) -> tuple[Tensor, LossOutput, Tensor]:
     """(loss per student frame, the loss parts, number of student frames). ``mask`` None: no
-    masking (evaluation)."""
+    masking (evaluation). ``batch_count``: see :meth:`Student.forward`."""
     student = unwrap(model)
     time_mask = channel_mask = None
     if mask is not None:
@@ -209,7 +216,7 @@ def compute_loss(
             time_mask.to(batch.feats.device),
             channel_mask.to(batch.feats.device),
         )
-    out: StudentOutput = model(batch.feats, batch.feat_lens, time_mask, channel_mask)
+    out: StudentOutput = model(batch.feats, batch.feat_lens, time_mask, channel_mask, batch_count)
     t_out = out.encoder_out.shape[1]
     rates = {h.name: h.frame_rate for h in student.cfg.heads}
     targets = {
@@ -240,12 +247,14 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
     """One optimiser step on ``batch`` (already on the model's device). ``step`` and ``hours``
-    are the progress *before* this step; they set the learning rate.
+    are the progress *before* this step; they set the learning rate, and ``hours`` the
+    encoder's schedules (skip rates, dropout, bypass floors; see ``ZipformerMachinery``).
 
     The loss is summed over frames (SPEC) and divided by the batch's frame count, so its size
     does not depend on the batch length; Adam-family updates are invariant to that scale."""
     model.train()
     scheduler.set_progress(step, hours)
+    batch_count = unwrap(model).encoder.cfg.machinery.batch_count(hours)
     device_type = batch.feats.device.type
     ctx = (
         torch.autocast(device_type, dtype=autocast_dtype)
@@ -253,7 +262,7 @@ def train_step(
         else nullcontext()
     )
     with ctx:
-        loss, parts, frames = compute_loss(model, batch, mask, generator)
+        loss, parts, frames = compute_loss(model, batch, mask, generator, batch_count)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
