@@ -328,6 +328,7 @@ def test_tokenize_report_has_every_plot(tmp_path: Path) -> None:
     assert reasons[-1][2] == "10"
     assert "manifest: unreadable" in page and "lineage (manifest, decode, teacher)" in page
     assert len(t["quarantine"]) == 1 + 3  # header + this run's 3 quarantined items
+    assert ["quarantined per stage", "manifest 7, decode 3, teacher 0"] in t["summary"]
 
     slow = t["slowest-shards"]
     assert slow[0] == ["shard", "path", "wall s", "items", "audio s", "x real time"]

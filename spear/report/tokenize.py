@@ -243,6 +243,17 @@ def quarantine_counts(run: TokenizeRun) -> tuple[list[tuple[str, str, int]], str
     )
 
 
+def _per_stage(run: TokenizeRun) -> str:
+    """The summary's one line of quarantine: items per stage, all stages of the lineage."""
+    counts, _ = quarantine_counts(run)
+    per: Counter[str] = Counter()
+    for stage in run.report.get("quarantine_by_stage") or {}:
+        per[str(stage)] = 0
+    for stage, _, n in counts:
+        per[stage] += n
+    return ", ".join(f"{k} {n:,}" for k, n in per.items()) or "none"
+
+
 def _quarantine(run: TokenizeRun) -> list[str]:
     counts, origin = quarantine_counts(run)
     if not counts:
@@ -404,6 +415,7 @@ def render_tokenize(run: TokenizeRun) -> str:
                 f"{fmt(r.get('token_bytes'), '{:,}')} "
                 f"({fmt(r.get('bytes_per_audio_second'), '{:,.0f}')} B per audio second)",
             ),
+            ("quarantined per stage", _per_stage(run)),
             ("versions", ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())),
         ]
     )

@@ -48,7 +48,7 @@ def render_train(url: str, rows: list[dict[str, Any]]) -> str:
                 series,
                 xlabel="step",
                 ylabel="loss",
-                caption="A log axis when the loss spans two decades or more.",
+                integer_x=True,
             )
         )
     else:
@@ -62,6 +62,7 @@ def render_train(url: str, rows: list[dict[str, Any]]) -> str:
                 xlabel="step",
                 ylabel="learning rate",
                 log=False,
+                integer_x=True,
             )
         )
     timed = col("hours", by="time")
@@ -77,6 +78,7 @@ def render_train(url: str, rows: list[dict[str, Any]]) -> str:
                 xlabel="minutes since start" if timed[0] else "step",
                 ylabel="audio hours",
                 log=False,
+                integer_x=not timed[0],
             )
         )
     if rate_x:
@@ -87,6 +89,7 @@ def render_train(url: str, rows: list[dict[str, Any]]) -> str:
                 xlabel="step",
                 ylabel="audio s per wall s",
                 log=False,
+                integer_x=True,
             )
         )
     return page(f"spear train run: {posixpath.basename(url.rstrip('/'))}", sections)
