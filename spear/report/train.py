@@ -1,0 +1,95 @@
+"""The report of a train run: a pure function of its ``metrics.jsonl`` rows."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+from spear.report.page import fmt, kv_table, note, page
+from spear.report.plots import Series, line_plot
+
+
+def render_train(url: str, rows: list[dict[str, Any]]) -> str:
+    """The HTML report of a train run from its metrics rows (pure: no I/O).
+
+    Rows need ``step``; every other figure is drawn when present: ``loss`` and any
+    ``loss_<teacher>``, ``lr``, ``hours`` (audio hours seen; over ``time`` in seconds since
+    the start when rows carry it, else over steps) and ``audio_s_per_s`` (throughput)."""
+
+    def col(name: str, by: str = "step") -> tuple[list[float], list[float]]:
+        pts = [
+            (float(r[by]), float(r[name]))
+            for r in rows
+            if isinstance(r.get(name), (int, float)) and isinstance(r.get(by), (int, float))
+        ]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    last = rows[-1]
+    sections = [
+        "<h2>Summary</h2>",
+        kv_table(
+            [
+                ("run", url),
+                ("logged rows", len(rows)),
+                ("last step", last.get("step", "-")),
+                ("last loss", fmt(last.get("loss"), "{:.4f}")),
+                ("audio hours seen", fmt(last.get("hours"), "{:,.1f}")),
+                ("elapsed", f"{fmt(last.get('time'), '{:,.0f}')} s"),
+            ]
+        ),
+        "<h2>Loss</h2>",
+    ]
+    names = ["loss", *sorted({k for r in rows for k in r if k.startswith("loss_")})]
+    series = [s for s in (Series(n, *col(n)) for n in names) if s.x]
+    if series:
+        sections.append(
+            line_plot(
+                "Training loss",
+                series,
+                xlabel="step",
+                ylabel="loss",
+                integer_x=True,
+            )
+        )
+    else:
+        sections.append(note("no loss values in metrics.jsonl"))
+    x, y = col("lr")
+    if x:
+        sections.append(
+            line_plot(
+                "Learning rate",
+                [Series("lr", x, y)],
+                xlabel="step",
+                ylabel="learning rate",
+                log=False,
+                integer_x=True,
+            )
+        )
+    timed = col("hours", by="time")
+    x, y = ([v / 60 for v in timed[0]], timed[1]) if timed[0] else col("hours")
+    rate_x, rate_y = col("audio_s_per_s")
+    if x or rate_x:
+        sections.append("<h2>Throughput</h2>")
+    if x:
+        sections.append(
+            line_plot(
+                "Audio hours seen over time" if timed[0] else "Audio hours seen",
+                [Series("hours", x, y)],
+                xlabel="minutes since start" if timed[0] else "step",
+                ylabel="audio hours",
+                log=False,
+                integer_x=not timed[0],
+            )
+        )
+    if rate_x:
+        sections.append(
+            line_plot(
+                "Training throughput",
+                [Series("x real time", rate_x, rate_y)],
+                xlabel="step",
+                ylabel="audio s per wall s",
+                log=False,
+                integer_x=True,
+            )
+        )
+    return page(f"spear train run: {posixpath.basename(url.rstrip('/'))}", sections)
