@@ -31,12 +31,13 @@ import pyarrow.parquet as pq
 import torch
 from rates import device_name, record  # benchmarks/rates.py
 
+from spear.checkpoints import load_quantizer
 from spear.formats import codes_to_bytes
 from spear.pipeline.manifest import build_manifest, read_manifest
+from spear.pipeline.quantize import save_quantizer
 from spear.pipeline.tokenize import run_tokenize
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
-from spear.quantizer.train import load_quantizer, save_quantizer
 from spear.ray_utils import RayConfig
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.manifest import ManifestConfig, SourceConfig

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from spear.config import SpearConfig, replace
 from spear.pipeline.embed import EmbedSummary, run_embed
 from spear.pipeline.manifest import ManifestSummary, build_manifest
+from spear.pipeline.quantize import train_quantizer
 from spear.pipeline.tokenize import REPORT, TokenizeSummary, run_tokenize
-from spear.quantizer.train import train_quantizer
 from spear.shards import validate
 from spear.stages.manifest import SourceConfig
 from spear.storage import exists, join, write_atomic

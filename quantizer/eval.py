@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,12 +27,14 @@ class EvalReport:
     refine_rounds: int
     rrl: float  # relative reconstruction loss in the quantiser's (normalised) space
     codebooks: list[CodebookUsage] = field(default_factory=list)
+    heldout: bool = False  # the frames are the quantiser's own held-out items
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> str:
         lines = [
+            ("held-out frames" if self.heldout else "frames (not held out)") + ":",
             f"quantiser {self.quantizer_id}: {self.frames} frames, "
             f"{self.refine_rounds} refinement rounds, RRL {self.rrl:.4f}",
             f"{'codebook':>8} {'entropy(bits)':>13} {'perplexity':>10} {'dead':>5}",
@@ -55,8 +58,27 @@ def codebook_usage(codes: torch.Tensor, codebook_size: int) -> list[CodebookUsag
     return out
 
 
-def evaluate(q: Quantizer, x: torch.Tensor, refine_rounds: int = 5) -> EvalReport:
-    """Encode frames x (N, dim) in the teacher's space and measure RRL and usage."""
+def heldout_items(q: Quantizer, available: Iterable[str]) -> set[str]:
+    """The items held out from ``q``'s training that are among ``available`` (empty: none)."""
+    held = q.info.training.get("heldout_items", [])
+    return set(held if isinstance(held, list) else []) & set(available)
+
+
+def evaluate_rrl(q: Quantizer, x: torch.Tensor, refine_rounds: int) -> float:
+    """RRL of frames x (N, dim) in the quantiser's (normalised) space; NaN without frames."""
+    if len(x) == 0:
+        return float("nan")
+    with torch.no_grad():
+        xn = q.normalise(x.to(q.centers.device, torch.float32))
+        codes = q.encode(x, refine_rounds)
+        return relative_reconstruction_loss(xn, q.decode(codes, denormalise=False))
+
+
+def evaluate(
+    q: Quantizer, x: torch.Tensor, refine_rounds: int = 5, *, heldout: bool = False
+) -> EvalReport:
+    """Encode frames x (N, dim) in the teacher's space and measure RRL and usage; ``heldout``
+    records whether x are the quantiser's own held-out items."""
     with torch.no_grad():
         codes = q.encode(x, refine_rounds)
         xn = q.normalise(x.to(q.centers.device, q.centers.dtype))
@@ -65,4 +87,5 @@ def evaluate(q: Quantizer, x: torch.Tensor, refine_rounds: int = 5) -> EvalRepor
             if len(x)
             else math.nan
         )
-    return EvalReport(q.id, len(x), refine_rounds, rrl, codebook_usage(codes, q.codebook_size))
+    usage = codebook_usage(codes, q.codebook_size)
+    return EvalReport(q.id, len(x), refine_rounds, rrl, usage, heldout)

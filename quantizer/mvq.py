@@ -18,13 +18,17 @@ computed once per set of weights: substitution scores are sums of Gram rows, and
 of the merges are sums of Gram entries between shortlisted entries (looked up per codebook pair,
 summed with embedding bags), so after the first ``x @ centers.T`` no tensor of size ``dim`` is
 touched again.
+
+A quantiser's id is derived from what decides its codes (:func:`content_id`): the shapes, the
+logit weights, the centres and the normalisation stats. Two bit-identical trainings share an id;
+any change of weights gives a new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +40,7 @@ from torch import Tensor, nn
 
 from spear.errors import SpearError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the id is derived from the weights (1: a random id)
 CPU_CHUNK = 64  # most vectors per refinement task on CPU (its look-up tensors stay in cache)
 MIN_CHUNK = 16  # fewer vectors than this per task are not worth a thread
 SCALE_SPEED = 10.0  # scales are exp(speed * param): a larger effective lr for the two scalars
@@ -85,9 +89,25 @@ def _cpu_pool(workers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def new_id() -> str:
-    """A random 8-hex-digit quantiser id."""
-    return secrets.token_hex(4)
+ID_PREFIX = "mvq-"
+CODE_TENSORS = ("to_logits.weight", "to_logits.bias", "centers")
+NORM_TENSORS = ("norm_mean", "norm_std")
+
+
+def content_id(
+    tensors: dict[str, Tensor], dim: int, num_codebooks: int, codebook_size: int, normalised: bool
+) -> str:
+    """``mvq-`` + 16 hex digits of the sha256 of everything that decides the codes: the shapes,
+    then each of :data:`CODE_TENSORS` (and, when normalised, :data:`NORM_TENSORS`) by name,
+    shape and little-endian float32 bytes. ``tensors`` as :meth:`Quantizer.export_tensors`."""
+    h = hashlib.sha256()
+    head = {"dim": dim, "num_codebooks": num_codebooks, "codebook_size": codebook_size}
+    h.update(json.dumps(head | {"normalised": normalised}, sort_keys=True).encode())
+    for name in CODE_TENSORS + (NORM_TENSORS if normalised else ()):
+        t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"\n{name} {list(t.shape)}\n".encode())
+        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+    return ID_PREFIX + h.hexdigest()[:16]
 
 
 def shortlist(group_codebooks: int, codebook_size: int) -> int:
@@ -104,12 +124,12 @@ def shortlist(group_codebooks: int, codebook_size: int) -> int:
 
 @dataclass
 class QuantizerInfo:
-    """What a saved quantiser says about itself (the JSON next to its tensors)."""
+    """What a saved quantiser says about itself (the JSON next to its tensors). Its id is not
+    here: :attr:`Quantizer.id` derives it from the weights."""
 
     dim: int
     num_codebooks: int
     codebook_size: int
-    id: str = field(default_factory=new_id)
     teacher: str = ""
     layer: int = -1
     normalised: bool = False
@@ -161,6 +181,7 @@ class Quantizer(nn.Module):
         self.register_buffer("norm_mean", torch.zeros(d))
         self.register_buffer("norm_std", torch.ones(d))
         self._tables: _Tables | None = None
+        self._id: tuple[tuple[Any, ...], str] | None = None
 
     # -- shapes and parameters -------------------------------------------------------------
 
@@ -178,7 +199,17 @@ class Quantizer(nn.Module):
 
     @property
     def id(self) -> str:
-        return self.info.id
+        """The content id (:func:`content_id`) of the current weights; cached until a parameter
+        or buffer changes (in place or replaced)."""
+        tensors = [*self.parameters(), *self.buffers()]
+        key = (self.info.normalised, *((id(t), t._version) for t in tensors))
+        if self._id is None or self._id[0] != key:
+            i = self.info
+            ident = content_id(
+                self.export_tensors(), i.dim, i.num_codebooks, i.codebook_size, i.normalised
+            )
+            self._id = (key, ident)
+        return self._id[1]
 
     def get_centers(self) -> Tensor:
         """Effective centres (C, K, dim)."""
@@ -314,7 +345,6 @@ class Quantizer(nn.Module):
             dim=d,
             num_codebooks=c // 2,
             codebook_size=k * k,
-            id=self.info.id,
             teacher=self.info.teacher,
             layer=self.info.layer,
             normalised=self.info.normalised,

@@ -9,40 +9,27 @@ of K entries (:meth:`Quantizer.product`) with the learning rate halved. Loss per
 
 Adam lr 5e-3, betas (0.9, 0.98); the lr halves ``lr_halvings`` times per phase.
 
-A saved quantiser is one safetensors file; its header metadata holds the JSON of
-:class:`QuantizerInfo` under ``spear`` (a ``quantizer.json`` copy sits beside it for people).
+Pure torch: :func:`fit` takes any iterable of frame minibatches and hands checkpoints (bytes,
+:func:`~spear.quantizer.serial.state_to_bytes`) to a callback; reading shards and writing files
+is the caller's (``spear.pipeline.quantize``). Inference never imports this module.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from spear.errors import SpearError
-from spear.quantizer.config import QuantizerConfig, QuantizerTrainConfig
-from spear.quantizer.data import load_frames, open_embeddings, train_batches
-from spear.quantizer.mvq import Quantizer, QuantizerInfo, relative_reconstruction_loss
-from spear.storage import StorageConfig, exists, join, read_bytes, write_atomic
-
-log = logging.getLogger(__name__)
-
-QUANTIZER_FILE = "quantizer.safetensors"
-INFO_FILE = "quantizer.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-class QuantizerFileError(SpearError):
-    """A quantiser file is missing or not one spear wrote."""
+from spear.quantizer.config import QuantizerTrainConfig
+from spear.quantizer.eval import evaluate_rrl
+from spear.quantizer.mvq import Quantizer, QuantizerInfo
+from spear.quantizer.serial import QuantizerFileError, state_from_bytes, state_to_bytes
 
 
 def pick_device(name: str) -> torch.device:
@@ -72,6 +59,7 @@ class QuantizerTrainer:
         root = round(math.sqrt(cfg.codebook_size))
         info.num_codebooks, info.codebook_size = 2 * cfg.num_codebooks, root
         self.quantizer = Quantizer(info).to(device)
+        self.dim = info.dim
         self.step_count = 0
         self.phase = 1
         self._init_optimizer()
@@ -130,127 +118,84 @@ class QuantizerTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step_count = int(state["step"])
-        self.phase = int(state["phase"])
         info = QuantizerInfo.from_json(state["info"])
+        phase = int(state["phase"])
+        c, k = self.cfg.num_codebooks, self.cfg.codebook_size
+        want = (self.dim, 2 * c, round(math.sqrt(k))) if phase == 1 else (self.dim, c, k)
+        got = (info.dim, info.num_codebooks, info.codebook_size)
+        if got != want:
+            raise ValueError(
+                f"its phase-{phase} quantiser is dim {got[0]}, {got[1]} x {got[2]}; this "
+                f"training's is dim {want[0]}, {want[1]} x {want[2]}"
+            )
+        self.step_count = int(state["step"])
+        self.phase = phase
         self.quantizer = Quantizer(info).to(self.device)
         self.quantizer.load_state_dict(state["model"])
         self._init_optimizer()
         self.optim.load_state_dict(state["optim"])
         self.sched.load_state_dict(state["sched"])
 
+    def state_bytes(self, extra: dict[str, Any] | None = None) -> bytes:
+        """The resumable state (and ``extra``, plain JSON values) as checkpoint bytes."""
+        return state_to_bytes({"trainer": self.state_dict(), "extra": extra or {}})
 
-# -- save / load ---------------------------------------------------------------------------
-
-
-def quantizer_bytes(q: Quantizer) -> bytes:
-    return st_save(q.export_tensors(), metadata={"spear": q.info.to_json()})
-
-
-def quantizer_from_bytes(data: bytes, where: str = "quantizer") -> Quantizer:
-    try:
-        header_len = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8 : 8 + header_len])
-        info = QuantizerInfo.from_json(header["__metadata__"]["spear"])
-        tensors = st_load(data)
-    except Exception as err:
-        raise QuantizerFileError(f"{where} is not a spear quantiser: {err}") from None
-    return Quantizer.from_tensors(info, tensors)
+    def load_state_bytes(self, data: bytes, where: str = "checkpoint") -> dict[str, Any]:
+        """Resume from :meth:`state_bytes`; returns its ``extra``. A state that does not fit
+        this trainer's shapes raises :class:`QuantizerFileError` naming ``where``."""
+        state = state_from_bytes(data, where)
+        try:
+            self.load_state_dict(state["trainer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise QuantizerFileError(f"{where} does not fit this training: {first}") from None
+        extra = state.get("extra", {})
+        return extra if isinstance(extra, dict) else {}
 
 
-def quantizer_url(url: str) -> str:
-    """A quantiser given as its folder or its ``.safetensors`` file -> the file."""
-    return url if url.endswith(".safetensors") else join(url, QUANTIZER_FILE)
+def normalisation_stats(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (float32, computed in float64) of frames (N, dim)."""
+    x = frames.double()
+    return x.mean(0).float(), x.std(0).float()
 
 
-def save_quantizer(q: Quantizer, url: str, storage: StorageConfig) -> str:
-    """Write the quantiser (``url`` is a folder or a ``.safetensors`` path); returns the file."""
-    target = quantizer_url(url)
-    write_atomic(target, quantizer_bytes(q), storage)
-    info_url = target[: -len(".safetensors")] + ".json"
-    write_atomic(info_url, json.dumps(q.info.__dict__, indent=2).encode(), storage)
-    return target
-
-
-def load_quantizer(url: str, storage: StorageConfig, device: str = "cpu") -> Quantizer:
-    target = quantizer_url(url)
-    if not exists(target, storage):
-        raise QuantizerFileError(f"no quantiser at {target!r}")
-    return quantizer_from_bytes(read_bytes(target, storage), target).to(device)
-
-
-# -- the recipe ----------------------------------------------------------------------------
-
-
-def train_quantizer(
-    cfg: QuantizerConfig,
-    embeddings: str,
-    out: str,
-    storage: StorageConfig,
-    report: Callable[[str], None] = print,
+def fit(
+    trainer: QuantizerTrainer,
+    batches: Iterable[np.ndarray | torch.Tensor],
+    heldout: torch.Tensor,
+    *,
+    refine_rounds: int = 5,
+    report: Callable[[str], None] | None = None,
+    checkpoint: Callable[[QuantizerTrainer], None] | None = None,
 ) -> Quantizer:
-    """Train on the shards under ``embeddings``; checkpoints and the result go under ``out``.
-    Resumes from ``out``'s checkpoint when there is one."""
-    tc = cfg.train
-    device = pick_device(tc.device)
-    torch.manual_seed(tc.seed)
-    emb = open_embeddings(embeddings, storage, cfg.data, seed=tc.seed)
-    heldout = torch.from_numpy(load_frames(emb, storage, set(emb.heldout_items)))
-    info = QuantizerInfo(
-        dim=emb.dim,
-        num_codebooks=tc.num_codebooks,
-        codebook_size=tc.codebook_size,
-        teacher=tc.teacher or emb.teacher,
-        layer=tc.layer if tc.layer >= 0 else emb.layer,
-    )
-    trainer = QuantizerTrainer(tc, info, device)
-    ckpt_url = join(out, CHECKPOINT_FILE)
-    if exists(ckpt_url, storage):
-        state = torch.load(io.BytesIO(read_bytes(ckpt_url, storage)), map_location=device)
-        trainer.load_state_dict(state)
-        report(f"resumed from {ckpt_url} at step {trainer.step_count}")
-    elif tc.normalise:
-        frames = load_frames(emb, storage, set(emb.items) - set(emb.heldout_items), tc.norm_frames)
-        x = torch.from_numpy(frames).double()
-        trainer.quantizer.set_normalisation(x.mean(0).float(), x.std(0).float())
-    trainer.quantizer.info.training = {**emb.summary(), "config": _plain(tc)}
-    # A different seed per resume: replaying the exact batch order is not needed.
-    batches = train_batches(
-        emb, storage, tc.batch_size, cfg.data.shuffle_frames, tc.seed + trainer.step_count
-    )
+    """Train until done on ``batches`` (minibatches (B, dim) in the teacher's space).
+
+    Every ``log_every`` steps (and at the end) ``report`` gets a progress line with the RRL on
+    ``heldout`` (N, dim); every ``checkpoint_every`` steps before the end ``checkpoint`` gets
+    the trainer (to persist :meth:`QuantizerTrainer.state_bytes`). Returns the final quantiser
+    in eval mode, with ``info.rrl`` set (NaN without held-out frames)."""
+    tc = trainer.cfg
+    stream = iter(batches)
     start = time.time()
     while not trainer.done():
-        stats = trainer.step(torch.from_numpy(next(batches)))
+        try:
+            x = next(stream)
+        except StopIteration:
+            raise SpearError(
+                f"the training frames ran out at step {trainer.step_count} of {2 * tc.phase_steps}"
+            ) from None
+        stats = trainer.step(torch.as_tensor(x))
         step = trainer.step_count
-        if tc.log_every and (step % tc.log_every == 0 or trainer.done()):
-            rrl = evaluate_rrl(trainer.quantizer, heldout, cfg.encode.refine_rounds)
+        if report and tc.log_every and (step % tc.log_every == 0 or trainer.done()):
+            rrl = evaluate_rrl(trainer.quantizer, heldout, refine_rounds)
             report(
                 f"step {step}/{2 * tc.phase_steps} phase {stats.phase} loss {stats.loss:.4f} "
                 f"train_rrl {stats.rrl:.4f} heldout_rrl {rrl:.4f} "
                 f"({time.time() - start:.1f}s)"
             )
-        if tc.checkpoint_every and step % tc.checkpoint_every == 0 and not trainer.done():
-            buf = io.BytesIO()
-            torch.save(trainer.state_dict(), buf)
-            write_atomic(ckpt_url, buf.getvalue(), storage)
+        every = tc.checkpoint_every
+        if checkpoint and every and step % every == 0 and not trainer.done():
+            checkpoint(trainer)
     q = trainer.quantizer.eval()
-    q.info.rrl = evaluate_rrl(q, heldout, cfg.encode.refine_rounds)
-    path = save_quantizer(q, out, storage)
-    report(f"saved quantiser {q.id} to {path} (held-out RRL {q.info.rrl:.4f})")
+    q.info.rrl = evaluate_rrl(q, heldout, refine_rounds)
     return q
-
-
-def evaluate_rrl(q: Quantizer, x: torch.Tensor, refine_rounds: int) -> float:
-    """Held-out RRL in the quantiser's (normalised) space; NaN without held-out frames."""
-    if len(x) == 0:
-        return float("nan")
-    with torch.no_grad():
-        xn = q.normalise(x.to(q.centers.device, torch.float32))
-        codes = q.encode(x, refine_rounds)
-        return relative_reconstruction_loss(xn, q.decode(codes, denormalise=False))
-
-
-def _plain(obj: Any) -> Any:
-    from dataclasses import asdict
-
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(obj).items()}

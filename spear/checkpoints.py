@@ -8,6 +8,9 @@ beside it and reported for provenance.
 Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``: arbitrary pickled
 objects are never executed. Hub ids (``org/name``) are resolved through ``huggingface_hub`` only
 when the user names one.
+
+Trained MVQ quantisers load here too (:func:`load_quantizer`), for inference: through
+``spear.quantizer.serial``, never the training code.
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spear.errors import SpearError
-from spear.storage import StorageConfig, filesystem, protocol_of
+from spear.storage import StorageConfig, exists, filesystem, join, protocol_of, read_bytes
+
+if TYPE_CHECKING:
+    from spear.quantizer.mvq import Quantizer
 
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "spear", "checkpoints"
@@ -248,3 +254,45 @@ def fetch(source: str, storage: StorageConfig, cache_dir: str | None = None) -> 
     if is_hub_id(source):
         return fetch_hub(source, cache_dir)
     return fetch_checkpoint(source, storage, cache_dir)
+
+
+# -- MVQ quantisers (inference side: no training code) --------------------------------------
+
+
+def quantizer_url(url: str) -> str:
+    """A quantiser given as its ``spear quantizer train`` folder or its ``.safetensors`` file ->
+    the file."""
+    from spear.quantizer.serial import QUANTIZER_FILE
+
+    return url if url.endswith(".safetensors") else join(url, QUANTIZER_FILE)
+
+
+def load_quantizer(url: str, storage: StorageConfig, device: str = "cpu") -> Quantizer:
+    """The quantiser at ``url`` (a ``spear quantizer train`` folder or its file), on ``device``.
+
+    One-line errors tell a missing quantiser from an unfinished training (a folder holding only
+    a checkpoint) and from a file that is not a quantiser."""
+    from spear.quantizer.serial import CHECKPOINT_FILE, quantizer_from_bytes
+
+    target = quantizer_url(url)
+    if not exists(target, storage):
+        folder = target.rsplit("/", 1)[0] if "/" in target else "."
+        if exists(join(folder, CHECKPOINT_FILE), storage):
+            raise CheckpointError(
+                f"quantiser {url!r} is unfinished: its training stopped before the end (only "
+                f"{CHECKPOINT_FILE} there); rerun spear quantizer train with --out {folder} to "
+                "finish it"
+            )
+        raise CheckpointError(
+            f"no quantiser at {target!r}: give a spear quantizer train output folder or its "
+            ".safetensors file"
+        )
+    try:
+        data = read_bytes(target, storage)
+    except SpearError:
+        raise
+    except Exception as err:  # a folder named *.safetensors, permissions, a dropped connection
+        raise CheckpointError(
+            f"cannot read quantiser {target!r}: {type(err).__name__}: {err}"
+        ) from None
+    return quantizer_from_bytes(data, target).to(device)

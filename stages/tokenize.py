@@ -185,7 +185,7 @@ class TokenizeStage:
         refine_rounds: int,
         keep_audio: tuple[str, ...],
     ):
-        from spear.quantizer.train import load_quantizer
+        from spear.checkpoints import load_quantizer
 
         self.teacher = load_teacher(teacher, storage)
         self.quantizer = load_quantizer(quantizer_url, storage, str(self.teacher.device)).eval()

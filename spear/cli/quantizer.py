@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
@@ -34,8 +33,9 @@ def train(
     set_: SetOpt = None,
     s3_endpoint: EndpointOpt = None,
 ) -> None:
-    """Train a quantiser on embedding shards; resumes from OUT's checkpoint."""
-    from spear.quantizer.train import train_quantizer
+    """Train a quantiser on embedding shards; resumes from OUT's checkpoint, and leaves a
+    finished OUT as it is."""
+    from spear.pipeline.quantize import train_quantizer
 
     cfg = resolve(
         config,
@@ -67,25 +67,19 @@ def eval_(
     s3_endpoint: EndpointOpt = None,
 ) -> None:
     """RRL and codebook usage on the quantiser's held-out frames (or the first MAX_FRAMES)."""
-    import torch
-
-    from spear.quantizer.data import load_frames, open_embeddings
-    from spear.quantizer.eval import evaluate
-    from spear.quantizer.train import load_quantizer
-    from spear.storage import write_atomic
+    from spear.pipeline.quantize import evaluate_quantizer
 
     cfg = resolve(
         config,
         set_,
         **{"storage.endpoint_url": s3_endpoint, "quantizer.encode.refine_rounds": rounds},
     )
-    storage = cfg.storage.resolved()
-    q = load_quantizer(quantizer, storage)
-    emb = open_embeddings(embeddings, storage, cfg.quantizer.data)
-    held = set(q.info.training.get("heldout_items", [])) & set(emb.items)
-    frames = load_frames(emb, storage, held or None, 0 if held else max_frames)
-    report = evaluate(q, torch.from_numpy(frames), cfg.quantizer.encode.refine_rounds)
-    typer.echo(("held-out frames" if held else "frames (not held out)") + ":")
+    report = evaluate_quantizer(
+        cfg.quantizer,
+        quantizer,
+        embeddings,
+        cfg.storage.resolved(),
+        max_frames=max_frames,
+        json_out=json_out,
+    )
     typer.echo(report.table())
-    if json_out:
-        write_atomic(json_out, json.dumps(report.to_dict(), indent=2).encode(), storage)

@@ -276,8 +276,8 @@ def _random_quantizer(url: str, teacher: str) -> str:
     """An untrained quantiser for a tiny teacher (64-d, layer 2), saved like a trained one."""
     import torch
 
+    from spear.pipeline.quantize import save_quantizer
     from spear.quantizer.mvq import Quantizer, QuantizerInfo
-    from spear.quantizer.train import save_quantizer
     from spear.storage import StorageConfig
 
     torch.manual_seed(len(teacher))

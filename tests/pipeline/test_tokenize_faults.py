@@ -23,8 +23,8 @@ import torch
 
 from spear.cli.main import main
 from spear.pipeline.manifest import read_manifest
+from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
-from spear.quantizer.train import save_quantizer
 from spear.storage import StorageConfig
 from spear.synth import write_speech_like
 

@@ -15,7 +15,7 @@ from spear.quantizer.mvq import (
     refine_round,
     shortlist,
 )
-from spear.quantizer.train import quantizer_bytes, quantizer_from_bytes
+from spear.quantizer.serial import quantizer_from_bytes, quantizer_to_bytes
 
 
 def make(dim: int = 32, c: int = 4, k: int = 16, seed: int = 0, dtype=torch.float32) -> Quantizer:
@@ -60,7 +60,7 @@ def test_bad_inputs_raise() -> None:
 def test_save_load_identity() -> None:
     q = make()
     q.set_normalisation(torch.randn(32), torch.rand(32) + 0.5)
-    q2 = quantizer_from_bytes(quantizer_bytes(q))
+    q2 = quantizer_from_bytes(quantizer_to_bytes(q))
     x = torch.randn(50, 32)
     assert q2.id == q.id and q2.info.normalised
     assert torch.equal(q.encode(x), q2.encode(x))

@@ -31,18 +31,36 @@ def test_training_reaches_rrl_bound() -> None:
     assert rrl < 0.3, rrl
 
 
-def test_heldout_keeps_a_few_items_on_a_small_set(tmp_path) -> None:
-    import numpy as np
-
+def test_heldout_keeps_a_few_items_on_a_small_set() -> None:
     from spear.quantizer.config import QuantizerDataConfig
-    from spear.quantizer.data import open_embeddings
-    from spear.quantizer.synthetic import write_embedding_shards
-    from spear.storage import StorageConfig
+    from spear.quantizer.data import choose_heldout
 
     # 40 items of 50 frames: 5 % of the frames is one item; the minimum asks for four.
-    x = np.random.default_rng(0).standard_normal((2000, 8)).astype(np.float32)
-    write_embedding_shards(str(tmp_path), x, shards=2, item_frames=50)
-    emb = open_embeddings(str(tmp_path), StorageConfig(), QuantizerDataConfig(), seed=0)
-    assert len(emb.heldout_items) == 4
-    none = open_embeddings(str(tmp_path), StorageConfig(), QuantizerDataConfig(heldout_fraction=0))
-    assert none.heldout_items == []
+    items = {f"item{i:03d}": 50 for i in range(40)}
+    held = choose_heldout(items, QuantizerDataConfig(), seed=0)
+    assert len(held) == 4 and set(held) <= set(items)
+    assert choose_heldout(items, QuantizerDataConfig(), seed=0) == held  # seeded
+    assert choose_heldout(items, QuantizerDataConfig(), seed=1) != held
+    assert choose_heldout(items, QuantizerDataConfig(heldout_fraction=0), seed=0) == []
+    capped = QuantizerDataConfig(heldout_fraction=0.5, max_heldout_frames=120)
+    assert len(choose_heldout(items, capped, seed=0)) == 2  # 2 x 50 frames fit under 120
+
+
+def test_shuffled_batches_cover_every_frame_each_epoch() -> None:
+    import numpy as np
+
+    from spear.quantizer.data import shuffled_batches
+
+    # Three shards of 40, 24 and 32 frames; frame value = its global index.
+    shards = [np.arange(a, b, dtype=np.float32)[:, None] for a, b in [(0, 40), (40, 64), (64, 96)]]
+    reads: list[int] = []
+
+    def read(i: int) -> np.ndarray:
+        reads.append(i)
+        return shards[i]
+
+    stream = shuffled_batches(read, 3, 1, batch_size=16, shuffle_frames=1000, seed=0)
+    epoch = np.concatenate([next(stream) for _ in range(6)])  # 96 frames = 6 batches of 16
+    assert sorted(epoch[:, 0].tolist()) == list(range(96))
+    assert epoch[:, 0].tolist() != list(range(96))  # shuffled
+    assert sorted(reads) == [0, 1, 2]

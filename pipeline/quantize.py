@@ -1,0 +1,406 @@
+"""The quantiser jobs: ``spear quantizer train`` and ``spear quantizer eval`` on any fsspec URL.
+
+This is the storage side of :mod:`spear.quantizer` (a pure torch library): it reads embedding
+shards, and reads and writes quantisers and training checkpoints.
+
+Embeddings: Parquet files with :data:`spear.formats.EMBEDDING_SHARD_SCHEMA` (float16 (frames, dim)
+per item): one file, a folder searched recursively for ``*.parquet``, or a ``spear embed`` output
+folder (its ``embeddings/``), which must be finished (``_SUCCESS.json``).
+
+``spear quantizer train --out OUT`` writes, in this order::
+
+    OUT/checkpoint.safetensors   the resumable state, every ``checkpoint_every`` steps
+    OUT/quantizer.json           a readable copy of the quantiser's header (id, shapes, data)
+    OUT/quantizer.safetensors    the quantiser; written last, so its presence means finished
+
+A killed run resumes from its checkpoint (same settings and data only); its remaining steps see
+another batch order, so its weights, and hence its id, differ from an uninterrupted run's.
+A rerun on a finished OUT with the same settings changes nothing and says so; other settings
+are refused (train into another ``--out``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from spear.checkpoints import load_quantizer
+from spear.errors import SpearError
+from spear.formats import EMBEDDING_DTYPE, read_metadata
+from spear.quantizer.config import QuantizerConfig, QuantizerDataConfig
+from spear.quantizer.data import choose_heldout, shuffled_batches
+from spear.quantizer.eval import EvalReport, evaluate, heldout_items
+from spear.quantizer.mvq import Quantizer, QuantizerInfo
+from spear.quantizer.serial import (
+    CHECKPOINT_FILE,
+    INFO_FILE,
+    QUANTIZER_FILE,
+    quantizer_json,
+    quantizer_to_bytes,
+)
+from spear.quantizer.train import QuantizerTrainer, fit, normalisation_stats, pick_device
+from spear.storage import (
+    StorageConfig,
+    canonical_url,
+    exists,
+    filesystem,
+    join,
+    read_bytes,
+    unstrip,
+    write_atomic,
+)
+
+EMBED_SUCCESS = "_SUCCESS.json"
+"""The marker ``spear embed`` writes when every shard is done."""
+LEGACY_CHECKPOINT = "checkpoint.pt"
+"""The pickled checkpoint earlier spear versions wrote; never read."""
+SPEED_ONLY = ("device", "log_every", "checkpoint_every")
+"""Train settings that do not change the result: a resume may change them."""
+
+
+class EmbeddingDataError(SpearError):
+    """Embedding shards are missing, unfinished or inconsistent."""
+
+
+# -- embeddings ------------------------------------------------------------------------------
+
+
+@dataclass
+class EmbeddingSet:
+    """The shards under one URL, with what their metadata says."""
+
+    url: str
+    shards: list[str]
+    dim: int
+    teacher: str = ""
+    layer: int = -1
+    items: dict[str, int] = field(default_factory=dict)  # item_id -> frames
+    heldout_items: list[str] = field(default_factory=list)
+
+    @property
+    def total_frames(self) -> int:
+        return sum(self.items.values())
+
+    def summary(self) -> dict[str, Any]:
+        held = sum(self.items[i] for i in self.heldout_items)
+        return {
+            "embeddings": self.url,
+            "shards": len(self.shards),
+            "items": len(self.items),
+            "frames": self.total_frames,
+            "heldout_frames": held,
+            "heldout_items": sorted(self.heldout_items),
+        }
+
+
+def list_shards(url: str, storage: StorageConfig) -> list[str]:
+    """The shard URLs under ``url``: missing and unfinished embeddings are one-line errors."""
+    if not exists(url, storage):
+        raise EmbeddingDataError(
+            f"no embeddings at {url!r}: nothing is there (write them with spear embed --out URL)"
+        )
+    fs, path = filesystem(url, storage)
+    if fs.isfile(path):
+        return [url]
+    base = path.rstrip("/")
+    # A `spear embed` output folder: its shards sit under embeddings/, beside the quarantine.
+    if fs.exists(base + "/_work/plan.json") or fs.isdir(base + "/embeddings"):
+        if not fs.exists(f"{base}/{EMBED_SUCCESS}"):
+            done = fs.find(base + "/embeddings") if fs.isdir(base + "/embeddings") else []
+            n = sum(p.endswith(".parquet") for p in done)
+            raise EmbeddingDataError(
+                f"embeddings {url!r} are unfinished: spear embed has written {n} shard(s) and "
+                f"no {EMBED_SUCCESS}; rerun the same spear embed command to finish them"
+            )
+        base += "/embeddings"
+    found = sorted(p for p in fs.find(base) if p.endswith(".parquet"))
+    if not found:
+        raise EmbeddingDataError(f"no embedding shards (*.parquet) under {url!r}")
+    return [unstrip(fs, p) for p in found]
+
+
+def _read_table(url: str, storage: StorageConfig, columns: list[str]) -> Any:
+    fs, path = filesystem(url, storage)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(io.BytesIO(f.read()), columns=columns)
+    except Exception as err:  # ArrowInvalid for a damaged file, KeyError for a missing column
+        raise EmbeddingDataError(
+            f"{url}: not an embedding shard ({type(err).__name__}: {err})"
+        ) from None
+
+
+def open_embeddings(
+    url: str, storage: StorageConfig, data: QuantizerDataConfig, seed: int = 0
+) -> EmbeddingSet:
+    """Index the shards (item ids and frame counts only) and choose the held-out items."""
+    shards = list_shards(url, storage)
+    dims: set[int] = set()
+    emb = EmbeddingSet(url=url, shards=shards, dim=0)
+    for shard in shards:
+        fs, path = filesystem(shard, storage)
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                meta = read_metadata(pf.schema_arrow)
+                table = pf.read(columns=["item_id", "num_frames"])
+        except Exception as err:  # a damaged file or another table
+            raise EmbeddingDataError(
+                f"{shard}: not an embedding shard ({type(err).__name__}: {err})"
+            ) from None
+        if "dim" not in meta:
+            raise EmbeddingDataError(f"{shard}: no 'dim' in the shard's spear metadata")
+        dims.add(int(meta["dim"]))
+        emb.teacher = emb.teacher or str(meta.get("teacher", "") or "")
+        emb.layer = int(meta.get("layer", emb.layer))
+        for item, n in zip(
+            table.column("item_id").to_pylist(), table.column("num_frames").to_pylist(), strict=True
+        ):
+            emb.items[item] = int(n)
+    if len(dims) != 1:
+        raise EmbeddingDataError(f"shards under {url!r} disagree on dim: {sorted(dims)}")
+    emb.dim = dims.pop()
+    emb.heldout_items = choose_heldout(emb.items, data, seed)
+    return emb
+
+
+def _frames(table: Any, dim: int, keep: set[str] | None, drop: set[str]) -> np.ndarray:
+    """Decode a table's embeddings to float32 (frames, dim), filtering items."""
+    parts = []
+    ids = table.column("item_id").to_pylist()
+    blobs = table.column("embeddings").to_pylist()
+    for item, blob in zip(ids, blobs, strict=True):
+        if item in drop or (keep is not None and item not in keep):
+            continue
+        parts.append(np.frombuffer(blob, dtype=EMBEDDING_DTYPE).reshape(-1, dim))
+    if not parts:
+        return np.zeros((0, dim), np.float32)
+    return np.concatenate(parts).astype(np.float32)
+
+
+def load_frames(
+    emb: EmbeddingSet, storage: StorageConfig, items: set[str] | None, max_frames: int = 0
+) -> np.ndarray:
+    """All frames (float32 (N, dim)) of ``items`` (None: all), at most ``max_frames`` (0: all)."""
+    parts, total = [], 0
+    for shard in emb.shards:
+        table = _read_table(shard, storage, ["item_id", "embeddings"])
+        arr = _frames(table, emb.dim, items, set())
+        parts.append(arr)
+        total += len(arr)
+        if max_frames and total >= max_frames:
+            break
+    out = np.concatenate(parts) if parts else np.zeros((0, emb.dim), np.float32)
+    return out[:max_frames] if max_frames else out
+
+
+def train_batches(
+    emb: EmbeddingSet, storage: StorageConfig, batch_size: int, shuffle_frames: int, seed: int
+) -> Iterator[np.ndarray]:
+    """Endless float32 minibatches (batch_size, dim) of training frames (held-out excluded)."""
+    drop = set(emb.heldout_items)
+    if emb.total_frames - sum(emb.items[i] for i in drop) <= 0:
+        raise EmbeddingDataError(f"no training frames left under {emb.url!r}")
+
+    def read(shard: int) -> np.ndarray:
+        table = _read_table(emb.shards[shard], storage, ["item_id", "embeddings"])
+        return _frames(table, emb.dim, None, drop)
+
+    return shuffled_batches(read, len(emb.shards), emb.dim, batch_size, shuffle_frames, seed)
+
+
+def write_embedding_shards(
+    url: str,
+    x: np.ndarray,
+    *,
+    shards: int = 2,
+    item_frames: int = 50,
+    storage: StorageConfig | None = None,
+    **meta: Any,
+) -> list[str]:
+    """Write frames (N, dim) as embedding shards (float16, items of ``item_frames``) under
+    ``url``, as ``spear embed`` would (for tests and benchmarks); returns the shard URLs."""
+    import pyarrow as pa
+
+    from spear.formats import EMBEDDING_SHARD_SCHEMA, EMBEDDING_SHARD_VERSION, with_metadata
+
+    storage = storage or StorageConfig()
+    schema = with_metadata(
+        EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION, dim=x.shape[1], **meta
+    )
+    items = [x[i : i + item_frames] for i in range(0, len(x), item_frames)]
+    urls = []
+    for s in range(shards):
+        rows = [
+            {
+                "item_id": f"item{i:06d}",
+                "num_frames": len(a),
+                "embeddings": np.ascontiguousarray(a, EMBEDDING_DTYPE).tobytes(),
+            }
+            for i, a in enumerate(items)
+            if i % shards == s
+        ]
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
+        u = join(url, f"shard-{s:05d}.parquet")
+        write_atomic(u, buf.getvalue(), storage)
+        urls.append(u)
+    return urls
+
+
+# -- train -------------------------------------------------------------------------------------
+
+
+def _plain(obj: Any) -> Any:
+    """A config dataclass as JSON values (tuples become lists, as they do in the files)."""
+    return json.loads(json.dumps(asdict(obj)))
+
+
+def job_description(
+    cfg: QuantizerConfig, embeddings: str, storage: StorageConfig
+) -> dict[str, Any]:
+    """What decides the trained quantiser: a finished or resumed OUT must have been trained
+    with the same (speed settings aside)."""
+    recipe = {k: v for k, v in _plain(cfg.train).items() if k not in SPEED_ONLY}
+    return {
+        "embeddings": canonical_url(embeddings, storage),
+        "train": recipe,
+        "data": _plain(cfg.data),
+    }
+
+
+def _diff(old: Any, new: Any, path: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k), new.get(k), f"{path}.{k}" if path else k)
+        return out
+    return [] if old == new else [f"{path}: {old!r} there, {new!r} now"]
+
+
+def _refuse_other_job(recorded: Any, job: dict[str, Any], what: str) -> None:
+    diffs = _diff(recorded, job)
+    if diffs:
+        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+        raise SpearError(f"{what} with other settings or data ({shown}); use another --out")
+
+
+def train_quantizer(
+    cfg: QuantizerConfig,
+    embeddings: str,
+    out: str,
+    storage: StorageConfig,
+    report: Callable[[str], None] = print,
+) -> Quantizer:
+    """Train on the shards under ``embeddings`` into the folder ``out`` (see the module
+    docstring): resumes from ``out``'s checkpoint; a finished ``out`` is left as it is."""
+    tc = cfg.train
+    job = job_description(cfg, embeddings, storage)
+    if exists(join(out, QUANTIZER_FILE), storage):
+        q: Quantizer = load_quantizer(out, storage)
+        recorded = q.info.training.get("job")
+        if recorded is not None:  # quantisers of earlier spear versions did not record it
+            _refuse_other_job(
+                recorded, job, f"{out!r} holds the finished quantiser {q.id}, trained"
+            )
+        report(
+            f"{out} is finished: quantiser {q.id} (held-out RRL {q.info.rrl}); nothing to do "
+            "(to train again, give another --out)"
+        )
+        return q
+    legacy = join(out, LEGACY_CHECKPOINT)
+    if exists(legacy, storage):
+        raise SpearError(
+            f"{legacy!r} is a pickled checkpoint of an older spear, which is never read; "
+            "delete it to start this training over"
+        )
+    device = pick_device(tc.device)
+    torch.manual_seed(tc.seed)
+    emb = open_embeddings(embeddings, storage, cfg.data, seed=tc.seed)
+    heldout = torch.from_numpy(load_frames(emb, storage, set(emb.heldout_items)))
+    info = QuantizerInfo(
+        dim=emb.dim,
+        num_codebooks=tc.num_codebooks,
+        codebook_size=tc.codebook_size,
+        teacher=tc.teacher or emb.teacher,
+        layer=tc.layer if tc.layer >= 0 else emb.layer,
+    )
+    trainer = QuantizerTrainer(tc, info, device)
+    data = {"items": len(emb.items), "frames": emb.total_frames}
+    ckpt_url = join(out, CHECKPOINT_FILE)
+    if exists(ckpt_url, storage):
+        extra = trainer.load_state_bytes(read_bytes(ckpt_url, storage), ckpt_url)
+        what = f"{ckpt_url!r} is the checkpoint of a training"
+        recorded = {"job": extra.get("job"), "data": extra.get("data")}
+        _refuse_other_job(recorded, {"job": job, "data": data}, what)
+        report(f"resumed from {ckpt_url} at step {trainer.step_count}")
+    elif tc.normalise:
+        frames = load_frames(emb, storage, set(emb.items) - set(emb.heldout_items), tc.norm_frames)
+        trainer.quantizer.set_normalisation(*normalisation_stats(torch.from_numpy(frames)))
+    trainer.quantizer.info.training = {**emb.summary(), "config": _plain(tc), "job": job}
+    # A different seed per resume: replaying the exact batch order is not needed.
+    batches = train_batches(
+        emb, storage, tc.batch_size, cfg.data.shuffle_frames, tc.seed + trainer.step_count
+    )
+
+    def checkpoint(tr: QuantizerTrainer) -> None:
+        write_atomic(ckpt_url, tr.state_bytes({"job": job, "data": data}), storage)
+
+    rounds = cfg.encode.refine_rounds
+    q = fit(trainer, batches, heldout, refine_rounds=rounds, report=report, checkpoint=checkpoint)
+    write_atomic(join(out, INFO_FILE), quantizer_json(q), storage)
+    path = save_quantizer(q, out, storage)
+    report(f"saved quantiser {q.id} to {path} (held-out RRL {q.info.rrl:.4f})")
+    return q
+
+
+def save_quantizer(q: Quantizer, url: str, storage: StorageConfig) -> str:
+    """Write ``q`` to a folder (its ``quantizer.safetensors``) or a ``.safetensors`` URL;
+    returns the file's URL. Readers load it with :func:`spear.checkpoints.load_quantizer`."""
+    target = url if url.endswith(".safetensors") else join(url, QUANTIZER_FILE)
+    write_atomic(target, quantizer_to_bytes(q), storage)
+    return target
+
+
+# -- eval --------------------------------------------------------------------------------------
+
+
+def evaluate_quantizer(
+    cfg: QuantizerConfig,
+    quantizer: str,
+    embeddings: str,
+    storage: StorageConfig,
+    *,
+    max_frames: int = 10_000,
+    json_out: str | None = None,
+) -> EvalReport:
+    """RRL and codebook usage of the quantiser at ``quantizer`` on its held-out items among
+    ``embeddings`` (when there are any; else the first ``max_frames`` frames); the report also
+    goes to ``json_out`` when given."""
+    q: Quantizer = load_quantizer(quantizer, storage)
+    emb = open_embeddings(embeddings, storage, cfg.data)
+    if emb.dim != q.dim:
+        raise SpearError(
+            f"embeddings {embeddings!r} are {emb.dim}-d, quantiser {quantizer!r} encodes "
+            f"{q.dim}-d ones: give embeddings of the teacher it was trained on "
+            f"({q.info.teacher or 'unknown'}, layer {q.info.layer})"
+        )
+    if emb.teacher and q.info.teacher and emb.teacher != q.info.teacher:
+        raise SpearError(
+            f"embeddings {embeddings!r} are {emb.teacher}'s, quantiser {quantizer!r} was "
+            f"trained on {q.info.teacher}'s"
+        )
+    held = heldout_items(q, emb.items)
+    frames = load_frames(emb, storage, held or None, 0 if held else max_frames)
+    rounds = cfg.encode.refine_rounds
+    result = evaluate(q, torch.from_numpy(frames), rounds, heldout=bool(held))
+    if json_out:
+        write_atomic(json_out, json.dumps(result.to_dict(), indent=2).encode(), storage)
+    return result
