@@ -71,7 +71,7 @@ def single_process(
     waves = [decode_segment(r["url"], r["start"], r["duration"], dcfg, storage) for r in rows]
     nbytes = 0
     for prefix, name in teachers.items():
-        model = load_teacher(TeacherConfig(name=name, batch_size=64))
+        model = load_teacher(TeacherConfig(name=name))
         q = load_quantizer(quantizers[prefix], storage)
         sel = [w for w, r in zip(waves, rows, strict=True) if r["domain"] in domains[prefix]]
         for start in range(0, len(sel), 64):
@@ -120,7 +120,7 @@ def main() -> None:
         # torch use every core (the loop gets them all too).
         tconf = {
             p: TeacherConfig(
-                name=n, batch_size=16, cpu_threads=args.num_cpus if p == "wavlm" else 0
+                name=n, cpu_threads=args.num_cpus if p == "wavlm" else 0
             )
             for p, n in teachers.items()
         }

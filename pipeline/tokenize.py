@@ -315,6 +315,7 @@ def run_tokenize(
                 "prefix": t.prefix,
                 "domains": getattr(cfg, t.prefix).domains,
                 "refine_rounds": encode.refine_rounds,
+                "quantizer_id": t.info.quantizer_id,
                 # Only rows a later teacher runs on carry their audio on.
                 "keep_audio": tuple(
                     sorted({d for later in job[k + 1 :] for d in later.info.domains})

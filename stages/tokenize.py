@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from spear.errors import ConfigError
+from spear.errors import ConfigError, SpearError
 from spear.formats import AUDIO_DTYPE, DOMAINS, TokenTeacherInfo, codes_to_bytes
 from spear.stages.teachers import LoadedTeacher, TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig
@@ -184,11 +184,19 @@ class TokenizeStage:
         domains: tuple[str, ...],
         refine_rounds: int,
         keep_audio: tuple[str, ...],
+        quantizer_id: str | None = None,
     ):
         from spear.checkpoints import load_quantizer
 
         self.teacher = load_teacher(teacher, storage)
         self.quantizer = load_quantizer(quantizer_url, storage, str(self.teacher.device)).eval()
+        if quantizer_id is not None and self.quantizer.id != quantizer_id:
+            # The file changed between planning and this actor's start: its codes would carry
+            # the plan's id without being that quantiser's.
+            raise SpearError(
+                f"quantizer {quantizer_url!r} is now {self.quantizer.id}, the job planned "
+                f"{quantizer_id}; re-run the command"
+            )
         self.kw = {
             "prefix": prefix,
             "domains": domains,
