@@ -32,13 +32,13 @@ import torch
 from rates import device_name, record  # benchmarks/rates.py
 
 from spear.checkpoints import load_quantizer
-from spear.formats import codes_to_bytes
 from spear.pipeline.manifest import build_manifest, read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.pipeline.tokenize import run_tokenize
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.ray_utils import RayConfig
+from spear.shards.schema import codes_to_bytes
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.manifest import ManifestConfig, SourceConfig
 from spear.stages.teachers import TEACHERS, TeacherConfig, load_teacher, run_teacher
@@ -53,8 +53,15 @@ SPEC_RATES = {"wavlm": 10_000.0, "dasheng": 6_300.0}  # SPEC section 6: 40 % MFU
 def make_quantizer(path: str, teacher: str, codebooks: int) -> str:
     spec = TEACHERS[teacher]
     torch.manual_seed(0)
-    q = Quantizer(QuantizerInfo(dim=spec.dim, num_codebooks=codebooks, codebook_size=256,
-                                teacher=teacher, layer=spec.layer))  # fmt: skip
+    q = Quantizer(
+        QuantizerInfo(
+            dim=spec.dim,
+            num_codebooks=codebooks,
+            codebook_size=256,
+            teacher=teacher,
+            layer=spec.layer,
+        )
+    )
     with torch.no_grad():
         q.centers.normal_()
     save_quantizer(q, path, StorageConfig())
@@ -97,11 +104,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         write_speech_like(f"{tmp}/c/speech", args.speech, seconds=(4, 16), seed=1)
-        write_speech_like(f"{tmp}/c/audio", args.audio, seconds=(10, 30), seed=2,
-                          sample_rate=44100, fmt="WAV")  # fmt: skip
+        write_speech_like(
+            f"{tmp}/c/audio", args.audio, seconds=(10, 30), seed=2, sample_rate=44100, fmt="WAV"
+        )
         ray_cfg = RayConfig(num_cpus=args.num_cpus)
-        sources = [SourceConfig(url=f"{tmp}/c/speech", domain="speech", name="speech"),
-                   SourceConfig(url=f"{tmp}/c/audio", domain="audio", name="audio")]  # fmt: skip
+        sources = [
+            SourceConfig(url=f"{tmp}/c/speech", domain="speech", name="speech"),
+            SourceConfig(url=f"{tmp}/c/audio", domain="audio", name="audio"),
+        ]
         build_manifest(sources, f"{tmp}/m", ManifestConfig(), StorageConfig(), ray_cfg)
         quantizers = {
             "wavlm": make_quantizer(f"{tmp}/qw", wname, 16),
@@ -119,14 +129,20 @@ def main() -> None:
         # The WavLM actor is the bottleneck and the Dasheng one mostly idles: let WavLM's
         # torch use every core (the loop gets them all too).
         tconf = {
-            p: TeacherConfig(
-                name=n, cpu_threads=args.num_cpus if p == "wavlm" else 0
-            )
+            p: TeacherConfig(name=n, cpu_threads=args.num_cpus if p == "wavlm" else 0)
             for p, n in teachers.items()
         }
         t0 = time.perf_counter()
-        s = run_tokenize(f"{tmp}/m", f"{tmp}/t", tconf, tcfg, QuantizerEncodeConfig(),
-                         DecodeConfig(), StorageConfig(), ray_cfg)  # fmt: skip
+        s = run_tokenize(
+            f"{tmp}/m",
+            f"{tmp}/t",
+            tconf,
+            tcfg,
+            QuantizerEncodeConfig(),
+            DecodeConfig(),
+            StorageConfig(),
+            ray_cfg,
+        )
         ray_s = time.perf_counter() - t0
         with open(f"{tmp}/t/report.json") as f:
             report = json.load(f)
@@ -134,8 +150,10 @@ def main() -> None:
         token_bytes = int(np.sum(index["bytes"]))
         raw = loop_bytes / (hours * 3600)
 
-    print(f"\n{hours:.3f} h of audio, {s.items} items, teachers {wname} + {dname}, "
-          f"{args.num_cpus} CPUs, torch threads {torch.get_num_threads()}\n")  # fmt: skip
+    print(
+        f"\n{hours:.3f} h of audio, {s.items} items, teachers {wname} + {dname}, "
+        f"{args.num_cpus} CPUs, torch threads {torch.get_num_threads()}\n"
+    )
     print("| run | wall s | x real time |")
     print("|---|---|---|")
     print(f"| single-process loop | {loop_s:.1f} | {hours * 3600 / loop_s:.1f} |")
@@ -163,16 +181,22 @@ def main() -> None:
         "dasheng": PAPER_HOURS["audio"] / rates["dasheng"][0],
     }
     out_tb = token_bytes / (hours * 3600) * total_h * 3600 / 1e12
-    print(f"\nprojection for {total_h:,.0f} h (speech {PAPER_HOURS['speech']:,.0f}, audio "
-          f"{PAPER_HOURS['audio']:,.0f}) on {args.gpus} GPUs:")  # fmt: skip
+    print(
+        f"\nprojection for {total_h:,.0f} h (speech {PAPER_HOURS['speech']:,.0f}, audio "
+        f"{PAPER_HOURS['audio']:,.0f}) on {args.gpus} GPUs:"
+    )
     print("| teacher | rate per GPU (x real time) | source | GPU-hours |")
     print("|---|---|---|---|")
     for p in ("wavlm", "dasheng"):
         print(f"| {p} | {rates[p][0]:,.0f} | {rates[p][1]} | {gpu_h[p]:.1f} |")
     wall = sum(gpu_h.values()) / args.gpus
     print(f"| total | | | {sum(gpu_h.values()):.1f} GPU-h, {wall:.2f} h wall on {args.gpus} GPUs |")
-    record("token_bytes", token_bytes / (hours * 3600), device=device_name(),
-           command=" ".join(sys.argv))  # fmt: skip
+    record(
+        "token_bytes",
+        token_bytes / (hours * 3600),
+        device=device_name(),
+        command=" ".join(sys.argv),
+    )
     print(f"\noutput at the measured {token_bytes / (hours * 3600):.0f} B/s: {out_tb:.2f} TB")
 
 

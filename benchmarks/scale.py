@@ -84,7 +84,7 @@ def fake_codes(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _teacher_infos() -> tuple[Any, ...]:
-    from spear.formats import TokenTeacherInfo
+    from spear.shards.schema import TokenTeacherInfo
 
     return tuple(
         TokenTeacherInfo(
@@ -145,7 +145,8 @@ def _old_write_shard(out: str, shard: int, rows: list[dict[str, Any]], infos: An
     """The shard write of spear's previous driver path (pipeline/tokenize.py:_write_shard)."""
     import hashlib
 
-    from spear.formats import parquet_bytes, quarantine_table, token_shard_metadata
+    from spear.formats import parquet_bytes, quarantine_table
+    from spear.shards.schema import token_shard_metadata
     from spear.storage import StorageConfig, join, write_atomic
 
     storage = StorageConfig()
@@ -194,7 +195,8 @@ def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
 
     from spear.pipeline.job import cut_units, drive, map_units, unit_dataset, write_units
     from spear.pipeline.progress import Progress, set_live
-    from spear.pipeline.tokenize import RUN_COLUMNS, TokenShardWriter
+    from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
+    from spear.shards.writer import TokenShardWriter
     from spear.storage import StorageConfig
 
     set_live(False)
@@ -317,8 +319,9 @@ def orchestration(actors: list[int], rate: float, items: int, waves: int) -> lis
 
     from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
     from spear.pipeline.progress import set_live
-    from spear.pipeline.tokenize import RUN_COLUMNS, TokenShardWriter
     from spear.ray_utils import RayConfig
+    from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
+    from spear.shards.writer import TokenShardWriter
     from spear.stages.decode import DecodeConfig
     from spear.storage import StorageConfig
 
@@ -429,7 +432,7 @@ import json, resource, sys, time
 import numpy as np, pyarrow as pa, pyarrow.compute as pc
 from spear.pipeline.job import check_plan, cut_units, make_plan, unit_rows
 from spear.pipeline.manifest import read_manifest
-from spear.pipeline.tokenize import RUN_COLUMNS
+from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
 from spear.storage import StorageConfig
 manifest, out = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()

@@ -39,7 +39,8 @@ from spear.student.config import (
 from spear.student.data import collate_rows, iter_rows, prepare_batch
 from spear.student.model import Batch, Student, compute_loss, train_step
 from spear.student.optim import build_optimizer
-from spear.student.synthetic import collate, synth_items, write_token_output
+from spear.student.synthetic import collate, synth_items
+from spear.testing import write_synthetic_output as write_token_output
 
 
 def _batch(seconds: float, seed: int) -> Batch:

@@ -104,8 +104,14 @@ def _decode_part(
     rows_per_batch: int,
 ) -> dict[str, Any]:
     """Ray Data map_batches: decode whole manifest parts, write their outputs."""
-    stats: dict[str, list[Any]] = {"part": [], "items": [], "decoded": [], "samples": [],
-                                   "cpu": [], "quarantine": []}  # fmt: skip
+    stats: dict[str, list[Any]] = {
+        "part": [],
+        "items": [],
+        "decoded": [],
+        "samples": [],
+        "cpu": [],
+        "quarantine": [],
+    }
     for part in batch["part"]:
         t0 = time.process_time()
         rows = pq.read_table(io.BytesIO(read_bytes(join(manifest, part), storage)))
@@ -120,8 +126,9 @@ def _decode_part(
             ok, bad = split_decoded(decoded)
             quarantine += bad
             ok_tables.append(_audio_table(ok, check_only))
-        write_atomic(join(out, "quarantine", part), parquet_bytes(quarantine_table(quarantine)),
-                     storage)  # fmt: skip
+        write_atomic(
+            join(out, "quarantine", part), parquet_bytes(quarantine_table(quarantine)), storage
+        )
         table = pa.concat_tables(ok_tables) if ok_tables else _audio_table({}, check_only)
         # Audio barely compresses losslessly with a general codec; don't spend CPU on it.
         write_atomic(join(out, "audio", part), parquet_bytes(table, "none"), storage)
@@ -147,8 +154,9 @@ def _audio_table(ok: dict[str, np.ndarray], check_only: bool) -> pa.Table:
     schema = _audio_schema(check_only)
     if not ok or len(ok.get("url", [])) == 0:
         return schema.empty_table()
-    return pa.table({n: pa.array(ok[n], type=schema.field(n).type) for n in schema.names},
-                    schema=schema)  # fmt: skip
+    return pa.table(
+        {n: pa.array(ok[n], type=schema.field(n).type) for n in schema.names}, schema=schema
+    )
 
 
 def run_decode(
@@ -182,8 +190,15 @@ def run_decode(
         init_ray(ray_cfg)
         import ray
 
-        fn = partial(_decode_part, manifest=mdir, out=out, cfg=cfg, storage=storage,
-                     check_only=check_only, rows_per_batch=rows_per_batch)  # fmt: skip
+        fn = partial(
+            _decode_part,
+            manifest=mdir,
+            out=out,
+            cfg=cfg,
+            storage=storage,
+            check_only=check_only,
+            rows_per_batch=rows_per_batch,
+        )
         ds = ray.data.from_items([{"part": p} for p in todo], override_num_blocks=len(todo))
         for row in ds.map_batches(fn, batch_size=1, num_cpus=1).iter_rows():
             summary.cpu_seconds += float(row["cpu"])

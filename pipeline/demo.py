@@ -16,7 +16,8 @@ import logging
 import os
 from dataclasses import dataclass
 
-from spear.config import SpearConfig, replace
+from spear.config import SpearConfig
+from spear.configio import replace
 from spear.pipeline.embed import EmbedSummary, run_embed
 from spear.pipeline.manifest import ManifestSummary, build_manifest
 from spear.pipeline.quantize import train_quantizer
@@ -100,10 +101,18 @@ def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResul
         dasheng=replace(cfg.tokenize.dasheng, quantizer=join(out, "quantizer-dasheng")),
     )
     tokens = join(out, "tokens")
-    t = run_tokenize(manifest, tokens, teachers, tcfg, cfg.quantizer.encode, cfg.decode,
-                     storage, cfg.ray)  # fmt: skip
+    t = run_tokenize(
+        manifest, tokens, teachers, tcfg, cfg.quantizer.encode, cfg.decode, storage, cfg.ray
+    )
     print(t.line(), flush=True)
     problems = validate(tokens, storage)
-    return DemoResult(corpus=corpus, manifest=m, embed=embeds, quantizers=quantizers,
-                      tokenize=t, tokens=tokens, report=join(tokens, REPORT),
-                      problems=problems)  # fmt: skip
+    return DemoResult(
+        corpus=corpus,
+        manifest=m,
+        embed=embeds,
+        quantizers=quantizers,
+        tokenize=t,
+        tokens=tokens,
+        report=join(tokens, REPORT),
+        problems=problems,
+    )

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from spear.config import to_dict
+from spear.configio import to_dict
 from spear.errors import SpearError
 from spear.formats import (
     EMBEDDING_SHARD_SCHEMA,

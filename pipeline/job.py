@@ -41,9 +41,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from spear.errors import SpearError
+from spear.formats import table_digest
 from spear.pipeline.commit import (
     clean_attempts,
     commit_unit,
@@ -90,34 +90,6 @@ def cut_units(
     return table.append_column("unit", pa.array(unit.astype(np.int32)))
 
 
-def _column_digest(h: Any, col: pa.ChunkedArray) -> None:
-    arr = col.combine_chunks()
-    if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-        # Canonical bytes: int64 offsets from 0 and the UTF-8 data, whatever the chunking,
-        # slicing or Arrow version.
-        arr = pc.cast(arr, pa.large_string())
-        offsets = np.frombuffer(arr.buffers()[1], dtype="<i8")[
-            arr.offset : arr.offset + len(arr) + 1
-        ]
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        h.update((offsets - lo).astype("<i8").tobytes())
-        data = arr.buffers()[2]
-        if data is not None:
-            h.update(memoryview(data)[lo:hi])
-    else:
-        a = np.asarray(arr.to_numpy(zero_copy_only=False))
-        h.update(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
-
-
-def table_digest(table: pa.Table, columns: tuple[str, ...]) -> str:
-    """blake2b of ``columns`` of ``table``, row order included: the content, not its spelling."""
-    h = hashlib.blake2b(digest_size=16)
-    for name in columns:
-        h.update(name.encode() + b"\0")
-        _column_digest(h, table[name])
-    return h.hexdigest()
-
-
 @dataclass
 class Plan:
     """What decides a job's outputs, written to ``_work/plan.json`` and checked on resume."""
@@ -132,6 +104,14 @@ class Plan:
     """Content digest of the job's items (their order and unit cut included)."""
     info: dict[str, Any] = field(default_factory=dict)
     """Recorded, never compared: where the manifest was read from, and similar."""
+
+    @property
+    def run_id(self) -> str:
+        """Digest of everything that decides the outputs (items and settings): the id the
+        outputs carry, equal for a resumed run, new for any other."""
+        d = {k: v for k, v in self.as_dict().items() if k != "info"}
+        text = json.dumps(d, sort_keys=True, default=str).encode()
+        return f"{self.kind}-{hashlib.blake2b(text, digest_size=8).hexdigest()}"
 
     def as_dict(self) -> dict[str, Any]:
         return {

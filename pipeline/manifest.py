@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from spear.config import to_dict
+from spear.configio import to_dict
 from spear.errors import SpearError
 from spear.formats import (
     MANIFEST_SCHEMA,
@@ -104,8 +104,10 @@ def _listing_tasks(src: SourceConfig, storage: StorageConfig) -> list[tuple[Sour
     subdirs = sorted(e["name"] for e in entries if e.get("type") == "directory")
     if not subdirs:
         return [(src, True)]
-    parts = [(SourceConfig(url=unstrip(fs, d), domain=src.domain, name=src.label()), True)
-             for d in subdirs]  # fmt: skip
+    parts = [
+        (SourceConfig(url=unstrip(fs, d), domain=src.domain, name=src.label()), True)
+        for d in subdirs
+    ]
     return [(src, False), *parts]
 
 
@@ -129,11 +131,13 @@ def _list_task(
                 "domain": [f[2] for f in chunk],
             }
         )
-        write_atomic(join(out, "_work/listing", f"{prefix}-{c:05d}.parquet"),
-                     parquet_bytes(table), storage)  # fmt: skip
+        write_atomic(
+            join(out, "_work/listing", f"{prefix}-{c:05d}.parquet"), parquet_bytes(table), storage
+        )
     done = {"chunks": len(chunks), "files": len(files), "source": src.url, "label": src.label()}
-    write_atomic(join(out, "_work/listing", f"{prefix}.done.json"), json.dumps(done).encode(),
-                 storage)  # fmt: skip
+    write_atomic(
+        join(out, "_work/listing", f"{prefix}.done.json"), json.dumps(done).encode(), storage
+    )
     return len(chunks)
 
 
@@ -141,8 +145,9 @@ def _probe_batch(
     batch: dict[str, Any], out: str, cfg: ManifestConfig, storage: StorageConfig
 ) -> dict[str, Any]:
     """Ray Data map_batches: probe the listing chunks named in ``batch``, write their parts."""
-    stats: dict[str, list[Any]] = {k: [] for k in ("chunk", "files", "items", "seconds",
-                                                   "dropped", "quarantine")}  # fmt: skip
+    stats: dict[str, list[Any]] = {
+        k: [] for k in ("chunk", "files", "items", "seconds", "dropped", "quarantine")
+    }
     for chunk, label in zip(batch["chunk"], batch["label"], strict=True):
         listing = pq.read_table(io.BytesIO(read_bytes(join(out, "_work/listing", chunk), storage)))
         files = list(
@@ -155,8 +160,11 @@ def _probe_batch(
         )
         res = probe_files(files, label, cfg, storage)
         part = chunk.replace(".parquet", "")
-        write_atomic(join(out, "quarantine", f"part-{part}.parquet"),
-                     parquet_bytes(quarantine_table(res.quarantine)), storage)  # fmt: skip
+        write_atomic(
+            join(out, "quarantine", f"part-{part}.parquet"),
+            parquet_bytes(quarantine_table(res.quarantine)),
+            storage,
+        )
         schema = with_metadata(MANIFEST_SCHEMA, "manifest", MANIFEST_VERSION)
         table = pa.Table.from_pylist(res.rows, schema=schema)
         # Written last: its presence marks the chunk done.

@@ -28,32 +28,28 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from spear import __version__
-from spear.config import to_dict
+from spear.configio import to_dict
 from spear.errors import SpearError
-from spear.formats import (
-    SAMPLE_RATE,
-    TOKEN_INDEX_SCHEMA,
-    TOKEN_INDEX_VERSION,
-    TokenTeacherInfo,
-    parquet_bytes,
-    quarantine_row,
-    quarantine_table,
-    token_shard_metadata,
-    with_metadata,
-)
-from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units, table_digest
+from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
 from spear.pipeline.manifest import read_manifest
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.ray_utils import RayConfig
+from spear.shards.schema import (
+    INDEX_FILE,
+    REPORT_FILE,
+    SUCCESS_FILE,
+    TokenTeacherInfo,
+    quarantine_path,
+    token_path,
+)
+from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter, write_index
 from spear.stages.decode import DecodeConfig
 from spear.stages.teachers import TeacherConfig, checkpoint_sha256
 from spear.stages.tokenize import (
-    NOT_RUN,
     TokenizeConfig,
     TokenizeStage,
     TokenizeTeacherConfig,
@@ -63,10 +59,8 @@ from spear.storage import StorageConfig, exists, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
-SUCCESS = "_SUCCESS.json"
-REPORT = "report.json"
-INDEX = "index.parquet"
-RUN_COLUMNS = ("item_id", "source", "domain", "url", "start", "duration")
+SUCCESS, REPORT, INDEX = SUCCESS_FILE, REPORT_FILE, INDEX_FILE
+RUN_COLUMNS = INPUT_COLUMNS
 SLOWEST = 10
 
 
@@ -107,10 +101,6 @@ class TokenizeSummary:
             f"{self.wall_seconds:.1f} s -> {join(self.out, 'tokens')}, report "
             f"{join(self.out, REPORT)}"
         )
-
-
-def shard_name(shard: int) -> str:
-    return f"shard-{shard:05d}"
 
 
 def resolve_teachers(
@@ -177,90 +167,6 @@ def _decides(
             for k in ("sample_rate", "resampler", "min_seconds", "truncation_tolerance")
         },
     }
-
-
-@dataclass(frozen=True)
-class TokenShardWriter:
-    """Builds one token shard and its quarantine file from a unit's items (on a worker)."""
-
-    teachers: tuple[TokenTeacherInfo, ...]
-
-    def __call__(
-        self, shard: int, items: dict[str, np.ndarray]
-    ) -> tuple[dict[str, bytes], dict[str, Any]]:
-        name = shard_name(shard)
-        prefixes = [t.prefix for t in self.teachers]
-        order = np.argsort(items["item_id"].astype(str), kind="stable")
-        err = items["error_type"].astype(str)
-        good = [int(i) for i in order if not err[i]]
-        bad = [int(i) for i in order if err[i]]
-        qrows = [
-            quarantine_row(
-                item_id=str(items["item_id"][i]),
-                source=str(items["url"][i]),
-                stage="decode" if int(items["num_samples"][i]) == 0 else "teacher",
-                error_type=str(err[i]),
-                message=str(items["error"][i]),
-            )
-            for i in bad
-        ]
-        by_stage: dict[str, Counter[str]] = defaultdict(Counter)
-        for r in qrows:
-            by_stage[r["stage"]][r["error_type"]] += 1
-        schema, _ = token_shard_metadata(list(self.teachers), shard=shard)
-        take = np.array(good, dtype=np.int64)
-        cols: dict[str, Any] = {
-            "item_id": items["item_id"][take].astype(str).tolist(),
-            "source": items["source"][take].astype(str).tolist(),
-            "domain": items["domain"][take].astype(str).tolist(),
-            "url": items["url"][take].astype(str).tolist(),
-            "start": items["start"][take].astype(np.float64),
-            "duration": items["duration"][take].astype(np.float64),
-            "num_samples": items["num_samples"][take].astype(np.int64),
-        }
-        for p in prefixes:
-            frames = items[f"{p}_frames"][take].astype(np.int64)
-            ran = frames != NOT_RUN
-            cols[f"{p}_frames"] = pa.array(frames, pa.int32(), mask=~ran)
-            codes = items[f"{p}_codes"][take]
-            cols[f"{p}_codes"] = pa.array(
-                [bytes(c) if r else None for c, r in zip(codes, ran, strict=True)], pa.binary()
-            )
-        data = parquet_bytes(pa.table(cols, schema=schema))
-        secs = cols["num_samples"] / SAMPLE_RATE
-        run_secs = items["num_samples"].astype(np.float64) / SAMPLE_RATE
-        busy = {"decode": float(np.sum(items["decode_seconds"]))}
-        audio = {"decode": float(run_secs.sum())}
-        for p in prefixes:
-            busy[p] = float(np.sum(items[f"{p}_seconds"]))
-            audio[p] = float(run_secs[items[f"{p}_frames"] != NOT_RUN].sum())
-        entry = {
-            "name": name,
-            "items": len(order),
-            "rows": len(good),
-            "quarantined": len(bad),
-            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
-            "audio_seconds": float(secs.sum()),
-            "input_digest": table_digest(
-                pa.table({c: items[c][order] for c in RUN_COLUMNS}), RUN_COLUMNS
-            ),
-            "stage_busy": busy,
-            "stage_audio_seconds": audio,
-            "hours_by_domain": _sum_by(cols["domain"], secs),
-            "hours_by_source": _sum_by(cols["source"], secs),
-        }
-        files = {
-            f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(qrows)),
-            f"tokens/{name}.parquet": data,  # published last
-        }
-        return files, entry
-
-
-def _sum_by(keys: list[str], secs: np.ndarray) -> dict[str, float]:
-    acc: dict[str, float] = defaultdict(float)
-    for k, s in zip(keys, secs, strict=True):
-        acc[k] += float(s) / 3600
-    return dict(acc)
 
 
 def run_tokenize(
@@ -333,9 +239,9 @@ def run_tokenize(
         out=out,
         unit_prefix="shard",
         columns=RUN_COLUMNS,
-        outputs=lambda n: [f"quarantine/{n}.parquet", f"tokens/{n}.parquet"],
+        outputs=lambda n: [quarantine_path(int(n[6:])), token_path(int(n[6:]))],
         actors=stages,
-        writer=TokenShardWriter(tuple(t.info for t in job)),
+        writer=TokenShardWriter(tuple(t.info for t in job), plan.run_id),
         decode=decode,
         decode_cpus=cfg.decode_cpus,
         write_concurrency=cfg.write_concurrency,
@@ -391,25 +297,7 @@ def _finish(
     storage: StorageConfig,
 ) -> dict[str, Any]:
     """Index, counts and the report over every shard's entry, earlier runs' included."""
-    index_rows: list[dict[str, Any]] = []
-    for e in entries:
-        path = f"tokens/{e['name']}.parquet"
-        f = e["files"][path]
-        index_rows.append(
-            {
-                "shard": int(e["unit"]),
-                "path": path,
-                "rows": int(e["rows"]),
-                "quarantined": int(e["quarantined"]),
-                "bytes": int(f["bytes"]),
-                "sha256": str(f["sha256"]),
-                "audio_seconds": float(e["audio_seconds"]),
-            }
-        )
-    index = pa.Table.from_pylist(
-        index_rows, schema=with_metadata(TOKEN_INDEX_SCHEMA, "token_index", TOKEN_INDEX_VERSION)
-    )
-    write_atomic(join(out, INDEX), parquet_bytes(index), storage)
+    index = write_index(out, entries, storage)
 
     summary.ok = sum(int(e["rows"]) for e in entries)
     summary.items = sum(int(e["rows"]) + int(e["quarantined"]) for e in entries)
@@ -435,7 +323,7 @@ def _finish(
     manifest_q = _manifest_quarantine(manifest, storage)
     summary.quarantined = dict(reasons)
     summary.hours_out = sum(float(e["audio_seconds"]) for e in entries) / 3600
-    summary.token_bytes = sum(int(r["bytes"]) for r in index_rows)
+    summary.token_bytes = int(pc.sum(index["bytes"]).as_py() or 0)
     stages = {
         name: {
             "busy_seconds": round(b, 3),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from spear.errors import ConfigError
+
 
 @dataclass(kw_only=True, frozen=True)
 class QuantizerTrainConfig:
@@ -59,12 +61,12 @@ class QuantizerTrainConfig:
     def __post_init__(self) -> None:
         c, k = self.num_codebooks, self.codebook_size
         if c < 1 or c & (c - 1):
-            raise ValueError(f"num_codebooks must be a power of two, got {c}")
+            raise ConfigError(f"num_codebooks must be a power of two, got {c}")
         root = round(k**0.5)
         if k > 256 or root * root != k or root < 2:
-            raise ValueError(f"codebook_size must be a square <= 256 (e.g. 256), got {k}")
+            raise ConfigError(f"codebook_size must be a square <= 256 (e.g. 256), got {k}")
         if self.phase_steps < 1 or self.batch_size < 2:
-            raise ValueError("phase_steps must be >= 1 and batch_size >= 2")
+            raise ConfigError("phase_steps must be >= 1 and batch_size >= 2")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -83,9 +85,9 @@ class QuantizerDataConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+            raise ConfigError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.min_heldout_items < 0:
-            raise ValueError(f"min_heldout_items must be >= 0, got {self.min_heldout_items}")
+            raise ConfigError(f"min_heldout_items must be >= 0, got {self.min_heldout_items}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -99,7 +101,7 @@ class QuantizerEncodeConfig:
 
     def __post_init__(self) -> None:
         if not 0 <= self.refine_rounds <= 5:
-            raise ValueError(f"refine_rounds must be in 0..5, got {self.refine_rounds}")
+            raise ConfigError(f"refine_rounds must be in 0..5, got {self.refine_rounds}")
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -5,8 +5,9 @@ class SpearError(Exception):
     """A problem with the user's input (config, option, URL, data) rather than a bug."""
 
 
-class ConfigError(SpearError):
-    """A config file, key or value is wrong."""
+class ConfigError(SpearError, ValueError):
+    """A config file, key or value is wrong: the one error every config check raises (a
+    ``ValueError`` too, as a bad value is)."""
 
 
 class StorageError(SpearError):

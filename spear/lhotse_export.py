@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 
 from spear.errors import SpearError
-from spear.formats import SAMPLE_RATE, TokenTeacherInfo, codes_from_bytes
+from spear.formats import SAMPLE_RATE
 from spear.shards import (
     ShardEntry,
     ShardError,
@@ -53,6 +53,7 @@ from spear.shards import (
     shard_teachers,
     shard_url,
 )
+from spear.shards.schema import TokenTeacherInfo, codes_from_bytes
 from spear.storage import StorageConfig, filesystem, join, protocol_of, unstrip
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ def _recording(url: str, info: AudioFileInfo) -> Any:
 
     proto = protocol_of(url)
     if proto == "file":
-        source = AudioSource(type="file", channels=list(range(info.channels)),
-                             source=url.removeprefix("file://"))  # fmt: skip
+        source = AudioSource(
+            type="file", channels=list(range(info.channels)), source=url.removeprefix("file://")
+        )
     else:  # lhotse opens URLs with smart_open (s3 needs smart_open[s3] and credentials)
         source = AudioSource(type="url", channels=list(range(info.channels)), source=url)
     return Recording(
@@ -245,8 +247,10 @@ def _export_cuts(
                     item, url, start = cols["item_id"][i], cols["url"][i], cols["start"][i]
                     if url not in infos:
                         infos[url] = probe_info(url, storage)
-                    custom: dict[str, Any] = {"domain": cols["domain"][i],
-                                              "source": cols["source"][i]}  # fmt: skip
+                    custom: dict[str, Any] = {
+                        "domain": cols["domain"][i],
+                        "source": cols["source"][i],
+                    }
                     for t in tinfo:
                         raw = cols[f"{t.prefix}_codes"][i]
                         if raw is not None:
@@ -254,9 +258,15 @@ def _export_cuts(
                             custom[f] = _codes_field(t, raw, item, start, writers[t.prefix])
                             summary.fields[f] += 1
                     w.write(
-                        MonoCut(id=item, start=start, duration=cols["duration"][i], channel=0,
-                                recording=_recording(url, infos[url]), custom=custom)
-                    )  # fmt: skip
+                        MonoCut(
+                            id=item,
+                            start=start,
+                            duration=cols["duration"][i],
+                            channel=0,
+                            recording=_recording(url, infos[url]),
+                            custom=custom,
+                        )
+                    )
                     summary.cuts += 1
         finally:
             for wr in writers.values():
@@ -325,8 +335,14 @@ def _export_shar(
                         f = codebook_field(t.prefix)
                         custom[f] = _codes_field(t, raw, item, 0.0, memory)
                         summary.fields[f] += 1
-                cut = MonoCut(id=item, start=0.0, duration=n / SAMPLE_RATE, channel=0,
-                              recording=rec, custom=custom)  # fmt: skip
+                cut = MonoCut(
+                    id=item,
+                    start=0.0,
+                    duration=n / SAMPLE_RATE,
+                    channel=0,
+                    recording=rec,
+                    custom=custom,
+                )
                 w.write(cut)
                 summary.cuts += 1
     summary.files = sorted(p for paths in w.output_paths.values() for p in paths)
@@ -335,7 +351,7 @@ def _export_shar(
 def _run_decode_config(out: str, storage: StorageConfig, cls: Any) -> Any:
     """The decode settings the tokenize run used (its report.json), so the exported audio is
     the audio that was tokenized; the defaults when the report predates them."""
-    from spear.config import from_dict
+    from spear.configio import from_dict
     from spear.storage import exists, read_bytes
 
     url = join(out, "report.json")

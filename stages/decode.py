@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import soundfile as sf
 
-from spear.errors import SpearError
+from spear.errors import ConfigError, SpearError
 from spear.formats import AUDIO_DTYPE, audio_to_bytes, quarantine_row
 from spear.storage import StorageConfig, filesystem
 
@@ -80,15 +80,15 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
-            raise ValueError(f"sample_rate must be positive, got {self.sample_rate}")
+            raise ConfigError(f"sample_rate must be positive, got {self.sample_rate}")
         if self.resampler not in RESAMPLERS:
-            raise ValueError(f"resampler must be 'soxr' or 'torchaudio', got {self.resampler!r}")
+            raise ConfigError(f"resampler must be 'soxr' or 'torchaudio', got {self.resampler!r}")
         if self.min_seconds < 0 or self.truncation_tolerance < 0:
-            raise ValueError("min_seconds and truncation_tolerance must be >= 0")
+            raise ConfigError("min_seconds and truncation_tolerance must be >= 0")
         if self.io_threads < 1:
-            raise ValueError(f"io_threads must be >= 1, got {self.io_threads}")
+            raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.io_retries < 0:
-            raise ValueError(f"io_retries must be >= 0, got {self.io_retries}")
+            raise ConfigError(f"io_retries must be >= 0, got {self.io_retries}")
 
 
 class DecodeError(SpearError):

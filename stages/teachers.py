@@ -27,28 +27,13 @@ import numpy as np
 
 from spear.errors import ConfigError, SpearError
 from spear.formats import AUDIO_DTYPE, SAMPLE_RATE
+from spear.shards.schema import dasheng_num_frames, wavlm_num_frames
 from spear.storage import StorageConfig
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-# WavLM's CNN: (kernel, stride) per conv, shared by the Large and tiny presets.
-_WAVLM_CONVS = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
-
-
-def wavlm_num_frames(num_samples: int) -> int:
-    """50 Hz frames for ``num_samples``: ``max(0, (n - 400) // 320 + 1)`` (the conv chain)."""
-    n = num_samples
-    for k, s in _WAVLM_CONVS:
-        n = (n - k) // s + 1 if n >= k else 0
-    return n
-
-
-def dasheng_num_frames(num_samples: int) -> int:
-    """25 Hz frames for ``num_samples``: ``(1 + n // 160) // 4`` (mel frames, 4 per patch)."""
-    return (1 + num_samples // 160) // 4
 
 
 @dataclass(frozen=True)

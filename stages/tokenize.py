@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 
 from spear.errors import ConfigError, SpearError
-from spear.formats import AUDIO_DTYPE, DOMAINS, TokenTeacherInfo, codes_to_bytes
+from spear.formats import AUDIO_DTYPE, DOMAINS
+from spear.shards.schema import NOT_RUN_FRAMES, TokenTeacherInfo, codes_to_bytes
 from spear.stages.teachers import LoadedTeacher, TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
-NOT_RUN = -1
+NOT_RUN = NOT_RUN_FRAMES
 """``{prefix}_frames`` of a row this teacher did not run on (a null in the token shard)."""
 
 
@@ -208,8 +209,9 @@ class TokenizeStage:
         try:
             return tokenize_batch(self.teacher, self.quantizer, batch, **self.kw)  # type: ignore[arg-type]
         except Exception:  # e.g. CUDA out of memory on one long item, or a frame-count bug
-            log.exception("tokenize: a batch of %d failed; retrying item by item",
-                          len(batch["item_id"]))  # fmt: skip
+            log.exception(
+                "tokenize: a batch of %d failed; retrying item by item", len(batch["item_id"])
+            )
             return tokenize_rows_one_by_one(self.teacher, self.quantizer, batch, **self.kw)
 
 

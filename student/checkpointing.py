@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spear.config import from_dict
+from spear.configio import from_dict
 from spear.student.config import StudentConfig
 from spear.student.model import STUDENT_FILE, unwrap
 from spear.student.optim import Eden

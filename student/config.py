@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from spear.stages.decode import DecodeConfig
+from spear.errors import ConfigError
 
 NUM_STACKS = 7
 DOWNSAMPLING = (1, 2, 4, 8, 4, 2, 1)
@@ -22,9 +22,9 @@ CNN_KERNELS = (31, 31, 15, 15, 15, 31, 31)
 
 def _per_stack(name: str, values: tuple[int, ...], n: int) -> None:
     if len(values) != n:
-        raise ValueError(f"{name} needs one value per stack ({n}), got {len(values)}")
+        raise ConfigError(f"{name} needs one value per stack ({n}), got {len(values)}")
     if any(v < 1 for v in values):
-        raise ValueError(f"{name} must be positive, got {values}")
+        raise ConfigError(f"{name} must be positive, got {values}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -39,10 +39,10 @@ class Schedule:
 
     def __post_init__(self) -> None:
         if not self.points or any(len(p) != 2 for p in self.points):
-            raise ValueError(f"a schedule needs (batch, value) pairs, got {self.points}")
+            raise ConfigError(f"a schedule needs (batch, value) pairs, got {self.points}")
         xs = [p[0] for p in self.points]
         if any(b <= a for a, b in itertools.pairwise(xs)):
-            raise ValueError(f"schedule batch counts must increase, got {xs}")
+            raise ConfigError(f"schedule batch counts must increase, got {xs}")
 
     def __call__(self, batch_count: float) -> float:
         (x0, y0), (xn, yn) = self.points[0], self.points[-1]
@@ -137,7 +137,7 @@ class ZipformerMachinery:
 
     def __post_init__(self) -> None:
         if self.batch_seconds <= 0:
-            raise ValueError(f"batch_seconds must be positive, got {self.batch_seconds}")
+            raise ConfigError(f"batch_seconds must be positive, got {self.batch_seconds}")
         for name in (
             "dropout",
             "pos_emb_dropout",
@@ -155,11 +155,11 @@ class ZipformerMachinery:
             v = getattr(self, name)
             values = v.values() if isinstance(v, Schedule) else (float(v),)
             if any(not 0.0 <= x < 1.0 for x in values):
-                raise ValueError(f"{name} must stay in [0, 1), got {v}")
+                raise ConfigError(f"{name} must stay in [0, 1), got {v}")
         if self.layer_skip_batches < 0 or self.attention_score_limit < 0:
-            raise ValueError("layer_skip_batches and attention_score_limit must be >= 0")
+            raise ConfigError("layer_skip_batches and attention_score_limit must be >= 0")
         if self.attention_score_penalty < 0 or self.embed_grad_scale < 0:
-            raise ValueError("attention_score_penalty and embed_grad_scale must be >= 0")
+            raise ConfigError("attention_score_penalty and embed_grad_scale must be >= 0")
 
     def batch_count(self, hours: float) -> float:
         """The schedules' batch count after ``hours`` of audio (all workers)."""
@@ -209,16 +209,16 @@ class ZipformerConfig:
         ):
             _per_stack(name, getattr(self, name), n)
         if any(k % 2 == 0 for k in self.cnn_kernels):
-            raise ValueError(f"cnn_kernels must be odd, got {self.cnn_kernels}")
+            raise ConfigError(f"cnn_kernels must be odd, got {self.cnn_kernels}")
         if any(u > d for u, d in zip(self.unmasked_dims, self.encoder_dims, strict=True)):
-            raise ValueError("unmasked_dims must not exceed encoder_dims")
+            raise ConfigError("unmasked_dims must not exceed encoder_dims")
         if len(self.embed_channels) != 3 or min(self.embed_channels) < 1:
-            raise ValueError(f"embed_channels needs 3 positive values, got {self.embed_channels}")
+            raise ConfigError(f"embed_channels needs 3 positive values, got {self.embed_channels}")
         if self.pos_dim % 2:
-            raise ValueError(f"pos_dim must be even, got {self.pos_dim}")
+            raise ConfigError(f"pos_dim must be even, got {self.pos_dim}")
         top = self.machinery.layer_skip_end * max(self.downsampling) ** 0.5
         if top >= 1.0:
-            raise ValueError(f"layer_skip_end x sqrt(downsampling) reaches {top:.3g} (>= 1)")
+            raise ConfigError(f"layer_skip_end x sqrt(downsampling) reaches {top:.3g} (>= 1)")
 
     @property
     def output_dim(self) -> int:
@@ -295,9 +295,9 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.time_prob <= 1.0 or not 0.0 <= self.channel_prob <= 1.0:
-            raise ValueError("time_prob and channel_prob must be in [0, 1]")
+            raise ConfigError("time_prob and channel_prob must be in [0, 1]")
         if self.time_span < 1 or self.channel_span < 1:
-            raise ValueError("spans must be >= 1")
+            raise ConfigError("spans must be >= 1")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -317,9 +317,9 @@ class HeadConfig:
 
     def __post_init__(self) -> None:
         if self.num_codebooks < 1 or self.codebook_size < 2 or self.frame_rate <= 0:
-            raise ValueError(f"head {self.name!r}: bad codebooks/size/rate")
+            raise ConfigError(f"head {self.name!r}: bad codebooks/size/rate")
         if self.weight_speech < 0 or self.weight_audio < 0:
-            raise ValueError(f"head {self.name!r}: weights must be >= 0")
+            raise ConfigError(f"head {self.name!r}: weights must be >= 0")
 
 
 def default_heads() -> tuple[HeadConfig, ...]:
@@ -346,12 +346,12 @@ class StudentConfig:
 
     def __post_init__(self) -> None:
         if self.encoder is None and self.preset not in ENCODER_PRESETS:
-            raise ValueError(
+            raise ConfigError(
                 f"preset must be one of {sorted(ENCODER_PRESETS)}, got {self.preset!r}"
             )
         names = [h.name for h in self.heads]
         if not names or len(set(names)) != len(names):
-            raise ValueError(f"heads need distinct names, got {names}")
+            raise ConfigError(f"heads need distinct names, got {names}")
 
     def encoder_config(self) -> ZipformerConfig:
         return self.encoder if self.encoder is not None else ENCODER_PRESETS[self.preset]()
@@ -378,15 +378,15 @@ class MixConfig:
     def __post_init__(self) -> None:
         for name in ("inbatch_prob", "noise_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1]")
+                raise ConfigError(f"{name} must be in [0, 1]")
         if self.inbatch_prob + self.noise_prob > 1.0:
-            raise ValueError("inbatch_prob + noise_prob must be <= 1")
+            raise ConfigError("inbatch_prob + noise_prob must be <= 1")
         for name in ("inbatch_snr", "noise_snr", "overlap"):
             lo, hi = getattr(self, name)
             if lo > hi:
-                raise ValueError(f"{name}: low {lo} > high {hi}")
+                raise ConfigError(f"{name}: low {lo} > high {hi}")
         if not 0.0 < self.overlap[0] <= self.overlap[1] <= 1.0:
-            raise ValueError(f"overlap must lie in (0, 1], got {self.overlap}")
+            raise ConfigError(f"overlap must lie in (0, 1], got {self.overlap}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -414,9 +414,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.lr <= 0 or self.lr_batches <= 0 or self.lr_hours <= 0:
-            raise ValueError("lr, lr_batches and lr_hours must be positive")
+            raise ConfigError("lr, lr_batches and lr_hours must be positive")
         if self.warmup_batches < 0 or self.grad_clip < 0 or self.clipping_scale <= 0:
-            raise ValueError("warmup_batches, grad_clip must be >= 0; clipping_scale > 0")
+            raise ConfigError("warmup_batches, grad_clip must be >= 0; clipping_scale > 0")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -443,11 +443,11 @@ class TrainDataConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_seconds < self.max_seconds:
-            raise ValueError("need 0 < min_seconds < max_seconds")
+            raise ConfigError("need 0 < min_seconds < max_seconds")
         if self.batch_seconds < self.max_seconds:
-            raise ValueError("batch_seconds must be >= max_seconds (a batch holds any item)")
+            raise ConfigError("batch_seconds must be >= max_seconds (a batch holds any item)")
         if self.num_buckets < 1 or self.prep_rows < 1 or self.prep_cpus <= 0:
-            raise ValueError("num_buckets, prep_rows must be >= 1 and prep_cpus > 0")
+            raise ConfigError("num_buckets, prep_rows must be >= 1 and prep_cpus > 0")
 
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -463,8 +463,6 @@ class TrainConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
-    decode: DecodeConfig = field(default_factory=DecodeConfig)
-    """How the shards' audio is decoded (same as the tokenize run's)."""
     max_steps: int = 500_000
     """Stop after this many optimiser steps (epochs repeat the data until then)."""
     num_workers: int = 1
@@ -487,8 +485,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.num_workers < 1 or self.cpus_per_worker <= 0:
-            raise ValueError("max_steps, num_workers must be >= 1 and cpus_per_worker > 0")
+            raise ConfigError("max_steps, num_workers must be >= 1 and cpus_per_worker > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("checkpoint_every, log_every and keep_checkpoints must be >= 1")
+            raise ConfigError("checkpoint_every, log_every and keep_checkpoints must be >= 1")
         if self.max_failures < 0:
-            raise ValueError("max_failures must be >= 0")
+            raise ConfigError("max_failures must be >= 0")

@@ -1,9 +1,9 @@
 """Training data: token shards -> decoded, mixed fbank rows -> length-bucketed batches.
 
-Pure pieces, each testable without Ray (``student/train_job.py`` chains them on Ray Data):
+Pure pieces, each testable without Ray (``pipeline/train.py`` chains them on Ray Data):
 
-* :func:`open_token_shards` - the Parquet files of a tokenize output (``OUT/tokens/*.parquet``)
-  and the teachers recorded in their metadata.
+* the shards themselves come through the token shard contract
+  (:func:`spear.shards.index.open_run`: the index, every shard's metadata checked).
 * :func:`prepare_batch` - a ``map_batches`` function on CPU workers: drop items outside
   [min_seconds, max_seconds], decode their audio (:func:`spear.stages.decode.decode_batch`),
   mix (:mod:`spear.student.mixing`), compute the fbank. Output rows carry the fbank as float32
@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from spear.errors import SpearError
-from spear.formats import SAMPLE_RATE, TokenTeacherInfo, codes_from_bytes, read_token_teachers
+from spear.formats import SAMPLE_RATE
+from spear.shards.schema import codes_from_bytes
 from spear.stages.decode import DecodeConfig, decode_batch, decode_segment
-from spear.storage import StorageConfig, filesystem, unstrip
+from spear.storage import StorageConfig
 from spear.student.config import MixConfig, TrainDataConfig
 from spear.student.frontend import NUM_MEL_BINS, fbank
 from spear.student.losses import AUDIO, IGNORE, SPEECH
@@ -38,36 +36,6 @@ from spear.student.mixing import Codes, mix_batch
 from spear.student.model import Batch
 
 FEAT_DTYPE = np.dtype("<f4")
-
-
-class ShardError(SpearError):
-    """The token shards are missing or do not fit the student's heads."""
-
-
-def open_token_shards(url: str, storage: StorageConfig) -> tuple[list[str], list[TokenTeacherInfo]]:
-    """Token shard URLs under ``url`` (a tokenize output, or its ``tokens/`` folder) and their
-    teachers. Every shard must record the same teachers (same quantisers)."""
-    fs, path = filesystem(url, storage)
-    folder = posixpath.join(path, "tokens") if fs.isdir(posixpath.join(path, "tokens")) else path
-    try:
-        names = sorted(p for p in fs.ls(folder, detail=False) if str(p).endswith(".parquet"))
-    except FileNotFoundError:
-        raise ShardError(f"no token shards at {url!r}") from None
-    names = [p for p in names if not posixpath.basename(p).startswith((".", "_"))]
-    if not names:
-        raise ShardError(f"no token shards (*.parquet) at {url!r}")
-    teachers: list[TokenTeacherInfo] | None = None
-    for name in (names[0], names[-1]):  # cheap check for mixed quantisers at both ends
-        with fs.open(name, "rb") as f:
-            try:
-                found = read_token_teachers(pq.read_schema(f))
-            except ValueError as err:
-                raise ShardError(f"{unstrip(fs, name)}: {err}") from None
-        if teachers is not None and found != teachers:
-            raise ShardError(f"token shards under {url!r} come from different quantisers")
-        teachers = found
-    assert teachers is not None
-    return [unstrip(fs, n) for n in names], teachers
 
 
 def row_codes(batch: dict[str, Any], i: int, teachers: dict[str, int]) -> Codes:

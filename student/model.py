@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spear.config import from_dict, to_dict
+from spear.configio import from_dict, to_dict
 from spear.errors import SpearError
 from spear.storage import StorageConfig, filesystem, read_bytes, write_atomic
 from spear.student.config import MaskConfig, StudentConfig

@@ -3,9 +3,10 @@
 Audio is white noise under a random piecewise-constant loudness envelope (a new level every
 ``segment`` seconds) and a random spectral tilt per item. Tokens are a deterministic function of
 the audio: per teacher frame, the frame's level in dB quantised to ``levels`` steps, offset per
-codebook (codebook c holds ``(level + c) % codebook_size``), at the WavLM (50 Hz, 400-sample
-window) and Dasheng (25 Hz, 640-sample hop) frame formulas. A student can learn them from fbank;
-shuffled, they carry no information.
+codebook (codebook c holds ``(level + c) % codebook_size``), with the token shard contract's
+WavLM (50 Hz, 400-sample window) and Dasheng (25 Hz, 640-sample hop) frame counts. A student can
+learn them from fbank; shuffled, they carry no information. :func:`spear.testing.
+write_synthetic_output` writes them as a real tokenize output.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from spear.formats import TokenTeacherInfo
+from spear.shards.schema import dasheng_num_frames, wavlm_num_frames
 from spear.student.frontend import fbank_batch
 from spear.student.losses import AUDIO, IGNORE, SPEECH
 from spear.student.model import Batch
@@ -31,14 +32,6 @@ def synth_audio(seconds: float, rng: np.random.Generator, segment: float = 0.12)
     coloured = white.copy()
     coloured[1:] += tilt * white[:-1]
     return np.clip(coloured * env * 8000.0, -32768, 32767).astype(np.int16)
-
-
-def wavlm_frames(num_samples: int) -> int:
-    return 0 if num_samples < 400 else 1 + (num_samples - 400) // 320
-
-
-def dasheng_frames(num_samples: int) -> int:
-    return (num_samples + 639) // 640
 
 
 def level_codes(
@@ -79,9 +72,11 @@ def synth_items(
             {
                 "audio": audio,
                 "domain": domain,
-                "wavlm": level_codes(audio, wavlm_frames(len(audio)), 320, 400, wavlm_codebooks),
+                "wavlm": level_codes(
+                    audio, wavlm_num_frames(len(audio)), 320, 400, wavlm_codebooks
+                ),
                 "dasheng": level_codes(
-                    audio, dasheng_frames(len(audio)), 640, 640, dasheng_codebooks
+                    audio, dasheng_num_frames(len(audio)), 640, 640, dasheng_codebooks
                 )
                 if domain == "audio"
                 else None,
@@ -116,82 +111,3 @@ def collate(items: list[dict[str, object]], heads: dict[str, int]) -> Batch:
         targets=targets,
         num_samples=torch.tensor([len(a) for a in audio]),
     )
-
-
-def write_token_output(
-    out_dir: str,
-    n_items: int,
-    seconds: tuple[float, float],
-    seed: int = 0,
-    wavlm_codebooks: int = 2,
-    dasheng_codebooks: int = 1,
-    items_per_shard: int = 8,
-) -> list[TokenTeacherInfo]:
-    """A tokenize-like output on local disk: ``out_dir/audio/*.wav`` and token shards
-    ``out_dir/tokens/shard-N.parquet`` with learnable synthetic codes (see :func:`synth_items`).
-    Returns the teachers recorded in the shards."""
-    import os
-
-    import pyarrow as pa
-    import soundfile as sf
-
-    from spear.formats import codes_to_bytes, parquet_bytes, token_shard_metadata
-
-    teachers = [
-        TokenTeacherInfo(
-            prefix="wavlm",
-            teacher="wavlm-synthetic",
-            family="wavlm",
-            layer=21,
-            frame_rate=50.0,
-            num_codebooks=wavlm_codebooks,
-            codebook_size=256,
-            quantizer_id="synthetic-wavlm",
-            checkpoint_sha256=None,
-            domains=("speech", "audio"),
-        ),
-        TokenTeacherInfo(
-            prefix="dasheng",
-            teacher="dasheng-synthetic",
-            family="dasheng",
-            layer=-1,
-            frame_rate=25.0,
-            num_codebooks=dasheng_codebooks,
-            codebook_size=256,
-            quantizer_id="synthetic-dasheng",
-            checkpoint_sha256=None,
-            domains=("audio",),
-        ),
-    ]
-    schema, _ = token_shard_metadata(teachers)
-    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
-    os.makedirs(os.path.join(out_dir, "tokens"), exist_ok=True)
-    items = synth_items(n_items, seconds, seed, wavlm_codebooks, dasheng_codebooks)
-    rows = []
-    for i, it in enumerate(items):
-        audio = np.asarray(it["audio"])
-        path = os.path.join(out_dir, "audio", f"item-{i:04d}.wav")
-        sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
-        dasheng = it["dasheng"]
-        rows.append(
-            {
-                "item_id": f"item-{i:04d}",
-                "source": "synthetic",
-                "domain": it["domain"],
-                "url": path,
-                "start": 0.0,
-                "duration": len(audio) / SAMPLE_RATE,
-                "num_samples": len(audio),
-                "wavlm_frames": len(it["wavlm"]),  # type: ignore[arg-type]
-                "wavlm_codes": codes_to_bytes(it["wavlm"]),  # type: ignore[arg-type]
-                "dasheng_frames": None if dasheng is None else len(dasheng),  # type: ignore[arg-type]
-                "dasheng_codes": None if dasheng is None else codes_to_bytes(dasheng),  # type: ignore[arg-type]
-            }
-        )
-    for s in range(0, len(rows), items_per_shard):
-        table = pa.Table.from_pylist(rows[s : s + items_per_shard], schema=schema)
-        with open(
-            os.path.join(out_dir, "tokens", f"shard-{s // items_per_shard}.parquet"), "wb"
-        ) as f:
-            f.write(parquet_bytes(table))
-    return teachers

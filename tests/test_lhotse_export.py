@@ -83,12 +83,23 @@ def test_cuts_round_trip_with_the_runs_manifest(tmp_path: Path) -> None:
     rows = []
     for r in written.values():
         sr, ch = _rate(r)
-        rows.append({
-            "item_id": r["item_id"], "source": r["source"], "domain": r["domain"],
-            "url": r["url"], "segment": 0, "start": r["start"], "duration": r["duration"],
-            "file_duration": r["start"] + r["duration"] + 0.1, "sample_rate": sr,
-            "channels": ch, "format": "WAV", "subtype": "PCM_16", "file_size": 1,
-        })  # fmt: skip
+        rows.append(
+            {
+                "item_id": r["item_id"],
+                "source": r["source"],
+                "domain": r["domain"],
+                "url": r["url"],
+                "segment": 0,
+                "start": r["start"],
+                "duration": r["duration"],
+                "file_duration": r["start"] + r["duration"] + 0.1,
+                "sample_rate": sr,
+                "channels": ch,
+                "format": "WAV",
+                "subtype": "PCM_16",
+                "file_size": 1,
+            }
+        )
     manifest = tmp_path / "manifest-out" / "manifest"
     manifest.mkdir(parents=True)
     schema = with_metadata(MANIFEST_SCHEMA, "manifest", 1)

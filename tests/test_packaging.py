@@ -32,8 +32,12 @@ def test_spear_links_point_at_the_top_level_folders() -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run([_uv(), "build", "--wheel", "-o", str(out), str(ROOT)], check=True,
-                   capture_output=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [_uv(), "build", "--wheel", "-o", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (whl,) = out.glob("spear-*.whl")
     return whl
 
@@ -51,24 +55,53 @@ def test_wheel_has_one_import_root(wheel: Path) -> None:
 def test_wheel_installs_into_a_clean_venv(wheel: Path, tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     uv = _uv()
-    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True,
-                   timeout=120)  # fmt: skip
+    subprocess.run(
+        [uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True, timeout=120
+    )
     # The lock's versions, so the clean install matches what the tests ran on.
     req = tmp_path / "req.txt"
     export = [uv, "export", "--frozen", "--no-dev", "--no-hashes", "--no-emit-project", "-q"]
     subprocess.run([*export, "--project", str(ROOT), "-o", str(req)], check=True, timeout=120)
     env = {**os.environ, "VIRTUAL_ENV": str(venv)}
     env.pop("PYTHONPATH", None)
-    subprocess.run([uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"),
-                    "-r", str(req), str(wheel)], check=True, timeout=600, env=env)  # fmt: skip
-    r = subprocess.run([str(venv / "bin" / "spear"), "--help"], capture_output=True, text=True,
-                       timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+    subprocess.run(
+        [
+            uv,
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            str(venv / "bin" / "python"),
+            "-r",
+            str(req),
+            str(wheel),
+        ],
+        check=True,
+        timeout=600,
+        env=env,
+    )
+    r = subprocess.run(
+        [str(venv / "bin" / "spear"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert "manifest" in r.stdout and "config" in r.stdout
-    site = subprocess.run([str(venv / "bin" / "python"), "-c",
-                           "import spear.stages.manifest as m, sysconfig; print(m.__file__); "
-                           "print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, cwd=tmp_path, check=True)  # fmt: skip
+    site = subprocess.run(
+        [
+            str(venv / "bin" / "python"),
+            "-c",
+            "import spear.stages.manifest as m, sysconfig; print(m.__file__); "
+            "print(sysconfig.get_paths()['purelib'])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    )
     file_, purelib = site.stdout.split()
     assert file_.startswith(purelib)  # the installed copy, not the checkout
     for name in MAPPED:

@@ -12,22 +12,10 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from spear.cli.main import run
 from spear.errors import SpearError
-from spear.formats import (
-    TOKEN_INDEX_SCHEMA,
-    TOKEN_INDEX_VERSION,
-    TokenTeacherInfo,
-    codes_to_bytes,
-    parquet_bytes,
-    quarantine_row,
-    quarantine_table,
-    token_shard_metadata,
-    with_metadata,
-)
 from spear.report import (
     TokenizeRun,
     build_report,
@@ -37,7 +25,11 @@ from spear.report import (
     thin_marks,
 )
 from spear.report.plots import bar_plot, wide
+from spear.shards.schema import (
+    TokenTeacherInfo,
+)
 from spear.storage import StorageConfig
+from spear.testing import TokenItem, random_codes, write_token_output
 
 TEACHERS = [
     TokenTeacherInfo(
@@ -104,67 +96,32 @@ def write_tokenize_run(out: Path, shards: int = 3, items: int = 5, lineage: bool
     """A small, schema-valid `spear tokenize` output: tokens, quarantine, index, report;
     ``lineage``: report.json also has ``quarantine_by_stage`` and ``slowest_shards``."""
     rng = np.random.default_rng(0)
-    schema, _ = token_shard_metadata(TEACHERS, items_per_shard=items)
-    (out / "tokens").mkdir(parents=True)
-    (out / "quarantine").mkdir()
-    index, by_domain, by_source = [], {"speech": 0.0, "audio": 0.0}, {}
+    units, by_domain, by_source = [], {"speech": 0.0, "audio": 0.0}, {}
     for s in range(shards):
-        rows = []
+        unit = []
         for i in range(items - 1):
             domain = "audio" if i % 3 == 0 else "speech"
             source = "audioset" if domain == "audio" else ("libri" if s % 2 else "giga")
-            secs = float(rng.uniform(2, 8))
-            row = {
-                "item_id": f"s{s}i{i}",
-                "source": source,
-                "domain": domain,
-                "url": f"file:///a/{s}-{i}.flac",
-                "start": 0.0,
-                "duration": secs,
-                "num_samples": int(secs * 16000),
-            }
-            for t in TEACHERS:
-                if domain in t.domains:
-                    frames = int(secs * t.frame_rate)
-                    codes = rng.integers(0, 256, (frames, t.num_codebooks), dtype=np.uint8)
-                    row[f"{t.prefix}_frames"] = frames
-                    row[f"{t.prefix}_codes"] = codes_to_bytes(codes)
-                else:
-                    row[f"{t.prefix}_frames"] = None
-                    row[f"{t.prefix}_codes"] = None
-            rows.append(row)
-            by_domain[domain] += secs / 3600
-            by_source[source] = by_source.get(source, 0.0) + secs / 3600
-        data = parquet_bytes(pa.Table.from_pylist(rows, schema=schema))
-        path = f"tokens/shard-{s:06d}.parquet"
-        (out / path).write_bytes(data)
-        q = [
-            quarantine_row(
-                item_id=f"s{s}bad",
-                source=f"file:///a/{s}-bad.mp3",
-                stage="decode",
-                error_type="truncated" if s else "corrupt",
-                message="short read",
+            n = int(float(rng.uniform(2, 8)) * 16000)
+            codes = {t.prefix: random_codes(t, n, rng) for t in TEACHERS if domain in t.domains}
+            unit.append(
+                TokenItem(f"s{s}i{i}", n, domain, source, f"file:///a/{s}-{i}.flac", codes=codes)
             )
-        ]
-        (out / f"quarantine/shard-{s:06d}.parquet").write_bytes(parquet_bytes(quarantine_table(q)))
-        index.append(
-            {
-                "shard": s,
-                "path": path,
-                "rows": len(rows),
-                "quarantined": 1,
-                "bytes": len(data),
-                "sha256": "0" * 64,
-                "audio_seconds": sum(r["duration"] for r in rows),
-            }
+            by_domain[domain] += n / 16000 / 3600
+            by_source[source] = by_source.get(source, 0.0) + n / 16000 / 3600
+        unit.append(
+            TokenItem(
+                f"s{s}bad",
+                16000,
+                url=f"file:///a/{s}-bad.mp3",
+                error_type="truncated" if s else "corrupt",
+                error="short read",
+            )
         )
-    idx = pa.Table.from_pylist(
-        index, schema=with_metadata(TOKEN_INDEX_SCHEMA, "token_index", TOKEN_INDEX_VERSION)
-    )
-    (out / "index.parquet").write_bytes(parquet_bytes(idx))
+        units.append(unit)
+    entries = write_token_output(str(out), units, TEACHERS)
+    token_bytes = sum(e["files"][f"tokens/{e['name']}.parquet"]["bytes"] for e in entries)
     hours = sum(by_domain.values())
-    token_bytes = sum(e["bytes"] for e in index)
     report = {
         "kind": "tokenize",
         "out": str(out),
@@ -332,7 +289,7 @@ def test_tokenize_report_has_every_plot(tmp_path: Path) -> None:
 
     slow = t["slowest-shards"]
     assert slow[0] == ["shard", "path", "wall s", "items", "audio s", "x real time"]
-    assert slow[1] == ["2", "tokens/shard-000002.parquet", "90.0", "4", "18.0", "0.2x"]
+    assert slow[1] == ["2", "tokens/shard-00002.parquet", "90.0", "4", "18.0", "0.2x"]
     assert slow[2][0] == "1" and slow[2][-1] == "0.5x"
 
 

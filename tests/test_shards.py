@@ -1,8 +1,8 @@
 """Token shard reader, inspector, validator and stats on small outputs built from the contract.
 
 :func:`build_output` writes what a finished ``spear tokenize`` run leaves (token shards with
-spear's metadata, quarantine files, ``index.parquet``, ``_SUCCESS.json``) with the helpers in
-``spear.formats`` only; other test modules import it from here.
+spear's metadata, quarantine files, commit entries, ``index.parquet``, ``_SUCCESS.json``) with
+the real writer (:mod:`spear.testing`); other test modules import it from here.
 """
 
 from __future__ import annotations
@@ -23,14 +23,7 @@ import torch
 
 from spear.formats import (
     SAMPLE_RATE,
-    TOKEN_INDEX_SCHEMA,
-    TOKEN_INDEX_VERSION,
-    TokenTeacherInfo,
-    codes_to_bytes,
     parquet_bytes,
-    quarantine_row,
-    quarantine_table,
-    token_shard_metadata,
     with_metadata,
 )
 from spear.shards import (
@@ -45,8 +38,17 @@ from spear.shards import (
     stats,
     validate,
 )
-from spear.stages.teachers import dasheng_num_frames, wavlm_num_frames
+from spear.shards.schema import (
+    TOKEN_INDEX_SCHEMA,
+    TOKEN_INDEX_VERSION,
+    TokenTeacherInfo,
+    codes_to_bytes,
+    dasheng_num_frames,
+    token_shard_metadata,
+    wavlm_num_frames,
+)
 from spear.storage import StorageConfig, join, read_bytes, write_atomic
+from spear.testing import TokenItem, write_token_output
 
 WAVLM = TokenTeacherInfo(
     prefix="wavlm",
@@ -77,35 +79,52 @@ FORMULA = {"wavlm": wavlm_num_frames, "dasheng": dasheng_num_frames}
 LOCAL = StorageConfig()
 
 
-def shard_rows(
+def shard_items(
     shard: int, rows: int, teachers: list[TokenTeacherInfo], seed: int = 0, url_root: str = "/data"
-) -> list[dict]:
+) -> list[TokenItem]:
     """``rows`` items of shard ``shard``: alternately speech and audio, random lengths and codes."""
     rng = np.random.default_rng([seed, shard])
     out = []
     for i in range(rows):
         domain = "speech" if i % 2 == 0 else "audio"
         n = int(rng.integers(4000, 40000))
-        row: dict[str, Any] = {
-            "item_id": f"{shard:04d}{i:04d}-0000",
-            "source": "libri" if domain == "speech" else "clips",
-            "domain": domain,
-            "url": f"{url_root}/{domain}/{shard}-{i}.wav",
-            "start": 1.5 if i % 3 == 2 else 0.0,  # a later segment of its file
-            "duration": n / SAMPLE_RATE,
-            "num_samples": n,
-        }
+        codes: dict[str, np.ndarray | None] = {}
         for t in teachers:
             if domain in t.domains:
                 frames = FORMULA[t.family](n)
-                codes = rng.integers(0, t.codebook_size, (frames, t.num_codebooks), dtype=np.uint8)
-                row[f"{t.prefix}_frames"] = frames
-                row[f"{t.prefix}_codes"] = codes_to_bytes(codes)
-            else:
-                row[f"{t.prefix}_frames"] = None
-                row[f"{t.prefix}_codes"] = None
-        out.append(row)
+                codes[t.prefix] = rng.integers(
+                    0, t.codebook_size, (frames, t.num_codebooks), dtype=np.uint8
+                )
+        out.append(
+            TokenItem(
+                item_id=f"{shard:04d}{i:04d}-0000",
+                num_samples=n,
+                domain=domain,
+                source="libri" if domain == "speech" else "clips",
+                url=f"{url_root}/{domain}/{shard}-{i}.wav",
+                start=1.5 if i % 3 == 2 else 0.0,  # a later segment of its file
+                codes=codes,
+            )
+        )
     return out
+
+
+def as_row(item: TokenItem, teachers: list[TokenTeacherInfo]) -> dict[str, Any]:
+    """The token shard row the writer makes of ``item``."""
+    row: dict[str, Any] = {
+        "item_id": item.item_id,
+        "source": item.source,
+        "domain": item.domain,
+        "url": item.url,
+        "start": item.start,
+        "duration": item.num_samples / SAMPLE_RATE,
+        "num_samples": item.num_samples,
+    }
+    for t in teachers:
+        c = item.codes.get(t.prefix)
+        row[f"{t.prefix}_frames"] = None if c is None else len(c)
+        row[f"{t.prefix}_codes"] = None if c is None else codes_to_bytes(c)
+    return row
 
 
 def shard_table(shard: int, rows: list[dict], teachers: list[TokenTeacherInfo]) -> pa.Table:
@@ -149,34 +168,31 @@ def build_output(
     """A finished tokenize output under ``out``; the rows written, by item id. Shard 1 has two
     quarantined items."""
     teachers = TEACHERS if teachers is None else teachers
-    entries, written = [], {}
+    units, written = [], {}
     for s in range(shards):
-        r = shard_rows(s, rows, teachers, seed, url_root)
-        written.update({x["item_id"]: x for x in r})
-        q = []
+        items = shard_items(s, rows, teachers, seed, url_root)
+        written.update({it.item_id: as_row(it, teachers) for it in items})
         if s == 1:
-            q = [
-                quarantine_row(
-                    item_id=f"{s:04d}q{i:03d}-0000",
-                    source="/data/bad.flac",
-                    stage="decode",
+            items += [
+                TokenItem(
+                    f"{s:04d}q{i:03d}-0000",
+                    16000,
+                    url="/data/bad.flac",
                     error_type="truncated",
-                    message="cut off",
+                    error="cut off",
                 )
                 for i in range(2)
             ]
-            path = join(out, f"quarantine/shard-{s:05d}.parquet")
-            write_atomic(path, parquet_bytes(quarantine_table(q)), LOCAL)
-        entries.append(write_shard(out, s, shard_table(s, r, teachers), len(q)))
-    write_index(out, entries)
-    write_atomic(join(out, "_SUCCESS.json"), json.dumps({"shards": shards}).encode(), LOCAL)
+        units.append(items)
+    write_token_output(out, units, teachers, run_id="test-run", storage=LOCAL)
     return written
 
 
 def rewrite_shard(
     out: str, shard: int, edit: Callable[[pa.Table], pa.Table], update_index: bool = True
 ) -> None:
-    """Replace shard ``shard`` by ``edit(table)``; refresh its index row unless told not to."""
+    """Replace shard ``shard`` by ``edit(table)``; refresh its index row (and the plan's item
+    count, as a run that made this shard would have) unless told not to."""
     path = join(out, f"tokens/shard-{shard:05d}.parquet")
     table = edit(pq.read_table(io.BytesIO(read_bytes(path, LOCAL))))
     index = open_index(out, LOCAL).to_pylist()
@@ -184,6 +200,10 @@ def rewrite_shard(
         if e["shard"] == shard:
             new = write_shard(out, shard, table, e["quarantined"])
             if update_index:
+                plan_url = join(out, "_work/plan.json")
+                plan = json.loads(read_bytes(plan_url, LOCAL))
+                plan["items"] += new["rows"] - e["rows"]
+                write_atomic(plan_url, json.dumps(plan).encode(), LOCAL)
                 e.update(new)
     write_index(out, index)
 
@@ -374,7 +394,7 @@ def test_validate_finds_lost_and_doubled_items(tmp_path: Path) -> None:
 
 
 def test_check_shard_table_names_the_rows(tmp_path: Path) -> None:
-    table = shard_table(0, shard_rows(0, 6, TEACHERS), TEACHERS)
+    table = shard_table(0, [as_row(it, TEACHERS) for it in shard_items(0, 6, TEACHERS)], TEACHERS)
     assert check_shard_table(table, TEACHERS, "s") == []
     bad = _frames(table)
     (problem,) = check_shard_table(bad, TEACHERS, "s")

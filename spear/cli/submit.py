@@ -256,8 +256,10 @@ def submit(
         try:
             resources = {str(k): float(v) for k, v in json.loads(entrypoint_resources).items()}
         except (ValueError, AttributeError, TypeError):
-            raise SpearError(f"--entrypoint-resources must be a JSON object of numbers, got "
-                             f"{entrypoint_resources!r}") from None  # fmt: skip
+            raise SpearError(
+                f"--entrypoint-resources must be a JSON object of numbers, got "
+                f"{entrypoint_resources!r}"
+            ) from None
     runtime_env: dict[str, Any] = {"env_vars": env_vars(list(env or []))}
     if wdir:
         runtime_env["working_dir"] = wdir
@@ -338,8 +340,7 @@ def run_job(job: JobSpec, wait: bool, poll_seconds: float = 1.0) -> int:
         return 130
     info = client.get_job_info(job_id)
     code = getattr(info, "driver_exit_code", None)
-    typer.echo(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""),
-               err=True)  # fmt: skip
+    typer.echo(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""), err=True)
     if status == "SUCCEEDED":
         return 0
     return int(code) if code else 1

@@ -45,7 +45,7 @@ def train(
 ) -> None:
     """Pre-train the student on token shards with Ray Train (DDP); re-running the same
     command resumes from the latest checkpoint under --out."""
-    from spear.student.train_job import run_train
+    from spear.pipeline.train import run_train
 
     require_urls(shards=shards, out=out)
     cfg = resolve(
@@ -65,7 +65,7 @@ def train(
             "ray.address": address,
         },
     )
-    res = run_train(shards, out, cfg.train, cfg.storage.resolved(), cfg.ray)
+    res = run_train(shards, out, cfg.train, cfg.storage.resolved(), cfg.ray, cfg.decode)
     loss = res.metrics.get("loss")
     typer.echo(
         f"train: {res.steps} steps"

@@ -12,12 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spear.errors import SpearError
-from spear.formats import (
-    QUARANTINE_SCHEMA,
-    TokenTeacherInfo,
-    codes_from_bytes,
-    read_token_teachers,
-)
+from spear.formats import QUARANTINE_SCHEMA
+from spear.shards.schema import TokenTeacherInfo, codes_from_bytes, read_token_teachers
 from spear.storage import StorageConfig, exists, filesystem, join, read_bytes
 
 

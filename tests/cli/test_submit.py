@@ -46,8 +46,9 @@ def _opt(cmd: list[str], name: str) -> str:
 def test_dry_run_prints_the_ray_job_submit_line(capsys, monkeypatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-forwarded")
-    cmd = dry_run(["tokenize", "--manifest", "s3://b/m", "--out", "s3://b/t", "--env", "A=1"],
-                  capsys)  # fmt: skip
+    cmd = dry_run(
+        ["tokenize", "--manifest", "s3://b/m", "--out", "s3://b/t", "--env", "A=1"], capsys
+    )
     assert cmd[:3] == ["ray", "job", "submit"]
     assert _opt(cmd, "--address") == "http://head:8265"
     assert _opt(cmd, "--submission-id").startswith("spear-tokenize-")
@@ -61,12 +62,29 @@ def test_dry_run_prints_the_ray_job_submit_line(capsys, monkeypatch) -> None:
 
 
 def test_dry_run_line_uses_options_ray_knows(capsys) -> None:
-    cmd = dry_run(["embed", "--manifest", "s3://b/m", "--out", "s3://b/e", "--entrypoint-resources",
-                   '{"head": 1}', "--entrypoint-num-gpus", "0.5"], capsys)  # fmt: skip
+    cmd = dry_run(
+        [
+            "embed",
+            "--manifest",
+            "s3://b/m",
+            "--out",
+            "s3://b/e",
+            "--entrypoint-resources",
+            '{"head": 1}',
+            "--entrypoint-num-gpus",
+            "0.5",
+        ],
+        capsys,
+    )
     ours = [w for w in cmd[: cmd.index("--")] if w.startswith("--")]
     ray = Path(sys.executable).parent / "ray"
-    res = subprocess.run([str(ray), "job", "submit", "--help"], capture_output=True, text=True,
-                         timeout=120, check=False)  # fmt: skip
+    res = subprocess.run(
+        [str(ray), "job", "submit", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stderr
     for opt in ours:
         assert re.search(rf"\s{re.escape(opt)}\b", res.stdout), f"ray job submit has no {opt}"
@@ -91,8 +109,18 @@ def test_config_file_travels_in_the_working_dir(tmp_path: Path, capsys) -> None:
     assert not Path(shipped).is_absolute()
     shutil.rmtree(wdir)  # a dry run leaves it for the printed command
     # With --working-dir the file must be inside it; its path becomes relative.
-    cmd = dry_run(["manifest", "s3://b/a", "--out", "s3://b/m", f"--config={cfg}",
-                   "--working-dir", str(tmp_path)], capsys)  # fmt: skip
+    cmd = dry_run(
+        [
+            "manifest",
+            "s3://b/a",
+            "--out",
+            "s3://b/m",
+            f"--config={cfg}",
+            "--working-dir",
+            str(tmp_path),
+        ],
+        capsys,
+    )
     assert "--config=run.yaml" in cmd
     assert json.loads(_opt(cmd, "--runtime-env-json"))["working_dir"] == str(tmp_path)
 
@@ -169,9 +197,14 @@ def ray_head() -> Iterator[Head]:
     temp = tempfile.mkdtemp(prefix="rsub", dir="/tmp")  # short: Unix socket paths are limited
     dash = _free_port()
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-           "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+    env = {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     ports = {
@@ -185,15 +218,31 @@ def ray_head() -> Iterator[Head]:
         "--node-manager-port": _free_port(),
         "--object-manager-port": _free_port(),
     }
-    cmd = [os.path.join(bindir, "ray"), "start", "--head", "--block", "--disable-usage-stats",
-           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-           "--include-dashboard", "true", "--num-cpus", "4", "--num-gpus", "0",
-           "--temp-dir", temp]  # fmt: skip
+    cmd = [
+        os.path.join(bindir, "ray"),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        "--node-ip-address",
+        "127.0.0.1",
+        "--dashboard-host",
+        "127.0.0.1",
+        "--include-dashboard",
+        "true",
+        "--num-cpus",
+        "4",
+        "--num-gpus",
+        "0",
+        "--temp-dir",
+        temp,
+    ]
     for k, v in ports.items():
         cmd += [k, str(v)]
     log = open(Path(temp) / "ray-start.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -228,10 +277,19 @@ def ray_head() -> Iterator[Head]:
 
 def submit_cli(head: Head, *args: str) -> subprocess.CompletedProcess[str]:
     """`spear submit ... --address HEAD --wait` as a user runs it, in a subprocess."""
-    cmd = [sys.executable, "-m", "spear.cli.main", "submit", *args, "--address", head.address,
-           "--wait"]  # fmt: skip
-    return subprocess.run(cmd, env=head.env, capture_output=True, text=True, timeout=300,
-                          check=False)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "spear.cli.main",
+        "submit",
+        *args,
+        "--address",
+        head.address,
+        "--wait",
+    ]
+    return subprocess.run(
+        cmd, env=head.env, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 @dataclass
@@ -253,8 +311,16 @@ def manifest_run(ray_head: Head, tmp_path_factory: pytest.TempPathFactory) -> Ma
     # A config file on this machine travels with the job (its own working dir).
     cfg = root / "run.yaml"
     cfg.write_text("manifest:\n  files_per_task: 2\n")
-    res = submit_cli(ray_head, "manifest", f"speech={root / 'speech'}",
-                     f"audio={root / 'audio'}", "--out", out, "--config", str(cfg))  # fmt: skip
+    res = submit_cli(
+        ray_head,
+        "manifest",
+        f"speech={root / 'speech'}",
+        f"audio={root / 'audio'}",
+        "--out",
+        out,
+        "--config",
+        str(cfg),
+    )
     return ManifestRun(out, files, res)
 
 
@@ -281,8 +347,9 @@ def _random_quantizer(url: str, teacher: str) -> str:
     from spear.storage import StorageConfig
 
     torch.manual_seed(len(teacher))
-    q = Quantizer(QuantizerInfo(dim=64, num_codebooks=4, codebook_size=16, teacher=teacher,
-                                layer=2))  # fmt: skip
+    q = Quantizer(
+        QuantizerInfo(dim=64, num_codebooks=4, codebook_size=16, teacher=teacher, layer=2)
+    )
     with torch.no_grad():
         q.centers.normal_()
     save_quantizer(q, url, StorageConfig())
@@ -308,12 +375,23 @@ def test_submitted_tokenize_job_validates_and_reports(
     assert manifest_run.result.returncode == 0
     out = str(tmp_path / "tokens")
     res = submit_cli(
-        ray_head, "tokenize", "--manifest", manifest_run.out, "--out", out,
-        "--wavlm", "wavlm-tiny", "--dasheng", "dasheng-tiny",
-        "--wavlm-quantizer", _random_quantizer(str(tmp_path / "qw"), "wavlm-tiny"),
-        "--dasheng-quantizer", _random_quantizer(str(tmp_path / "qd"), "dasheng-tiny"),
-        "--items-per-shard", "3",
-    )  # fmt: skip
+        ray_head,
+        "tokenize",
+        "--manifest",
+        manifest_run.out,
+        "--out",
+        out,
+        "--wavlm",
+        "wavlm-tiny",
+        "--dasheng",
+        "dasheng-tiny",
+        "--wavlm-quantizer",
+        _random_quantizer(str(tmp_path / "qw"), "wavlm-tiny"),
+        "--dasheng-quantizer",
+        _random_quantizer(str(tmp_path / "qd"), "dasheng-tiny"),
+        "--items-per-shard",
+        "3",
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert validate(out, StorageConfig()) == []
     report = json.loads((Path(out) / "report.json").read_text())
@@ -323,8 +401,13 @@ def test_submitted_tokenize_job_validates_and_reports(
     html = tmp_path / "report.html"
     assert run(["report", out, "--out", str(html)]) == 0
     page = html.read_text()
-    for title in ("Audio hours by domain", "Codebook usage: wavlm", "Codebook usage: dasheng",
-                  "Token bytes per audio second", "Stage rates"):  # fmt: skip
+    for title in (
+        "Audio hours by domain",
+        "Codebook usage: wavlm",
+        "Codebook usage: dasheng",
+        "Token bytes per audio second",
+        "Stage rates",
+    ):
         assert f"<h3>{title}</h3>" in page, title
 
 

@@ -234,6 +234,11 @@ def test_dockerfile_copies_what_exists() -> None:
 def test_dockerfile_lints_clean() -> None:
     hadolint = shutil.which("hadolint")
     assert hadolint is not None
-    res = subprocess.run([hadolint, "--no-color", str(DEPLOY / "Dockerfile")],
-                         capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    res = subprocess.run(
+        [hadolint, "--no-color", str(DEPLOY / "Dockerfile")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert res.returncode == 0, res.stdout + res.stderr

@@ -64,8 +64,16 @@ def test_decode_job_s3(ray_cluster: str, s3_server) -> None:
     write_corpus(f"{bucket}/c", s3_server.storage, long_minutes=0)
     ep = ["--s3-endpoint", s3_server.endpoint]
     cli_ok("manifest", f"{bucket}/c", "--out", f"{bucket}/m", *ep)
-    cli_ok("decode", "--manifest", f"{bucket}/m", "--out", f"{bucket}/d", "--resampler",
-           "torchaudio", *ep)  # fmt: skip
+    cli_ok(
+        "decode",
+        "--manifest",
+        f"{bucket}/m",
+        "--out",
+        f"{bucket}/d",
+        "--resampler",
+        "torchaudio",
+        *ep,
+    )
     fs, path = filesystem(f"{bucket}/d/audio", s3_server.storage)
     table = pq.read_table(path, filesystem=fs)
     row = next(r for r in table.to_pylist() if r["url"].endswith("pcm24_48k_stereo.wav"))

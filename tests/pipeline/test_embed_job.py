@@ -30,8 +30,9 @@ def manifest(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("embed")
     write_speech_like(str(root / "c" / "speech"), 6, seconds=(1, 4), seed=3)
     write_corpus(str(root / "c" / "speech" / "mixed"), long_minutes=0)
-    write_speech_like(str(root / "c" / "audio"), 3, seconds=(3, 12), seed=4, sample_rate=44100,
-                      fmt="WAV")  # fmt: skip
+    write_speech_like(
+        str(root / "c" / "audio"), 3, seconds=(3, 12), seed=4, sample_rate=44100, fmt="WAV"
+    )
     out = str(root / "m")
     assert cli("manifest", f"speech={root}/c/speech", f"audio={root}/c/audio", "--out", out) == 0
     return out
@@ -41,8 +42,19 @@ def manifest(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_embed_matches_direct_computation(manifest: str, tmp_path: Path, name: str) -> None:
     family = name.split("-")[0]
     out = str(tmp_path / "e")
-    args = ["embed", "--manifest", manifest, "--out", out, "--teacher", family, "--name", name,
-            "--items-per-shard", "3"]  # fmt: skip
+    args = [
+        "embed",
+        "--manifest",
+        manifest,
+        "--out",
+        out,
+        "--teacher",
+        family,
+        "--name",
+        name,
+        "--items-per-shard",
+        "3",
+    ]
     assert cli(*args) == 0
     table = pq.read_table(tmp_path / "e" / "embeddings")
     meta = read_metadata(table.schema)

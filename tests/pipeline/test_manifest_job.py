@@ -44,8 +44,10 @@ def _check_output(out: str, storage: StorageConfig, files: list) -> None:
     assert table.num_rows == n_items
     assert len(set(table["item_id"].to_pylist())) == n_items
     q = read_quarantine(out, storage)
-    assert {u.rsplit("/", 1)[1]: t for u, t in zip(q["source"].to_pylist(),
-            q["error_type"].to_pylist(), strict=True)} == bad  # fmt: skip
+    assert {
+        u.rsplit("/", 1)[1]: t
+        for u, t in zip(q["source"].to_pylist(), q["error_type"].to_pylist(), strict=True)
+    } == bad
     fs, path = filesystem(join(out, "_SUCCESS.json"), storage)
     summary = json.loads(fs.cat_file(path))
     assert summary["items"] == n_items and sum(summary["quarantined"].values()) == len(bad)
@@ -90,8 +92,9 @@ def test_manifest_s3_domains_and_list_file(ray_cluster: str, s3_server) -> None:
     files = write_corpus(f"{bucket}/speech/part1", s3_server.storage, long_minutes=1)
     write_corpus(f"{bucket}/audio", s3_server.storage, long_minutes=0)
     fs, _ = filesystem(bucket, s3_server.storage)
-    fs.pipe_file(f"{bucket}/lists/audio.txt".removeprefix("s3://"),
-                 b"../audio/pcm16_44k_stereo.flac\n")  # fmt: skip
+    fs.pipe_file(
+        f"{bucket}/lists/audio.txt".removeprefix("s3://"), b"../audio/pcm16_44k_stereo.flac\n"
+    )
     out = f"{bucket}/out"
     cli_ok(
         "manifest",
@@ -122,8 +125,13 @@ def test_bad_url_fails_fast_without_ray(tmp_path: Path) -> None:
         ["manifest", str(tmp_path), "--out", "nosuch://o"],
         ["manifest", str(tmp_path), "--out", str(tmp_path / "o"), "--set", "manifest.nope=1"],
     ):
-        r = subprocess.run([sys.executable, "-m", "spear.cli.main", *args], env=env,
-                           capture_output=True, text=True, timeout=60)  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, "-m", "spear.cli.main", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
@@ -135,8 +143,12 @@ def test_real_cli_binary_on_the_session_cluster(ray_cluster: str, tmp_path: Path
     write_corpus(str(tmp_path / "c"), long_minutes=0)
     out = tmp_path / "m"
     spear = Path(sys.executable).parent / "spear"
-    r = subprocess.run([str(spear), "manifest", str(tmp_path / "c"), "--out", str(out)],
-                       env={**os.environ, "RAY_ADDRESS": ray_cluster}, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        [str(spear), "manifest", str(tmp_path / "c"), "--out", str(out)],
+        env={**os.environ, "RAY_ADDRESS": ray_cluster},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("manifest: 15 files -> 8 items")

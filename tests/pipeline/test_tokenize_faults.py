@@ -48,11 +48,23 @@ def job(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 def command(job: dict[str, str], out: Path, manifest: str | None = None) -> list[str]:
     # Small shards: many units and actor calls, so a kill lands mid-run.
     return [
-        sys.executable, "-m", "spear.cli.main", "tokenize", "--manifest",
-        manifest or job["manifest"], "--out", str(out), "--wavlm", "wavlm-tiny",
-        "--wavlm-quantizer", job["quantizer"], "--items-per-shard", str(PER_SHARD),
-        "--address", job["address"],
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "spear.cli.main",
+        "tokenize",
+        "--manifest",
+        manifest or job["manifest"],
+        "--out",
+        str(out),
+        "--wavlm",
+        "wavlm-tiny",
+        "--wavlm-quantizer",
+        job["quantizer"],
+        "--items-per-shard",
+        str(PER_SHARD),
+        "--address",
+        job["address"],
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +113,12 @@ def check_exactly_once(job: dict[str, str], out: Path) -> None:
 
 def test_driver_killed_mid_run_then_rerun(job: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "o"
-    proc = subprocess.Popen(command(job, out), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        command(job, out),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: len(shards(out)) >= 1 or proc.poll() is not None, what="a first shard")
         assert proc.poll() is None, "the job finished before it could be killed"
@@ -125,8 +141,9 @@ def test_teacher_actor_killed_mid_run(job: dict[str, str], tmp_path: Path) -> No
     from ray._private.state import actors
 
     out = tmp_path / "o"
-    proc = subprocess.Popen(command(job, out), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        command(job, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
 
     def teacher_actor() -> int | None:
         for a in actors().values():
@@ -146,8 +163,11 @@ def test_teacher_actor_killed_mid_run(job: dict[str, str], tmp_path: Path) -> No
     os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    restarted = [a for a in actors().values()
-                 if "TokenizeStage" in a["ActorClassName"] and a["NumRestarts"] > 0]  # fmt: skip
+    restarted = [
+        a
+        for a in actors().values()
+        if "TokenizeStage" in a["ActorClassName"] and a["NumRestarts"] > 0
+    ]
     assert restarted, "the killed actor was not restarted"
     check_exactly_once(job, out)
 
@@ -163,8 +183,13 @@ def test_shard_writer_killed(
     """The writer's process dies mid-write, after writing but before its commit, or after the
     commit but before publishing: Ray retries the task and the job completes in one run."""
     out = tmp_path / "o"
-    run = subprocess.run(command(job, out), capture_output=True, text=True, timeout=300,
-                         env=_env(tmp_path, f"{point}:shard-00001"))  # fmt: skip
+    run = subprocess.run(
+        command(job, out),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(tmp_path, f"{point}:shard-00001"),
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / f"{point}-shard-00001").exists(), "the fault did not fire"
     check_exactly_once(job, out)
@@ -175,13 +200,19 @@ def test_driver_killed_between_write_and_commit(
     job: dict[str, str], reference: dict[str, bytes], tmp_path: Path
 ) -> None:
     out = tmp_path / "o"
-    proc = subprocess.Popen(command(job, out), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(tmp_path, "before_commit:shard-00002:hang"))  # fmt: skip
+    proc = subprocess.Popen(
+        command(job, out),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=_env(tmp_path, "before_commit:shard-00002:hang"),
+    )
     staged = out / "_work/attempts/shard-00002"
     try:
-        wait_for(lambda: (tmp_path / "before_commit-shard-00002").exists()
-                 or proc.poll() is not None, what="a writer between write and commit")  # fmt: skip
+        wait_for(
+            lambda: (tmp_path / "before_commit-shard-00002").exists() or proc.poll() is not None,
+            what="a writer between write and commit",
+        )
         assert proc.poll() is None
         assert list(staged.rglob("tokens/shard-00002.parquet")), "nothing staged"
         os.killpg(proc.pid, signal.SIGKILL)
@@ -206,8 +237,9 @@ def test_manifest_copy_resumes_and_changed_manifest_is_refused(
     assert first.returncode == 0, first.stderr[-2000:]
     copy = tmp_path / "elsewhere" / "manifest-copy"
     shutil.copytree(job["manifest"], copy)
-    again = subprocess.run(command(job, out, str(copy)), capture_output=True, text=True,
-                           timeout=300)  # fmt: skip
+    again = subprocess.run(
+        command(job, out, str(copy)), capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     summary = json.loads((out / "_SUCCESS.json").read_text())
     assert summary["shards_done_before"] == summary["shards"]
@@ -215,8 +247,9 @@ def test_manifest_copy_resumes_and_changed_manifest_is_refused(
     parts = sorted((copy / "manifest").glob("*.parquet"))
     t = pq.read_table(parts[0])
     pq.write_table(t.slice(0, t.num_rows - 1), parts[0])
-    changed = subprocess.run(command(job, out, str(copy)), capture_output=True, text=True,
-                             timeout=300)  # fmt: skip
+    changed = subprocess.run(
+        command(job, out, str(copy)), capture_output=True, text=True, timeout=300
+    )
     assert changed.returncode == 2
     lines = changed.stderr.strip().splitlines()
     assert len(lines) == 1 and "manifest content" in lines[0], changed.stderr

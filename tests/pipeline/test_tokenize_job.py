@@ -19,10 +19,10 @@ import torch
 
 from spear.checkpoints import load_quantizer
 from spear.cli.main import run
-from spear.formats import codes_from_bytes, read_token_teachers
 from spear.pipeline.manifest import read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
+from spear.shards.schema import codes_from_bytes, read_token_teachers
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
@@ -35,12 +35,14 @@ def cli(*args: str) -> int:
     return run(args)
 
 
-def make_quantizer(url: str, teacher: str, dim: int, layer: int, seed: int,
-                   storage: StorageConfig) -> str:  # fmt: skip
+def make_quantizer(
+    url: str, teacher: str, dim: int, layer: int, seed: int, storage: StorageConfig
+) -> str:
     """A random (untrained) quantiser saved the way `spear quantizer train` saves one."""
     torch.manual_seed(seed)
-    q = Quantizer(QuantizerInfo(dim=dim, num_codebooks=4, codebook_size=16, teacher=teacher,
-                                layer=layer))  # fmt: skip
+    q = Quantizer(
+        QuantizerInfo(dim=dim, num_codebooks=4, codebook_size=16, teacher=teacher, layer=layer)
+    )
     with torch.no_grad():
         q.centers.normal_()
     save_quantizer(q, url, storage)
@@ -67,11 +69,16 @@ def inputs(ray_cluster: str, s3_server) -> Inputs:
     write_speech_like(audio, 3, storage, seconds=(6, 14), seed=12, sample_rate=44100, fmt="WAV")
     manifest = join(root, "m")
     ep = s3_server.endpoint
-    assert cli("manifest", f"speech={speech}", f"audio={audio}", "--out", manifest,
-               "--s3-endpoint", ep) == 0  # fmt: skip
+    assert (
+        cli(
+            "manifest", f"speech={speech}", f"audio={audio}", "--out", manifest, "--s3-endpoint", ep
+        )
+        == 0
+    )
     # Break two files after the manifest listed them: the job must quarantine, not fail.
-    urls = sorted({r["url"] for r in read_manifest(manifest, storage).to_pylist()
-                   if r["domain"] == "speech"})  # fmt: skip
+    urls = sorted(
+        {r["url"] for r in read_manifest(manifest, storage).to_pylist() if r["domain"] == "speech"}
+    )
     write_atomic(urls[0], b"RIFF" + bytes(range(256)) * 8, storage)
     fs, path = filesystem(urls[1], storage)
     fs.rm(path)
@@ -88,11 +95,24 @@ def inputs(ray_cluster: str, s3_server) -> Inputs:
 
 def tokenize_args(inp: Inputs, out: str, wavlm_q: str | None = None) -> list[str]:
     return [
-        "tokenize", "--manifest", inp.manifest, "--out", out, "--s3-endpoint", inp.endpoint,
-        "--wavlm", "wavlm-tiny", "--dasheng", "dasheng-tiny",
-        "--wavlm-quantizer", wavlm_q or inp.wavlm_q, "--dasheng-quantizer", inp.dasheng_q,
-        "--items-per-shard", "4",
-    ]  # fmt: skip
+        "tokenize",
+        "--manifest",
+        inp.manifest,
+        "--out",
+        out,
+        "--s3-endpoint",
+        inp.endpoint,
+        "--wavlm",
+        "wavlm-tiny",
+        "--dasheng",
+        "dasheng-tiny",
+        "--wavlm-quantizer",
+        wavlm_q or inp.wavlm_q,
+        "--dasheng-quantizer",
+        inp.dasheng_q,
+        "--items-per-shard",
+        "4",
+    ]
 
 
 def read_dir(url: str, storage: StorageConfig):
@@ -121,8 +141,10 @@ def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server) -> None:
         "wavlm": load_teacher(TeacherConfig(name="wavlm-tiny")),
         "dasheng": load_teacher(TeacherConfig(name="dasheng-tiny")),
     }
-    quant = {"wavlm": load_quantizer(inputs.wavlm_q, storage),
-             "dasheng": load_quantizer(inputs.dasheng_q, storage)}  # fmt: skip
+    quant = {
+        "wavlm": load_quantizer(inputs.wavlm_q, storage),
+        "dasheng": load_quantizer(inputs.dasheng_q, storage),
+    }
     for row in tokens.to_pylist():
         m = manifest[row["item_id"]]
         wave = decode_segment(m["url"], m["start"], m["duration"], DecodeConfig(), storage)

@@ -12,7 +12,8 @@ import pytest
 
 from spear.checkpoints import load_quantizer
 from spear.cli.main import run
-from spear.config import SpearConfig, replace
+from spear.config import SpearConfig
+from spear.configio import replace
 from spear.pipeline.quantize import train_quantizer, write_embedding_shards
 from spear.quantizer.mvq import content_id
 from spear.quantizer.serial import quantizer_to_bytes

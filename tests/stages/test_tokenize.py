@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from spear.errors import ConfigError
-from spear.formats import audio_to_bytes, codes_from_bytes
+from spear.formats import audio_to_bytes
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
+from spear.shards.schema import codes_from_bytes
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
 from spear.stages.tokenize import NOT_RUN, TokenizeTeacherConfig, tokenize_batch
 
@@ -35,8 +36,9 @@ def test_rows_by_domain_error_and_length() -> None:
     rng = np.random.default_rng(0)
     waves = [(rng.standard_normal(n) * 3000).astype(np.int16) for n in (16000, 24000, 8000, 300)]
     b = batch_of(waves, ["audio", "speech", "audio", "audio"], ["", "", "io", ""])
-    out = tokenize_batch(teacher, q, b, prefix="dasheng", domains=("audio",), refine_rounds=2,
-                         keep_audio=("audio",))  # fmt: skip
+    out = tokenize_batch(
+        teacher, q, b, prefix="dasheng", domains=("audio",), refine_rounds=2, keep_audio=("audio",)
+    )
     frames = out["dasheng_frames"].tolist()
     # Row 0 runs; row 1 is another domain; row 2 failed to decode; row 3 is too short.
     assert frames[1] == frames[2] == frames[3] == NOT_RUN and frames[0] > 0
@@ -46,8 +48,9 @@ def test_rows_by_domain_error_and_length() -> None:
     np.testing.assert_array_equal(codes_from_bytes(out["dasheng_codes"][0], 4), want)
     # Audio goes on only where a later teacher (domains in keep_audio) will need it.
     assert out["audio"][0] == b["audio"][0] and out["audio"][1] == b"" and out["audio"][2] == b""
-    assert "audio" not in tokenize_batch(teacher, q, b, prefix="dasheng", domains=("audio",),
-                                         refine_rounds=0, keep_audio=())  # fmt: skip
+    assert "audio" not in tokenize_batch(
+        teacher, q, b, prefix="dasheng", domains=("audio",), refine_rounds=0, keep_audio=()
+    )
 
 
 def test_bad_domains_are_refused() -> None:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from spear.config import from_dict, to_dict
+from spear.configio import from_dict, to_dict
 from spear.errors import ConfigError
 from spear.student.config import TrainConfig
 

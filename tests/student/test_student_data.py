@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spear.errors import SpearError
+from spear.shards.index import open_run
 from spear.stages.decode import DecodeConfig
 from spear.storage import StorageConfig
 from spear.student.config import HeadConfig, MixConfig, StudentConfig, TrainDataConfig
@@ -17,16 +18,16 @@ from spear.student.data import (
     bucket_batches,
     collate_rows,
     iter_rows,
-    open_token_shards,
     prepare_batch,
 )
-from spear.student.synthetic import write_token_output
-from spear.student.train_job import check_heads
+from spear.student.recipe import check_heads
+from spear.testing import write_synthetic_output as write_token_output
 
 
 def test_prepare_and_collate(tmp_path: Path) -> None:
     teachers = write_token_output(str(tmp_path), 6, (0.5, 2.0), seed=0)
-    files, found = open_token_shards(str(tmp_path), StorageConfig())
+    run = open_run(str(tmp_path), StorageConfig())
+    files, found = run.urls(), run.teachers
     assert found == teachers and len(files) == 1
     table = pq.read_table(files[0]).to_pydict()
     batch = {k: np.asarray(v, dtype=object) for k, v in table.items()}
@@ -78,12 +79,12 @@ def test_heads_must_match_shards(tmp_path: Path) -> None:
     check_heads(ok, teachers)
     with pytest.raises(SpearError, match="16x256"):
         check_heads(StudentConfig(preset="tiny"), teachers)
-    with pytest.raises(SpearError, match="no token shards"):
-        open_token_shards(str(tmp_path / "nothing"), StorageConfig())
+    with pytest.raises(SpearError, match="not a finished tokenize output"):
+        open_run(str(tmp_path / "nothing"), StorageConfig())
 
 
 def test_heads_take_their_shapes_from_the_shards(tmp_path: Path) -> None:
-    from spear.student.train_job import heads_from_shards
+    from spear.student.recipe import heads_from_shards
 
     teachers = write_token_output(str(tmp_path), 2, (1.0, 1.5))
     heads = heads_from_shards(StudentConfig(preset="tiny"), teachers)  # default 16x256 heads
@@ -93,3 +94,24 @@ def test_heads_take_their_shapes_from_the_shards(tmp_path: Path) -> None:
     only = StudentConfig(preset="tiny", heads=(HeadConfig(name="other", num_codebooks=4),))
     with pytest.raises(SpearError, match="nothing to train"):
         heads_from_shards(only, teachers)
+
+
+def test_the_student_reads_through_the_shard_contract(tmp_path: Path) -> None:
+    """Stray shard files are ignored; a shard of other quantisers is refused wherever it is."""
+    import shutil
+
+    out = tmp_path / "run"
+    write_token_output(str(out), 12, (1.0, 1.5), seed=0, items_per_shard=4)
+    shutil.copy(out / "tokens/shard-00000.parquet", out / "tokens/shard-00000 (copy).parquet")
+    run = open_run(str(out), StorageConfig())
+    assert len(run.urls()) == 3 and run.num_rows == 12  # the copy is not read twice
+    from spear.testing import TokenItem, teacher
+    from spear.testing import write_token_output as write_items
+
+    other = tmp_path / "other"
+    mixed = [teacher("wavlm", 2, quantizer_id="mvq-another"), teacher("dasheng", 1)]
+    item = TokenItem("x", 16000, codes={"wavlm": np.zeros((49, 2), np.uint8)})
+    write_items(str(other), [[item]], mixed)
+    shutil.copy(other / "tokens/shard-00000.parquet", out / "tokens/shard-00001.parquet")
+    with pytest.raises(SpearError, match="mvq-another"):
+        open_run(str(out), StorageConfig())

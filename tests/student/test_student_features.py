@@ -34,8 +34,17 @@ def test_features_match_the_standalone_module(ray_cluster: str, tmp_path: Path) 
     model = Student(StudentConfig(preset="tiny")).eval()
     model.save(str(tmp_path / "student.pt"))
     out = tmp_path / "f"
-    args = ["features", "--checkpoint", str(tmp_path / "student.pt"), "--manifest",
-            str(tmp_path / "m"), "--out", str(out), "--items-per-part", "2"]  # fmt: skip
+    args = [
+        "features",
+        "--checkpoint",
+        str(tmp_path / "student.pt"),
+        "--manifest",
+        str(tmp_path / "m"),
+        "--out",
+        str(out),
+        "--items-per-part",
+        "2",
+    ]
     assert cli(*args) == 0
     table = pq.read_table(out / "features")
     manifest = read_manifest(str(tmp_path / "m"), StorageConfig())

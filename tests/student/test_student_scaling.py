@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from spear.config import from_dict, to_dict
+from spear.configio import from_dict, to_dict
 from spear.errors import ConfigError
 from spear.student import scaling
 from spear.student.config import Schedule, ZipformerConfig, ZipformerMachinery, scheduled

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from spear.pipeline.train import run_train
 from spear.ray_utils import RayConfig
 from spear.storage import StorageConfig
 from spear.student.config import (
@@ -20,8 +21,7 @@ from spear.student.config import (
     TrainDataConfig,
 )
 from spear.student.model import Student
-from spear.student.synthetic import write_token_output
-from spear.student.train_job import run_train
+from spear.testing import write_synthetic_output as write_token_output
 
 pytestmark = pytest.mark.integration
 

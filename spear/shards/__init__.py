@@ -1,0 +1,51 @@
+"""Token shards, the product: one contract for every producer and consumer.
+
+* :mod:`spear.shards.schema` - layout, schema, versions, :class:`TokenTeacherInfo`, frame
+  formulas (what the teachers, the writer, the readers and the validator agree on).
+* :mod:`spear.shards.writer` - :class:`TokenShardWriter` (a unit of tokenized items -> a
+  shard's files) and :func:`index_table` / :func:`write_index`.
+* :mod:`spear.shards.index` - :func:`open_run`, the one reader core: the index, every shard's
+  metadata checked, one set of teachers and quantisers; :func:`list_shards`, :func:`read_table`.
+* :mod:`spear.shards.dataset` - :class:`TokenShardDataset` (PyTorch, exactly once over ranks x
+  workers), :func:`collate_tokens`, :func:`ray_dataset`.
+* :mod:`spear.shards.checks` - :func:`validate`; :mod:`spear.shards.summary` -
+  :func:`inspect`, :func:`stats`.
+* :mod:`spear.testing` - a valid tokenize output built with the real writer, for tests.
+
+Names are loaded on first use, so ``spear.shards.schema`` (imported by the teachers) pulls in
+neither torch nor fsspec.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "schema": (
+        "TOKEN_SHARD_VERSION TOKEN_INDEX_VERSION TOKEN_INDEX_SCHEMA INDEX_FILE SUCCESS_FILE "
+        "REPORT_FILE PLAN_FILE TOKENS_DIR QUARANTINE_DIR ITEM_COLUMNS FRAME_FORMULAS "
+        "TokenTeacherInfo token_shard_schema token_shard_metadata read_token_teachers "
+        "NOT_RUN_FRAMES codes_to_bytes codes_from_bytes wavlm_num_frames dasheng_num_frames "
+        "shard_name "
+        "token_path quarantine_path"
+    ),
+    "writer": "TokenShardWriter index_table write_index",
+    "index": (
+        "ShardError ShardEntry TokenRun open_run open_index list_shards shard_url read_table "
+        "shard_teachers shard_urls teachers_of"
+    ),
+    "dataset": "ReadTask plan_reads TokenShardDataset collate_tokens ray_dataset",
+    "checks": "validate check_shard_table MAX_EXAMPLES",
+    "summary": "Inspection inspect TeacherStats TokenStats stats",
+}
+_MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names.split()}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _MODULE_OF.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'spear.shards' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spear.shards.{mod}"), name)

@@ -1,0 +1,186 @@
+"""Builders for tests and benchmarks: valid spear outputs written with the real writers.
+
+:func:`write_token_output` makes a finished tokenize output (token shards, quarantine files,
+commit entries, plan, index, ``_SUCCESS.json``) from items the caller describes, through
+:class:`spear.shards.writer.TokenShardWriter` and the commit protocol, so it is exactly what
+``spear tokenize`` would have written for those codes (``spear shards validate`` passes).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from spear.formats import SAMPLE_RATE
+from spear.shards.schema import (
+    FRAME_FORMULAS,
+    NOT_RUN_FRAMES,
+    PLAN_FILE,
+    SUCCESS_FILE,
+    TokenTeacherInfo,
+)
+from spear.storage import StorageConfig, join, write_atomic
+
+
+@dataclass
+class TokenItem:
+    """One item of a test output: its audio's length, where it lives, its codes per teacher
+    (uint8 ``(frames, C)``; None where the teacher did not run), or an error (quarantined)."""
+
+    item_id: str
+    num_samples: int
+    domain: str = "speech"
+    source: str = "test"
+    url: str = ""
+    start: float = 0.0
+    codes: dict[str, np.ndarray | None] = field(default_factory=dict)
+    error_type: str = ""
+    error: str = ""
+
+
+def teacher(
+    prefix: str,
+    num_codebooks: int,
+    *,
+    codebook_size: int = 256,
+    quantizer_id: str | None = None,
+    domains: Sequence[str] | None = None,
+) -> TokenTeacherInfo:
+    """A teacher entry for tests: ``wavlm`` (50 Hz, speech + audio) or ``dasheng`` (25 Hz,
+    audio) by prefix."""
+    family = "dasheng" if prefix.startswith("dasheng") else "wavlm"
+    return TokenTeacherInfo(
+        prefix=prefix,
+        teacher=f"{family}-test",
+        family=family,
+        layer=21 if family == "wavlm" else 40,
+        frame_rate=50.0 if family == "wavlm" else 25.0,
+        num_codebooks=num_codebooks,
+        codebook_size=codebook_size,
+        quantizer_id=quantizer_id or f"mvq-test-{prefix}",
+        checkpoint_sha256=None,
+        domains=tuple(domains or (("audio",) if family == "dasheng" else ("speech", "audio"))),
+    )
+
+
+def random_codes(info: TokenTeacherInfo, num_samples: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 codes of the right shape for an item of ``num_samples`` (the family's formula)."""
+    frames = FRAME_FORMULAS[info.family](num_samples)
+    return rng.integers(0, info.codebook_size, (frames, info.num_codebooks), dtype=np.uint8)
+
+
+def write_token_output(
+    out: str,
+    shards: Sequence[Sequence[TokenItem]],
+    teachers: Sequence[TokenTeacherInfo],
+    *,
+    run_id: str = "test-run",
+    storage: StorageConfig | None = None,
+) -> list[dict[str, Any]]:
+    """A finished tokenize output at ``out`` whose shard N holds the items ``shards[N]``;
+    returns the shards' commit entries. :func:`cut` makes the shards from a list of items."""
+    from spear.pipeline.commit import commit_unit
+    from spear.shards.writer import TokenShardWriter, write_index
+
+    storage = storage or StorageConfig()
+    writer = TokenShardWriter(tuple(teachers), run_id)
+    entries = []
+    for shard, items in enumerate(shards):
+        files, entry = writer(shard, _batch(items, teachers))
+        name = entry.pop("name")
+        entries.append(commit_unit(out, name, files, entry | {"unit": shard}, storage))
+    write_index(out, entries, storage)
+    n = sum(len(items) for items in shards)
+    plan = {"version": 2, "kind": "tokenize", "items": n, "units": len(entries), "digest": run_id}
+    write_atomic(join(out, PLAN_FILE), json.dumps(plan).encode(), storage)
+    summary = {"items": n, "shards": len(entries)}
+    write_atomic(join(out, SUCCESS_FILE), json.dumps(summary).encode(), storage)
+    return entries
+
+
+def cut(items: Sequence[TokenItem], items_per_shard: int) -> list[list[TokenItem]]:
+    """``items`` sorted by id, in shards of ``items_per_shard`` (as ``spear tokenize`` cuts)."""
+    ordered = sorted(items, key=lambda it: it.item_id)
+    return [ordered[i : i + items_per_shard] for i in range(0, len(ordered), items_per_shard)]
+
+
+def _batch(items: Sequence[TokenItem], teachers: Sequence[TokenTeacherInfo]) -> dict[str, Any]:
+    """What the tokenize job's last teacher stage hands the writer for these items."""
+
+    def col(values: list[Any]) -> np.ndarray:
+        arr = np.empty(len(values), dtype=object)
+        arr[:] = values
+        return arr
+
+    n = len(items)
+    batch: dict[str, Any] = {
+        "item_id": col([it.item_id for it in items]),
+        "source": col([it.source for it in items]),
+        "domain": col([it.domain for it in items]),
+        "url": col([it.url or f"memory://test/{it.item_id}.flac" for it in items]),
+        "start": np.array([it.start for it in items], dtype=np.float64),
+        "duration": np.array([it.num_samples / SAMPLE_RATE for it in items]),
+        "num_samples": np.array(
+            [0 if it.error_type else it.num_samples for it in items], dtype=np.int64
+        ),
+        "error_type": col([it.error_type for it in items]),
+        "error": col([it.error for it in items]),
+        "decode_seconds": np.zeros(n),
+    }
+    for t in teachers:
+        codes = [None if it.error_type else it.codes.get(t.prefix) for it in items]
+        batch[f"{t.prefix}_frames"] = np.array(
+            [NOT_RUN_FRAMES if c is None else len(c) for c in codes], dtype=np.int32
+        )
+        batch[f"{t.prefix}_codes"] = col(
+            [b"" if c is None else np.ascontiguousarray(c).tobytes() for c in codes]
+        )
+        batch[f"{t.prefix}_seconds"] = np.zeros(n)
+    return batch
+
+
+def write_synthetic_output(
+    out_dir: str,
+    n_items: int,
+    seconds: tuple[float, float],
+    seed: int = 0,
+    wavlm_codebooks: int = 2,
+    dasheng_codebooks: int = 1,
+    items_per_shard: int = 8,
+) -> list[TokenTeacherInfo]:
+    """A finished tokenize output on local disk with learnable synthetic codes
+    (:func:`spear.student.synthetic.synth_items`): ``out_dir/audio/*.wav`` and the token shards,
+    index and entries, written with the real writer. Returns the teachers."""
+    import os
+
+    import soundfile as sf
+
+    from spear.student.synthetic import synth_items
+
+    teachers = [
+        teacher("wavlm", wavlm_codebooks, quantizer_id="synthetic-wavlm"),
+        teacher("dasheng", dasheng_codebooks, quantizer_id="synthetic-dasheng"),
+    ]
+    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
+    items = []
+    for i, it in enumerate(synth_items(n_items, seconds, seed, wavlm_codebooks, dasheng_codebooks)):
+        audio = np.asarray(it["audio"])
+        path = os.path.join(out_dir, "audio", f"item-{i:04d}.wav")
+        sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
+        codes = {"wavlm": it["wavlm"], "dasheng": it["dasheng"]}
+        items.append(
+            TokenItem(
+                item_id=f"item-{i:04d}",
+                num_samples=len(audio),
+                domain=str(it["domain"]),
+                source="synthetic",
+                url=path,
+                codes=codes,  # type: ignore[arg-type]
+            )
+        )
+    write_token_output(out_dir, cut(items, items_per_shard), teachers, run_id=f"synthetic-{seed}")
+    return teachers
