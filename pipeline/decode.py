@@ -187,7 +187,7 @@ def run_decode(
     todo = [p for p in parts if p not in have]
     summary = DecodeSummary(out=out, parts=len(parts), parts_done_before=len(parts) - len(todo))
     if todo:
-        init_ray(ray_cfg)
+        init_ray(ray_cfg, out)
         import ray
 
         fn = partial(

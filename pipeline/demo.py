@@ -85,7 +85,7 @@ def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResul
                 codebook_size=64,
                 phase_steps=150,
                 batch_size=256,
-                log_every=50,
+                log_every=150,
                 checkpoint_every=100,
                 normalise=prefix == "wavlm",
             ),

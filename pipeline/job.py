@@ -470,6 +470,8 @@ class UnitJob:
     writer: Callable[[int, dict[str, np.ndarray]], tuple[dict[str, bytes], dict[str, Any]]]
     decode: DecodeConfig
     decode_cpus: float = 1.0
+    decode_memory: int = 512 * 2**20
+    """Bytes Ray reserves per decode task: a unit's int16 audio and the decoder's buffers."""
     prepare: Callable[..., dict[str, Any]] = decode_timed
     """The CPU task stage before the actors: decoding, by default (``prepare(items, cfg=decode,
     storage=...)``); benchmarks put a stub here."""
@@ -527,7 +529,7 @@ def _dataset(
     job: UnitJob, table: pa.Table, todo: list[int], storage: StorageConfig, ray_cfg: RayConfig
 ) -> Any:
     """decode (CPU tasks) -> each actor stage -> write (I/O tasks), on unit rows."""
-    init_ray(ray_cfg)
+    init_ray(ray_cfg, job.out)
     import ray
 
     cluster = ray.cluster_resources()
@@ -545,6 +547,10 @@ def _dataset(
         batch_size=1,
         batch_format="numpy",
         num_cpus=job.decode_cpus,
+        # A memory reservation per decode task (one unit's audio); being set here and not on
+        # the actors, it also keeps Ray Data from fusing decode into the first actor stage,
+        # which would then decode on the actor's share, in series with the model.
+        memory=job.decode_memory,
     )
     demands = [Demand("decode", 1, job.decode_cpus)]
     for a in job.actors:

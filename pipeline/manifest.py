@@ -221,7 +221,7 @@ def build_manifest(
     else:
         write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
 
-    init_ray(ray_cfg)
+    init_ray(ray_cfg, out)
     import ray
 
     # 2. Listing, one task per source folder; finished listings are reused.

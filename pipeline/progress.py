@@ -72,8 +72,6 @@ class Progress:
         if self._live is not None:
             self._live.update(self._task, completed=self.items, line=self._text())
             self._live.stop()
-        else:
-            log.info(self.line())
 
     def add(self, entry: dict[str, Any]) -> None:
         self.units += 1

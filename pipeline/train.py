@@ -187,7 +187,7 @@ def run_train(
     heads = heads_from_shards(cfg.student, teachers)
     cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, heads=heads))
     check_heads(cfg.student, teachers)
-    init_ray(ray_cfg)
+    init_ray(ray_cfg, out_url)
     import ray
     from ray.data import DataContext
 

@@ -56,8 +56,9 @@ class RayConfig:
             raise ConfigError("ray start_attempts must be >= 1 and stall_seconds positive")
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Connect to the configured cluster, or start a local one; idempotent.
+def init_ray(cfg: RayConfig, out: str | None = None) -> None:
+    """Connect to the configured cluster, or start a local one; idempotent. Ray's INFO output
+    goes to a log file near the job's output ``out`` (:func:`spear.console.route_ray_logs`).
 
     A local Ray starts with what a batch job needs: no dashboard (its HTTP server and
     agents cost a loaded 2-core machine seconds of start-up), and a start-up timeout is retried
@@ -67,6 +68,7 @@ def init_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
+    _route_logs(out)  # before ray.init: its own start-up lines go to the file too
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
@@ -87,6 +89,12 @@ def init_ray(cfg: RayConfig) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
+
+
+def _route_logs(out: str | None) -> None:
+    from spear.console import route_ray_logs
+
+    route_ray_logs(out)
 
 
 def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:

@@ -18,8 +18,14 @@ def test_demo_runs_every_stage(ray_cluster: str, tmp_path: Path, capsys) -> None
         main(["demo", "--out", str(tmp_path / "demo")])
     except SystemExit as e:
         assert e.code in (0, None)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "demo done" in out
+    # One screen: every step's result line, no Ray INFO blocks (those go to the run's log).
+    console = (out + captured.err).strip().splitlines()
+    assert len(console) <= 40, "\n".join(console)
+    assert not [line for line in console if "Total Progress" in line or "INFO" in line]
+    assert list((tmp_path / "demo" / "tokens" / "_logs").glob("ray-*.log"))
     d = tmp_path / "demo"
     manifest = json.loads((d / "manifest" / "_SUCCESS.json").read_text())
     # The generated corpus holds 7 broken files; each one is quarantined with its reason.

@@ -7,7 +7,6 @@ shows the traceback.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -42,17 +41,21 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log at INFO level."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Also show spear's debug lines and Ray's INFO output."
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="Only warnings, errors and each command's result line."
+    ),
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
 ) -> None:
     if debug:
         os.environ["SPEAR_DEBUG"] = "1"
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from spear.console import configure
+
+    configure("verbose" if verbose else "quiet" if quiet else "normal")
 
 
 def _register() -> None:
