@@ -1,0 +1,289 @@
+"""Fuzzing probe + decode with mutated WAV, FLAC, Ogg (Vorbis, Opus), MP3, AIFF and AU files.
+
+Each case takes a small valid file (written by soundfile, so no encoder binary is needed) and
+applies one to three mutations: random bytes, a truncation, a header field set to 0, 1, a
+huge, negative (two's complement) or past-the-end value, bytes inserted or cut out. It then
+runs the manifest probe and decodes every item it yields plus the whole file. Every case must
+end in manifest rows or one quarantine row, and every decode in samples or a quarantine reason
+from ERROR_TYPES other than ``internal`` (a bug), within a time and memory bound.
+
+Hypothesis (the property-based testing library) draws the cases; the default run is
+derandomised (the same cases on every machine, so CI is reproducible) and sized to ~30 s on
+two cores. ``-m slow`` runs a larger random search. A failure prints the smallest mutation
+Hypothesis could shrink it to.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import struct
+import time
+import tracemalloc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spear.stages.decode import ERROR_TYPES, DecodeConfig, DecodeError, decode_batch, decode_segment
+from spear.stages.manifest import ManifestConfig, probe_files
+from spear.storage import StorageConfig
+from spear.synth import sine
+
+LOCAL = StorageConfig()
+# Tight limits, so a case that ignores them shows as slow, not as a stalled job.
+PROBE = ManifestConfig(probe_timeout_seconds=5.0, audio_window_seconds=0.2)
+DECODE = DecodeConfig(timeout_seconds=5.0, io_threads=1, io_retries=0, min_seconds=0.0)
+CASE_SECONDS = 10.0  # per case, probe and every decode together
+CASE_BYTES = 64 << 20  # peak traced allocation per case (numpy buffers included)
+RSS_GROWTH = 512 << 20  # of the whole test process, over all cases
+EXAMPLES = int(os.environ.get("SPEAR_FUZZ_EXAMPLES", "250"))
+
+
+@dataclass(frozen=True)
+class Seed:
+    name: str
+    data: bytes
+    fields: tuple[tuple[int, int, str], ...]
+    """(offset, size, byte order) of the header's length, rate and count fields."""
+
+
+def _encode(fmt: str, subtype: str | None, sr: int, channels: int, seconds: float) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, sine(seconds, sr, 440.0, channels), sr, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def _ogg_fields(data: bytes) -> list[tuple[int, int, str]]:
+    """Granule position and segment count of every Ogg page."""
+    out, pos = [], data.find(b"OggS")
+    while pos >= 0:
+        out += [(pos + 6, 8, "little"), (pos + 26, 1, "little")]
+        pos = data.find(b"OggS", pos + 4)
+    return out
+
+
+def _mp3_fields(data: bytes) -> list[tuple[int, int, str]]:
+    """The first frame headers' bitrate/rate bytes and a Xing tag's frame count."""
+    out = [(p, 3, "big") for p in range(0, min(len(data), 4000)) if data[p] == 0xFF][:6]
+    xing = data.find(b"Xing")
+    if xing >= 0:
+        out.append((xing + 8, 4, "big"))
+    return out
+
+
+def _seeds() -> list[Seed]:
+    wav = _encode("WAV", "PCM_16", 16000, 1, 0.5)
+    wav24 = _encode("WAV", "PCM_24", 8000, 2, 0.5)
+    flac = _encode("FLAC", "PCM_16", 16000, 1, 0.5)
+    flac2 = _encode("FLAC", "PCM_24", 44100, 2, 0.3)
+    vorbis = _encode("OGG", "VORBIS", 16000, 1, 0.5)
+    opus = _encode("OGG", "OPUS", 48000, 1, 0.5)
+    mp3 = _encode("MP3", None, 22050, 1, 0.5)
+    aiff = _encode("AIFF", "PCM_16", 16000, 1, 0.5)
+    au = _encode("AU", "PCM_16", 16000, 1, 0.5)
+    wav_fields = (
+        (4, 4, "little"),
+        (16, 4, "little"),
+        (20, 2, "little"),
+        (22, 2, "little"),
+        (24, 4, "little"),
+        (28, 4, "little"),
+        (32, 2, "little"),
+        (34, 2, "little"),
+        (40, 4, "little"),
+    )
+    flac_fields = (*((o, 1, "big") for o in range(5, 26)), (5, 3, "big"), (22, 4, "big"))
+    ssnd = aiff.find(b"SSND")
+    aiff_fields = (
+        (4, 4, "big"),
+        (20, 2, "big"),
+        (22, 4, "big"),
+        (26, 2, "big"),
+        (28, 10, "big"),
+        (ssnd + 4, 4, "big"),
+        (ssnd + 8, 4, "big"),
+    )
+    au_fields = tuple((o, 4, "big") for o in (4, 8, 12, 16, 20))
+    return [
+        Seed("pcm16.wav", wav, wav_fields),
+        Seed("pcm24_stereo.wav", wav24, wav_fields),
+        Seed("mono.flac", flac, flac_fields),
+        Seed("stereo.flac", flac2, flac_fields),
+        Seed("vorbis.ogg", vorbis, tuple(_ogg_fields(vorbis))),
+        Seed("opus.ogg", opus, tuple(_ogg_fields(opus))),
+        Seed("vbr.mp3", mp3, tuple(_mp3_fields(mp3))),
+        Seed("pcm16.aiff", aiff, aiff_fields),
+        Seed("pcm16.au", au, au_fields),
+    ]
+
+
+SEEDS = _seeds()
+
+
+def _value(kind: str, size: int, n: int, rnd: int) -> int:
+    """A field value: what broken and lying writers put there."""
+    top = 256**size
+    return {
+        "zero": 0,
+        "one": 1,
+        "max": top - 1,
+        "half": top // 2,  # the sign bit: negative when read signed
+        "minus_one": top - 1,
+        "past_end": min(top - 1, n + 1 + rnd % 4096),
+        "random": rnd % top,
+    }[kind]
+
+
+@st.composite
+def mutation(draw: st.DrawFn, seed: Seed) -> tuple[str, bytes]:
+    data = bytearray(seed.data)
+    steps = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["field", "field", "bytes", "truncate", "insert", "cut"]))
+        n = len(data)
+        if kind == "field" and seed.fields:
+            off, size, order = draw(st.sampled_from(seed.fields))
+            what = draw(
+                st.sampled_from(["zero", "one", "max", "half", "minus_one", "past_end", "random"])
+            )
+            value = _value(what, size, n, draw(st.integers(0, 2**64)))
+            if off + size <= n:
+                data[off : off + size] = value.to_bytes(size, order)  # type: ignore[arg-type]
+            steps.append(f"field@{off}/{size}={what}")
+        elif kind == "bytes" and n:
+            for _ in range(draw(st.integers(1, 16))):
+                data[draw(st.integers(0, n - 1))] = draw(st.integers(0, 255))
+            steps.append("bytes")
+        elif kind == "truncate":
+            cut = draw(st.integers(0, n))
+            del data[cut:]
+            steps.append(f"truncate@{cut}")
+        elif kind == "insert":
+            at = draw(st.integers(0, n))
+            data[at:at] = draw(st.binary(min_size=1, max_size=64))
+            steps.append(f"insert@{at}")
+        elif kind == "cut" and n:
+            at = draw(st.integers(0, n - 1))
+            del data[at : at + draw(st.integers(1, 4096))]
+            steps.append(f"cut@{at}")
+    return "+".join(steps), bytes(data)
+
+
+CASES = st.sampled_from(SEEDS).flatmap(lambda s: st.tuples(st.just(s.name), mutation(s)))
+
+
+class Tally:
+    cases = 0
+    quarantined = 0
+    items = 0
+    seconds = 0.0
+    slowest = 0.0
+    peak = 0
+
+
+def _check_case(path: Path) -> None:
+    url = str(path)
+    tracemalloc.start()  # only around spear's code: tracing Hypothesis would triple the time
+    t0 = time.monotonic()
+    try:
+        _probe_and_decode(url)
+        took = time.monotonic() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert took < CASE_SECONDS, f"{took:.1f} s"
+    assert peak < CASE_BYTES, f"{peak / 2**20:.0f} MiB"
+    Tally.cases += 1
+    Tally.seconds += took
+    Tally.slowest = max(Tally.slowest, took)
+    Tally.peak = max(Tally.peak, peak)
+
+
+def _probe_and_decode(url: str) -> None:
+    res = probe_files([(url, -1, "audio")], "fuzz", PROBE, LOCAL)
+    assert (len(res.quarantine), bool(res.rows)) in ((1, False), (0, True)), res.quarantine
+    for q in res.quarantine:
+        assert q["error_type"] in ERROR_TYPES and q["error_type"] != "internal", q
+        assert url in q["message"], q
+    Tally.quarantined += len(res.quarantine)
+    if res.rows:
+        Tally.items += len(res.rows)
+        rows = res.rows[:3] + res.rows[3:][-1:]  # the first items and the last
+        batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+        out = decode_batch(batch, DECODE, LOCAL)
+        for err, msg in zip(out["error_type"], out["error"], strict=True):
+            assert err in ("", *ERROR_TYPES) and err != "internal", msg
+    try:
+        decode_segment(url, 0.0, None, DECODE, LOCAL)
+    except DecodeError as err:
+        assert err.error_type in ERROR_TYPES and err.error_type != "internal", err
+        assert url in err.message
+
+
+def _run(tmp_path: Path, examples: int, derandomize: bool) -> None:
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    @settings(
+        max_examples=examples,
+        derandomize=derandomize,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(CASES)
+    def case(c: tuple[str, tuple[str, bytes]]) -> None:
+        name, (_, data) = c
+        path = tmp_path / f"case{Tally.cases}-{name}"
+        path.write_bytes(data)
+        try:
+            _check_case(path)
+        finally:
+            path.unlink()
+
+    t0 = time.monotonic()
+    case()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(
+        f"fuzz: {Tally.cases} cases in {time.monotonic() - t0:.1f} s (probe+decode "
+        f"{Tally.seconds:.1f} s, slowest {Tally.slowest:.2f} s, peak traced "
+        f"{Tally.peak / 2**20:.1f} MiB), {Tally.quarantined} quarantined, {Tally.items} items"
+    )
+    assert rss - rss0 < RSS_GROWTH, f"max RSS grew {(rss - rss0) / 2**20:.0f} MiB"
+
+
+def test_seeds_are_valid_files(tmp_path: Path) -> None:
+    """Unmutated, every seed probes to items that decode (so mutations start from good files)."""
+    for seed in SEEDS:
+        path = tmp_path / seed.name
+        path.write_bytes(seed.data)
+        res = probe_files([(str(path), -1, "audio")], "fuzz", PROBE, LOCAL)
+        assert res.rows and not res.quarantine, (seed.name, res.quarantine)
+        y = decode_segment(str(path), 0.0, None, DECODE, LOCAL)
+        assert abs(len(y) - 16000 * res.rows[0]["file_duration"]) <= 1, seed.name
+        assert all(off + size <= len(seed.data) for off, size, _ in seed.fields), seed.name
+
+
+@pytest.mark.timeout(300)
+def test_mutated_files_end_in_a_result_or_a_quarantine_row(tmp_path: Path) -> None:
+    Tally.cases = Tally.quarantined = Tally.items = 0
+    _run(tmp_path, EXAMPLES, derandomize=True)
+    assert Tally.cases == EXAMPLES
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_mutated_files_random_search(tmp_path: Path) -> None:
+    Tally.cases = Tally.quarantined = Tally.items = 0
+    _run(tmp_path, 20 * EXAMPLES, derandomize=False)
+
+
+def test_values_cover_signed_and_past_end() -> None:
+    assert _value("half", 4, 100, 0) == 2**31
+    assert struct.unpack("<i", _value("minus_one", 4, 100, 0).to_bytes(4, "little"))[0] == -1
+    assert _value("past_end", 4, 100, 7) == 108
