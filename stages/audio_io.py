@@ -19,6 +19,7 @@ them into its own error with the file's URL in the message.
 
 from __future__ import annotations
 
+import errno
 import re
 import time
 from collections.abc import Callable
@@ -154,8 +155,6 @@ class GuardedFile:
         self._f = f
         self._budget = budget
         self.error: BaseException | None = None
-        self.bytes_read = 0
-        """Bytes handed to libsndfile: where a decoder stopped short of the file's end."""
 
     def read(self, n: int = -1) -> bytes:
         if self.error is not None:
@@ -168,12 +167,16 @@ class GuardedFile:
         except Exception as err:
             self.error = err
             return b""
-        self.bytes_read += len(data)
         return data
 
     def seek(self, offset: int, whence: int = 0) -> int:
         try:
             self._f.seek(offset, whence)
+        except ValueError:
+            pass  # before the start: a lying header's offset, not a storage failure
+        except OSError as err:
+            if err.errno != errno.EINVAL:  # EINVAL: the same, from a local file
+                self.error = err
         except Exception as err:
             self.error = err
         return self.tell()
@@ -182,7 +185,7 @@ class GuardedFile:
         return int(self._f.tell())
 
     def peek(self, n: int) -> bytes:
-        """Up to ``n`` bytes from the current position, the position kept (not counted)."""
+        """Up to ``n`` bytes from the current position, which is kept (what a decoder left)."""
         pos = self.tell()
         try:
             return bytes(self._f.read(n))
@@ -191,6 +194,10 @@ class GuardedFile:
 
     def seekable(self) -> bool:
         return True
+
+
+Reopen = Callable[[], tuple[sf.SoundFile, GuardedFile]]
+"""Opens the file afresh, at frame 0 (after a failed seek libFLAC cannot go on)."""
 
 
 def check_format(snd: sf.SoundFile, min_rate: int, max_rate: int, max_channels: int) -> None:
@@ -300,7 +307,7 @@ def seek_or_skip(
     snd: sf.SoundFile,
     f: GuardedFile,
     first: int,
-    reopen: Callable[[], tuple[sf.SoundFile, GuardedFile]],
+    reopen: Reopen,
     budget: Budget,
 ) -> tuple[sf.SoundFile, GuardedFile]:
     """Position at frame ``first``: a seek, or where the format cannot seek (a FLAC of unknown or
@@ -350,9 +357,6 @@ def mp3_frames_follow(data: bytes, chained: int = 3) -> bool:
             return True
         pos = data.find(b"\xff", pos + 1)
     return False
-
-
-Reopen = Callable[[], tuple[sf.SoundFile, GuardedFile]]
 
 
 def true_length(snd: sf.SoundFile, size: int, reopen: Reopen, longest: int, budget: Budget) -> int:

@@ -39,6 +39,7 @@ from spear.stages.audio_io import (
     BadAudio,
     Budget,
     GuardedFile,
+    Reopen,
     StorageFailed,
     check_format,
     chunk_frames,
@@ -227,9 +228,8 @@ def decode_segment(
             raise _io_error(url, err.error) from err
         except DecodeError:
             raise
-        except (sf.LibsndfileError, RuntimeError, ValueError) as err:  # corrupt frames
-            reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
-            raise DecodeError("unreadable", f"{url}: decoding failed: {reason}") from err
+        except sf.LibsndfileError as err:  # corrupt frames mid-stream
+            raise DecodeError("unreadable", f"{url}: decoding failed: {err.error_string}") from err
 
 
 def _size(raw: Any) -> int:
@@ -250,7 +250,7 @@ def decode_bytes(frames: int, sample_rate: int, out_rate: int) -> int:
 def _decode_open(
     snd: sf.SoundFile,
     f: GuardedFile,
-    reopen: Callable[[], tuple[sf.SoundFile, GuardedFile]],
+    reopen: Reopen,
     size: int,
     start: float,
     duration: float | None,

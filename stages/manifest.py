@@ -231,11 +231,8 @@ def probe_file(
         raise ProbeError("io", f"{url}: cannot read: {err}") from None
     except SpearError as err:  # a URL no filesystem serves (e.g. a bad list-file line)
         raise ProbeError("io", f"{url}: {err}") from None
-    except sf.LibsndfileError as err:
-        msg = f"{url}: not readable as audio: {err.error_string}"
-        raise ProbeError("unreadable", msg) from None
-    except (TypeError, ValueError, RuntimeError) as err:  # soundfile on odd headers
-        raise ProbeError("unreadable", f"{url}: not readable as audio: {err}") from None
+    except sf.LibsndfileError as err:  # a seek or read on a damaged stream
+        raise ProbeError("unreadable", f"{url}: decoding failed: {err.error_string}") from None
     except OSError as err:
         raise ProbeError("io", f"{url}: cannot read: {type(err).__name__}: {err}") from None
 
@@ -257,9 +254,10 @@ def _probe(
             f = GuardedFile(raw, budget)
             try:
                 snd = sf.SoundFile(f)
-            except Exception:
+            except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
                 raise_guard_error(f, budget)  # storage or the budget, not the bytes
-                raise
+                reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
+                raise BadAudio("unreadable", f"not readable as audio: {reason}") from err
             return stack.enter_context(snd), f
 
         snd, _ = open_sound(cfg.probe_block_size)
