@@ -178,9 +178,19 @@ def _probe_batch(
     return stats
 
 
+# Speed and safety settings: they do not change a good file's rows, so a resume may change them.
+_NOT_PLANNED = (
+    "sources",
+    "probe_threads",
+    "probe_block_size",
+    "count_block_size",
+    "probe_timeout_seconds",
+)
+
+
 def _plan(sources: list[SourceConfig], cfg: ManifestConfig) -> dict[str, Any]:
     settings = to_dict(cfg)
-    for k in ("sources", "probe_threads", "probe_block_size"):  # don't change the result
+    for k in _NOT_PLANNED:
         settings.pop(k)
     return {
         "version": MANIFEST_VERSION,

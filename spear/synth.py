@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile as sf
 
+from spear.stages.audio_io import mp3_frame_length
 from spear.storage import StorageConfig, join, write_atomic
 
 
@@ -144,3 +145,154 @@ def write_speech_like(
         write_atomic(u, encode(x[:, None], sample_rate, fmt, None), storage)
         urls.append(u)
     return urls
+
+
+# ---------------------------------------------------------------- headers that lie
+
+
+@dataclass(frozen=True)
+class HostileFile:
+    """A file whose header says something its bytes do not: what a correct probe makes of it."""
+
+    name: str
+    data: bytes
+    probe: str | None
+    """The probe's quarantine reason, or ``None`` where the file is fine."""
+    seconds: float | None
+    """Length a correct probe reports (``None``: whatever decoding yields, e.g. an untagged MP3
+    whose encoder delay and padding decode as audio)."""
+    what: str
+
+
+def flac_with_total(data: bytes, total: int) -> bytes:
+    """A FLAC with STREAMINFO's 36-bit total-samples field set (0 means "unknown")."""
+    if data[:4] != b"fLaC" or data[4] & 0x7F != 0:
+        raise ValueError("not a FLAC starting with STREAMINFO")
+    out = bytearray(data)
+    out[21] = (out[21] & 0xF0) | ((total >> 32) & 0x0F)
+    out[22:26] = (total & 0xFFFFFFFF).to_bytes(4, "big")
+    return bytes(out)
+
+
+def flac_metadata_only(data: bytes) -> bytes:
+    """A FLAC's metadata blocks without any audio frame."""
+    pos = 4
+    while True:
+        last, length = data[pos] & 0x80, int.from_bytes(data[pos + 1 : pos + 4], "big")
+        pos += 4 + length
+        if last:
+            return data[:pos]
+
+
+def mp3_without_info_tag(data: bytes) -> bytes:
+    """An MP3 with its first frame dropped when that frame is a Xing/Info tag (the frame count,
+    encoder delay and padding that make libsndfile's length exact), as sox writes MP3s."""
+    pos = 0
+    if data[:3] == b"ID3":
+        pos = 10 + sum((data[6 + i] & 0x7F) << (7 * (3 - i)) for i in range(4))
+    length = mp3_frame_length(data[pos : pos + 4])
+    if length is None:
+        raise ValueError("not an MPEG Layer III frame")
+    if b"Xing" not in data[pos : pos + length] and b"Info" not in data[pos : pos + length]:
+        return data
+    return data[:pos] + data[pos + length :]
+
+
+def _patched(data: bytes, offset: int, value: int, size: int, order: str = "little") -> bytes:
+    return data[:offset] + value.to_bytes(size, order) + data[offset + size :]  # type: ignore[arg-type]
+
+
+def hostile_files() -> list[HostileFile]:
+    """Files with unknown, absurd or contradicted lengths, rates and channel counts; every one
+    once reached a real pipeline or is one byte away from what a real writer produces."""
+    tone = sine(3.0, 16000, 440.0)
+    flac = encode(tone, 16000, "FLAC", "PCM_16")
+    wav = encode(tone, 16000, "WAV", "PCM_16")  # canonical 44-byte header
+    au = encode(tone, 16000, "AU", "PCM_16")
+    mp3 = encode(sine(3.0, 44100, 600.0), 44100, "MP3", None)  # VBR with a Xing tag
+    cbr = io.BytesIO()
+    sf.write(
+        cbr,
+        sine(22.05, 44100, 600.0),
+        44100,
+        format="MP3",
+        bitrate_mode="CONSTANT",
+        compression_level=0.5,
+    )
+    return [
+        HostileFile(
+            "flac_no_samples.flac",
+            flac_with_total(flac_metadata_only(flac), 0),
+            "empty",
+            0.0,
+            "no audio frames, length 'unknown' (sox trim past the end)",
+        ),
+        HostileFile(
+            "flac_streamed.flac",
+            flac_with_total(flac, 0),
+            None,
+            3.0,
+            "length 'unknown' (ffmpeg writing FLAC to a pipe); the audio is all there",
+        ),
+        HostileFile(
+            "flac_absurd_length.flac",
+            flac_with_total(flac, 2**36 - 1),
+            "bad_header",
+            0.0,
+            "STREAMINFO claims 2^36-1 samples (49 days) in 31 KB",
+        ),
+        HostileFile(
+            "flac_cut_off.flac",
+            flac[: len(flac) // 2],
+            "truncated",
+            0.0,
+            "a FLAC upload cut off halfway: its header promises 3 s",
+        ),
+        HostileFile(
+            "wav_streamed.wav",
+            _patched(_patched(wav, 4, 2**32 - 1, 4), 40, 2**32 - 1, 4),
+            None,
+            3.0,
+            "RIFF and data sizes 0xFFFFFFFF (ffmpeg writing WAV to a pipe)",
+        ),
+        HostileFile(
+            "wav_data_past_end.wav",
+            _patched(wav, 40, 2**31, 4),
+            "truncated",
+            0.0,
+            "data chunk size 2 GiB in a 96 KB file",
+        ),
+        HostileFile(
+            "wav_absurd_rate.wav",
+            _patched(wav, 24, 2**31 - 1, 4),
+            "bad_header",
+            0.0,
+            "sample rate 2^31-1 Hz",
+        ),
+        HostileFile(
+            "wav_1000_channels.wav", _patched(wav, 22, 1000, 2), "bad_header", 0.0, "1000 channels"
+        ),
+        HostileFile(
+            "au_rate_1.au",
+            _patched(au, 16, 1, 4, "big"),
+            "bad_header",
+            0.0,
+            "sample rate 1 Hz: 96 KB would be 13 hours",
+        ),
+        HostileFile(
+            "mp3_cbr_untagged.mp3",
+            mp3_without_info_tag(cbr.getvalue()),
+            None,
+            None,
+            "CBR MP3 without an Info tag (as sox writes): libsndfile's length estimate "
+            "counts encoder delay and padding, 22.118 s where decoding yields 22.099 s",
+        ),
+        HostileFile(
+            "mp3_vbr_untagged.mp3",
+            mp3_without_info_tag(mp3),
+            "bad_header",
+            0.0,
+            "VBR MP3 without a Xing tag (ffmpeg -q:a to a pipe, lame -t): libsndfile "
+            "estimates 0.46 s from the first frame and decodes no further",
+        ),
+    ]

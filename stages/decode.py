@@ -11,13 +11,18 @@
 Reads are range reads: the file is opened through fsspec with the storage's block size and
 libsndfile seeks to the segment, so a 5 s segment of a 10-minute file on S3 fetches a few
 blocks, not the file.
+
+Bounds (:mod:`spear.stages.audio_io`): the header is checked before anything is read (sample
+rate, channels, a length its bytes can hold); the memory a segment needs is computed and
+refused over ``max_memory_bytes`` before it is allocated; samples are read in chunks of a few
+MiB, and every read libsndfile makes checks the segment's ``timeout_seconds``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +34,20 @@ import soundfile as sf
 
 from spear.errors import ConfigError, SpearError
 from spear.formats import AUDIO_DTYPE, audio_to_bytes, quarantine_row
+from spear.stages.audio_io import ERROR_TYPES as ERROR_TYPES  # the reasons, re-exported
+from spear.stages.audio_io import (
+    BadAudio,
+    Budget,
+    GuardedFile,
+    Reopen,
+    StorageFailed,
+    check_format,
+    chunk_frames,
+    header_frames,
+    raise_guard_error,
+    read_into,
+    seek_or_skip,
+)
 from spear.storage import StorageConfig, filesystem
 
 if TYPE_CHECKING:
@@ -43,11 +62,6 @@ STAGE = "decode"
 # re-fetched a whole block after a 1 KB backward seek (measured on a 10-minute FLAC).
 _CACHE_TYPE = "blockcache"
 
-ERROR_TYPES = ("empty", "truncated", "unreadable", "too_short", "io", "internal")
-"""Reasons a segment is quarantined: ``empty`` (0 bytes or 0 frames), ``truncated`` (less audio
-than the header or the manifest promised), ``unreadable`` (libsndfile cannot open or decode it:
-random bytes, text, unsupported containers), ``too_short`` (below ``min_seconds``), ``io``
-(storage failed), ``internal`` (a bug in spear; logged with its traceback)."""
 
 Resampler = Literal["soxr", "torchaudio"]
 RESAMPLERS: tuple[Resampler, ...] = ("soxr", "torchaudio")
@@ -77,6 +91,19 @@ class DecodeConfig:
     io_retries: int = 3
     """Retries of a segment whose read failed transiently (S3 SlowDown, a reset connection),
     with exponential backoff from 0.5 s, before it is quarantined as ``io``."""
+    timeout_seconds: float = 120.0
+    """Wall-clock limit of one segment's decode (each retry has its own), checked at every read
+    libsndfile makes and between chunks; a segment over it is quarantined as ``timeout``."""
+    max_memory_bytes: int = 1 << 30
+    """Memory one segment's decode may need (source-rate mono float32, its resampled copy and
+    the int16 result: 8 bytes a source frame + 10 an output sample); a segment needing more is
+    quarantined as ``too_long`` before anything is allocated. 1 GiB: ~50 min at 48 kHz."""
+    min_sample_rate: int = 4_000
+    """Files with a lower sample rate are quarantined as ``bad_header``."""
+    max_sample_rate: int = 768_000
+    """Files with a higher sample rate are quarantined as ``bad_header``."""
+    max_channels: int = 64
+    """Files with more channels are quarantined as ``bad_header``."""
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
@@ -89,6 +116,10 @@ class DecodeConfig:
             raise ConfigError(f"io_threads must be >= 1, got {self.io_threads}")
         if self.io_retries < 0:
             raise ConfigError(f"io_retries must be >= 0, got {self.io_retries}")
+        if self.timeout_seconds <= 0 or self.max_memory_bytes <= 0:
+            raise ConfigError("timeout_seconds and max_memory_bytes must be > 0")
+        if not 1 <= self.min_sample_rate <= self.max_sample_rate or self.max_channels < 1:
+            raise ConfigError("need 1 <= min_sample_rate <= max_sample_rate and max_channels >= 1")
 
 
 class DecodeError(SpearError):
@@ -102,59 +133,10 @@ class DecodeError(SpearError):
         """A storage failure that may pass (throttling, a reset connection): worth a retry."""
 
 
-class _GuardedFile:
-    """A read-only file proxy for libsndfile's virtual I/O.
-
-    soundfile calls ``read``/``seek`` from C callbacks, where a Python exception is printed and
-    turned into a short read: a storage failure would then look like a truncated file. The proxy
-    keeps the first exception so the caller can report it as ``io``.
-    """
-
-    def __init__(self, f: Any) -> None:
-        self._f = f
-        self.error: BaseException | None = None
-
-    def read(self, n: int = -1) -> bytes:
-        if self.error is not None:
-            return b""
-        try:
-            data: bytes = self._f.read(n)
-        except Exception as err:
-            self.error = err
-            return b""
-        return data
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        try:
-            self._f.seek(offset, whence)
-        except Exception as err:
-            self.error = err
-        return self.tell()
-
-    def tell(self) -> int:
-        return int(self._f.tell())
-
-    def seekable(self) -> bool:
-        return True
-
-
 def _io_error(url: str, err: BaseException) -> DecodeError:
     # A missing object or a refused permission will not change on retry; anything else may.
     transient = not isinstance(err, FileNotFoundError | PermissionError | IsADirectoryError)
     return DecodeError("io", f"{url}: {type(err).__name__}: {err}", transient=transient)
-
-
-# libsndfile logs "data : 64000 (should be 1000)" when a WAV/AIFF header promises more bytes
-# than the file holds; it then silently decodes what is there.
-_SHORT_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-
-
-def _header_promises_more(extra_info: str) -> tuple[int, int] | None:
-    for m in _SHORT_CHUNK.finditer(extra_info):
-        declared, actual = int(m.group(1)), int(m.group(2))
-        if declared > actual:
-            return declared, actual
-    return None
 
 
 @functools.lru_cache(maxsize=32)
@@ -208,89 +190,147 @@ def decode_segment(
     Only the bytes libsndfile asks for are fetched: the header, a seek (FLAC's seek search or
     WAV's arithmetic) and the segment's blocks.
     """
+    budget = Budget(cfg.timeout_seconds, "decode")
     try:
         fs, path = filesystem(url, storage)
         # A listing cached in this worker (the manifest's probe) may hold an older size of an
         # object rewritten since; reads past the real end would then fail as I/O errors.
         fs.invalidate_cache(path)
-        raw = fs.open(path, "rb", block_size=storage.block_size, cache_type=_CACHE_TYPE)
     except Exception as err:  # storage layers raise many types; all are I/O failures here
         raise _io_error(url, err) from err
-    with raw:
+    with contextlib.ExitStack() as stack:
+
+        def open_raw() -> Any:
+            try:
+                return stack.enter_context(
+                    fs.open(path, "rb", block_size=storage.block_size, cache_type=_CACHE_TYPE)
+                )
+            except Exception as err:
+                raise _io_error(url, err) from err
+
+        def open_sound(raw: Any = None) -> tuple[sf.SoundFile, GuardedFile]:
+            f = GuardedFile(raw if raw is not None else open_raw(), budget)
+            try:
+                snd = sf.SoundFile(f, "r")
+            except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
+                raise_guard_error(f, budget)
+                reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
+                raise BadAudio("unreadable", reason) from err
+            return stack.enter_context(snd), f
+
         try:
-            raw.seek(0, 2)
-            size = raw.tell()
-            raw.seek(0)
-        except Exception as err:
-            raise _io_error(url, err) from err
-        if not size:
-            raise DecodeError("empty", f"{url}: 0 bytes")
-        f = _GuardedFile(raw)
-        try:
-            snd = sf.SoundFile(f, "r")
-        except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
-            if f.error is not None:
-                raise _io_error(url, f.error) from err
-            reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
-            raise DecodeError("unreadable", f"{url}: {reason}") from err
-        with snd:
-            return _decode_open(url, snd, f, start, duration, cfg)
+            raw = open_raw()
+            size = _size(raw)
+            if not size:
+                raise BadAudio("empty", "0 bytes")
+            snd, f = open_sound(raw)
+            return _decode_open(snd, f, open_sound, size, start, duration, cfg, budget)
+        except BadAudio as err:
+            raise DecodeError(err.error_type, f"{url}: {err.message}") from None
+        except StorageFailed as err:
+            raise _io_error(url, err.error) from err
+        except DecodeError:
+            raise
+        except sf.LibsndfileError as err:  # corrupt frames mid-stream
+            raise DecodeError("unreadable", f"{url}: decoding failed: {err.error_string}") from err
+
+
+def _size(raw: Any) -> int:
+    try:
+        raw.seek(0, 2)
+        size = int(raw.tell())
+        raw.seek(0)
+    except Exception as err:
+        raise StorageFailed(err) from err
+    return size
+
+
+def decode_bytes(frames: int, sample_rate: int, out_rate: int) -> int:
+    """Memory a decode of ``frames`` source frames holds at its peak (see ``max_memory_bytes``)."""
+    return 8 * frames + 10 * round(frames * out_rate / sample_rate)
 
 
 def _decode_open(
-    url: str,
     snd: sf.SoundFile,
-    f: _GuardedFile,
+    f: GuardedFile,
+    reopen: Reopen,
+    size: int,
     start: float,
     duration: float | None,
     cfg: DecodeConfig,
+    budget: Budget,
 ) -> np.ndarray:
+    check_format(snd, cfg.min_sample_rate, cfg.max_sample_rate, cfg.max_channels)
     sr = snd.samplerate
     if snd.frames == 0:
-        raise DecodeError("empty", f"{url}: no audio frames ({snd.format}/{snd.subtype})")
-    short = _header_promises_more(snd.extra_info)
-    if short is not None:
-        raise DecodeError(
-            "truncated", f"{url}: header promises {short[0]} data bytes, file holds {short[1]}"
-        )
+        raise BadAudio("empty", f"no audio frames ({snd.format}/{snd.subtype})")
+    known = header_frames(snd, size)  # None: unknown or approximate, decoding tells
     first = round(start * sr)
     # The end is rounded on its own (not the length), so neighbouring segments tile the file.
-    want = -1 if duration is None else round((start + duration) * sr) - first
-    if first > snd.frames or first < 0:
-        raise DecodeError(
-            "truncated",
-            f"{url}: segment starts at {start:.3f} s, file holds {snd.frames / sr:.3f} s",
-        )
+    want = None if duration is None else round((start + duration) * sr) - first
+    if first < 0 or (known is not None and first > known) or (want is not None and want < 0):
+        held = f"{known / sr:.3f} s" if known is not None else "an unknown length"
+        raise BadAudio("truncated", f"segment starts at {start:.3f} s, file holds {held}")
+    most = want if want is not None else (known - first if known is not None else None)
+    if most is not None and decode_bytes(most, sr, cfg.sample_rate) > cfg.max_memory_bytes:
+        raise _too_long(most, sr, cfg)
+    snd, f = seek_or_skip(snd, f, first, reopen, budget)
     fast = snd.subtype == "PCM_16" and snd.channels == 1 and sr == cfg.sample_rate
-    try:
-        if first:
-            snd.seek(first)
-        data = snd.read(want, dtype="int16" if fast else "float32", always_2d=True)
-    except Exception as err:  # libsndfile fails mid-stream on corrupt frames
-        if f.error is not None:
-            raise _io_error(url, f.error) from err
-        reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
-        raise DecodeError("unreadable", f"{url}: decoding failed: {reason}") from err
-    if f.error is not None:
-        raise _io_error(url, f.error)
-    got = len(data)
-    if want >= 0 and want - got > cfg.truncation_tolerance * sr:
-        raise DecodeError(
-            "truncated",
-            f"{url}: {got / sr:.3f} s decoded from {start:.3f} s, the manifest promised "
-            f"{want / sr:.3f} s",
-        )
-    if fast:
-        out = np.ascontiguousarray(data[:, 0], dtype=AUDIO_DTYPE)
+    if want is None:  # to the end: stop one chunk past the memory limit
+        limit = cfg.max_memory_bytes // decode_bytes(1, sr, cfg.sample_rate) + 1
+        mono = _read_mono(snd, f, limit, fast, budget)
+        if len(mono) >= limit:
+            raise _too_long(len(mono), sr, cfg)
     else:
-        mono = data.mean(axis=1, dtype=np.float32) if snd.channels > 1 else data[:, 0]
-        out = to_int16(resample(np.ascontiguousarray(mono), sr, cfg.sample_rate, cfg.resampler))
+        mono = _read_mono(snd, f, want, fast, budget)
+    got = len(mono)
+    if got == 0 and first == 0:
+        raise BadAudio("empty", f"decoding yields no audio frames ({snd.format}/{snd.subtype})")
+    if want is not None and want - got > cfg.truncation_tolerance * sr:
+        raise BadAudio(
+            "truncated",
+            f"{got / sr:.3f} s decoded from {start:.3f} s, the manifest promised {want / sr:.3f} s",
+        )
+    out = mono if fast else to_int16(resample(mono, sr, cfg.sample_rate, cfg.resampler))
     if len(out) < cfg.min_seconds * cfg.sample_rate:
-        raise DecodeError(
-            "too_short",
-            f"{url}: {len(out) / cfg.sample_rate:.3f} s < min_seconds {cfg.min_seconds}",
+        raise BadAudio(
+            "too_short", f"{len(out) / cfg.sample_rate:.3f} s < min_seconds {cfg.min_seconds}"
         )
     return out
+
+
+def _too_long(frames: int, sr: int, cfg: DecodeConfig) -> BadAudio:
+    need = decode_bytes(frames, sr, cfg.sample_rate)
+    return BadAudio(
+        "too_long",
+        f"{frames / sr:.1f} s at {sr} Hz needs {need / 2**20:.0f} MiB to decode, over "
+        f"max_memory_bytes ({cfg.max_memory_bytes / 2**20:.0f} MiB)",
+    )
+
+
+def _read_mono(snd: sf.SoundFile, f: GuardedFile, n: int, fast: bool, budget: Budget) -> np.ndarray:
+    """Up to ``n`` frames from the current position, downmixed chunk by chunk: int16 when
+    ``fast`` (16 kHz mono PCM_16, bit-exact), else float32."""
+    step = min(chunk_frames(snd.channels), max(1, n))
+    buf = np.empty((step, snd.channels), np.int16 if fast else np.float32)
+    parts: list[np.ndarray] = []
+    total = 0
+    while total < n:
+        budget.check()
+        want = min(step, n - total)
+        got = read_into(snd, buf[:want])
+        raise_guard_error(f, budget)
+        block = buf[:got]
+        if snd.channels > 1:
+            parts.append(block.mean(axis=1, dtype=np.float32))
+        else:
+            parts.append(block[:, 0].copy())
+        total += got
+        if got < want:
+            break
+    if not parts:
+        return np.empty(0, np.int16 if fast else np.float32)
+    return np.concatenate(parts)
 
 
 def _decode_row(

@@ -1,8 +1,11 @@
 """Manifest stage, pure core: list audio files, probe their headers, cut them into items.
 
 Probing reads only what a file's header needs, through fsspec range reads (a small block size,
-so a probe of a 1-hour FLAC on S3 fetches a few KiB, not the file). Files that cannot become an
-item (empty, truncated, not audio, too short) become quarantine rows with their reason.
+so a probe of a 1-hour FLAC on S3 fetches a few KiB, not the file). A header's length is
+believed only where it can be (:mod:`spear.stages.audio_io`): an unknown length (a streamed
+FLAC) or an approximate one (MP3) is counted by decoding the file, in bounded chunks and within
+``probe_timeout_seconds``. Files that cannot become an item (empty, truncated, not audio, a
+lying header, too short, too long, too slow to read) become quarantine rows with their reason.
 
 Item ids are ``<16 hex digits of blake2b(url)>-<segment index, 4 digits>``: the same inputs give
 the same ids, whichever machine lists them.
@@ -10,11 +13,11 @@ the same ids, whichever machine lists them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import posixpath
-import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +27,15 @@ import soundfile as sf
 
 from spear.errors import ConfigError, SpearError
 from spear.formats import DOMAINS, quarantine_row
+from spear.stages.audio_io import (
+    BadAudio,
+    Budget,
+    GuardedFile,
+    StorageFailed,
+    check_format,
+    raise_guard_error,
+    true_length,
+)
 from spear.storage import StorageConfig, canonical_url, check_url, filesystem, unstrip
 
 log = logging.getLogger(__name__)
@@ -31,9 +43,26 @@ log = logging.getLogger(__name__)
 Domain = Literal["speech", "audio"]
 
 AUDIO_EXTENSIONS = (
-    "wav", "flac", "ogg", "oga", "opus", "mp3", "aif", "aiff", "aifc", "w64", "rf64", "au",
-    "caf", "sph", "m4a", "aac", "wma", "webm", "mp4",
-)  # fmt: skip
+    "wav",
+    "flac",
+    "ogg",
+    "oga",
+    "opus",
+    "mp3",
+    "aif",
+    "aiff",
+    "aifc",
+    "w64",
+    "rf64",
+    "au",
+    "caf",
+    "sph",
+    "m4a",
+    "aac",
+    "wma",
+    "webm",
+    "mp4",
+)
 """Listed by default. The last five are containers libsndfile cannot read: listing them anyway
 turns a silent skip into a visible ``unreadable`` quarantine row."""
 
@@ -78,6 +107,22 @@ class ManifestConfig:
     """Concurrent header reads inside one probe task (probing is latency-bound on S3)."""
     probe_block_size: int = 64 * 1024
     """Bytes fetched per range read while probing."""
+    count_block_size: int = 4 << 20
+    """Bytes fetched per range read when a probe must decode the whole file to learn its length
+    (MP3, a FLAC streamed without a length): a 1-hour MP3 on S3 is ~15 reads, not ~900."""
+    probe_timeout_seconds: float = 60.0
+    """Wall-clock limit of one file's probe, header and any counting decode together, checked at
+    every read libsndfile makes; a file over it is quarantined as ``timeout``. Counting a
+    1-hour MP3 takes ~6 s of one core."""
+    max_file_seconds: float = 86_400.0
+    """Files longer than this (one day) are quarantined as ``too_long``; it also bounds the items
+    one file can become (8,640 audio windows)."""
+    min_sample_rate: int = 4_000
+    """Files with a lower sample rate are quarantined as ``bad_header``."""
+    max_sample_rate: int = 768_000
+    """Files with a higher sample rate are quarantined as ``bad_header``."""
+    max_channels: int = 64
+    """Files with more channels are quarantined as ``bad_header``."""
 
     def __post_init__(self) -> None:
         if self.speech_segment_seconds <= 0 or self.audio_window_seconds <= 0:
@@ -86,6 +131,14 @@ class ManifestConfig:
             raise ConfigError("manifest minimum lengths must not be negative")
         if self.files_per_task < 1 or self.probe_threads < 1 or self.probe_block_size < 512:
             raise ConfigError("manifest files_per_task/probe_threads must be >= 1, block >= 512")
+        if self.count_block_size < 512:
+            raise ConfigError("manifest count_block_size must be >= 512")
+        if self.probe_timeout_seconds <= 0 or self.max_file_seconds <= 0:
+            raise ConfigError("manifest probe_timeout_seconds and max_file_seconds must be > 0")
+        if not 1 <= self.min_sample_rate <= self.max_sample_rate or self.max_channels < 1:
+            raise ConfigError(
+                "manifest needs 1 <= min_sample_rate <= max_sample_rate and max_channels >= 1"
+            )
 
 
 def parse_source(text: str, default_domain: str = "speech") -> SourceConfig:
@@ -180,45 +233,73 @@ class ProbeError(Exception):
         self.error_type = error_type
 
 
-_WAV_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
-
-
-def probe_file(url: str, size: int, storage: StorageConfig, block_size: int = 65536) -> FileInfo:
-    """Read the header of one file (range reads only) and describe it, or raise ProbeError."""
+def probe_file(
+    url: str, size: int, storage: StorageConfig, cfg: ManifestConfig | None = None
+) -> FileInfo:
+    """Describe one file from its header (range reads only), counting its length by decoding
+    where the header cannot be believed; or raise ProbeError with the URL in the message."""
+    cfg = cfg or ManifestConfig()
+    budget = Budget(cfg.probe_timeout_seconds, "probe")
     try:
-        fs, path = filesystem(url, storage)
-        if size < 0:
-            size = int(fs.size(path))
-        if size == 0:
-            raise ProbeError("empty", "file is empty (0 bytes)")
-        with (
-            fs.open(path, "rb", block_size=block_size, cache_type="readahead") as f,
-            sf.SoundFile(f) as snd,
-        ):
-            info = FileInfo(url, size, snd.frames, snd.samplerate, snd.channels, snd.format,
-                            snd.subtype)  # fmt: skip
-            log = snd.extra_info
-    except ProbeError:
-        raise
+        return _probe(url, size, storage, cfg, budget)
+    except BadAudio as err:
+        raise ProbeError(err.error_type, f"{url}: {err.message}") from None
+    except StorageFailed as err:
+        raise ProbeError("io", f"{url}: cannot read: {err}") from None
     except SpearError as err:  # a URL no filesystem serves (e.g. a bad list-file line)
-        raise ProbeError("io", str(err)) from None
-    except sf.LibsndfileError as err:
-        raise ProbeError("unreadable", f"not readable as audio: {err.error_string}") from None
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ProbeError("io", f"cannot read: {type(err).__name__}: {err}") from None
+        raise ProbeError("io", f"{url}: {err}") from None
+    except sf.LibsndfileError as err:  # a seek or read on a damaged stream
+        raise ProbeError("unreadable", f"{url}: decoding failed: {err.error_string}") from None
+    except OSError as err:
+        raise ProbeError("io", f"{url}: cannot read: {type(err).__name__}: {err}") from None
+
+
+def _probe(
+    url: str, size: int, storage: StorageConfig, cfg: ManifestConfig, budget: Budget
+) -> FileInfo:
+    fs, path = filesystem(url, storage)
+    if size < 0:
+        size = int(fs.size(path))
+    if size == 0:
+        raise BadAudio("empty", "file is empty (0 bytes)")
+    with contextlib.ExitStack() as stack:
+
+        def open_sound(block_size: int) -> tuple[sf.SoundFile, GuardedFile]:
+            raw = stack.enter_context(
+                fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+            )
+            f = GuardedFile(raw, budget)
+            try:
+                snd = sf.SoundFile(f)
+            except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
+                raise_guard_error(f, budget)  # storage or the budget, not the bytes
+                reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
+                raise BadAudio("unreadable", f"not readable as audio: {reason}") from err
+            return stack.enter_context(snd), f
+
+        snd, _ = open_sound(cfg.probe_block_size)
+        check_format(snd, cfg.min_sample_rate, cfg.max_sample_rate, cfg.max_channels)
+        sr = snd.samplerate
+        longest = math.ceil(cfg.max_file_seconds * sr)
+        frames = true_length(snd, size, lambda: open_sound(cfg.count_block_size), longest, budget)
+        info = FileInfo(url, size, frames, sr, snd.channels, snd.format, snd.subtype)
     if info.frames <= 0:
-        raise ProbeError("empty", "file holds no audio frames")
-    # libsndfile reads what is there and notes a header promising more: a cut-off upload.
-    m = _WAV_DATA.search(log)
-    if m and int(m.group(2)) < int(m.group(1)):
-        raise ProbeError(
-            "truncated", f"header promises {m.group(1)} data bytes, file holds {m.group(2)}"
+        raise BadAudio("empty", f"no audio frames in {size} bytes of {info.format}/{info.subtype}")
+    if info.duration > cfg.max_file_seconds:
+        raise BadAudio(
+            "too_long", f"{info.duration:.1f} s is over max_file_seconds {cfg.max_file_seconds:g}"
         )
     return info
 
 
 def segments(duration: float, domain: str, cfg: ManifestConfig) -> list[tuple[float, float]]:
-    """``(start, duration)`` of each item cut from a file of ``duration`` seconds."""
+    """``(start, duration)`` of each item cut from a file of ``duration`` seconds (at most
+    ``cfg.max_file_seconds``: the probe quarantines longer files, so no header's claim can make
+    this list long)."""
+    if not 0 <= duration <= cfg.max_file_seconds:
+        raise SpearError(
+            f"segments: {duration!r} s is outside [0, max_file_seconds {cfg.max_file_seconds:g}]"
+        )
     if domain == "speech":
         n = max(1, math.ceil(duration / cfg.speech_segment_seconds - 1e-9))
         seg = duration / n
@@ -280,12 +361,12 @@ def probe_files(
 
     def one(f: tuple[str, int, str]) -> FileInfo | ProbeError:
         try:
-            return probe_file(f[0], f[1], storage, cfg.probe_block_size)
+            return probe_file(f[0], f[1], storage, cfg)
         except ProbeError as err:
             return err
         except Exception as err:  # a bug must not end a million-file job: quarantine, log
             log.exception("internal error probing %s", f[0])
-            return ProbeError("internal", f"{type(err).__name__}: {err}")
+            return ProbeError("internal", f"{f[0]}: {type(err).__name__}: {err}")
 
     res = ChunkResult(files=len(files))
     with ThreadPoolExecutor(max_workers=min(cfg.probe_threads, max(1, len(files)))) as pool:
@@ -294,7 +375,7 @@ def probe_files(
             if isinstance(r, ProbeError):
                 res.quarantine.append(_quarantine(url, r.error_type, str(r)))
             elif r.duration < cfg.min_seconds:
-                msg = f"{r.duration:.3f} s is shorter than the minimum {cfg.min_seconds} s"
+                msg = f"{url}: {r.duration:.3f} s is shorter than the minimum {cfg.min_seconds} s"
                 res.quarantine.append(_quarantine(url, "too_short", msg))
             else:
                 rows, dropped = manifest_rows(r, source, domain, cfg)

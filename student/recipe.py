@@ -68,8 +68,12 @@ def heads_from_shards(
         if shape != (h.num_codebooks, h.codebook_size, h.frame_rate):
             log.warning(
                 "train: head %r set to the shards' %dx%d codes at %g Hz (configured %dx%d at %g)",
-                h.name, *shape, h.num_codebooks, h.codebook_size, h.frame_rate,
-            )  # fmt: skip
+                h.name,
+                *shape,
+                h.num_codebooks,
+                h.codebook_size,
+                h.frame_rate,
+            )
         heads.append(
             dataclasses.replace(
                 h,
@@ -227,8 +231,11 @@ def train_loop(config: dict[str, Any]) -> None:
                     # One small object per log line; the driver merges them into
                     # metrics.jsonl (the run report's loss curves) when the run ends.
                     row = json.dumps(metrics | {"time": time.time()}).encode()
-                    write_atomic(join(config["metrics_url"], f"step-{progress.step:09d}.json"),
-                                 row, config["storage"])  # fmt: skip
+                    write_atomic(
+                        join(config["metrics_url"], f"step-{progress.step:09d}.json"),
+                        row,
+                        config["storage"],
+                    )
                 window = dict.fromkeys(window, 0.0)
                 window_start = time.perf_counter()
             if ckpt_now:

@@ -32,7 +32,7 @@ from spear.stages.decode import (
     split_decoded,
 )
 from spear.storage import StorageConfig, join, write_atomic
-from spear.synth import CorpusFile, file_bytes, write_corpus
+from spear.synth import CorpusFile, HostileFile, file_bytes, hostile_files, sine, write_corpus
 
 LOCAL = StorageConfig()
 LONG_MINUTES = 1.0  # the long FLAC, kept short here; the range-read test builds a 10-minute one
@@ -235,6 +235,10 @@ def test_config_is_validated() -> None:
         DecodeConfig(resampler="sinc")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="io_threads"):
         DecodeConfig(io_threads=0)
+    with pytest.raises(ValueError, match="timeout_seconds"):
+        DecodeConfig(timeout_seconds=0)
+    with pytest.raises(ValueError, match="max_channels"):
+        DecodeConfig(max_channels=0)
 
 
 def check_decoded(out: dict[str, np.ndarray], rows: list[dict[str, Any]], files: Any) -> None:
@@ -384,3 +388,106 @@ def test_transient_read_errors_are_retried(tmp_path) -> None:
     Flaky.fails = 5  # more failures than retries: quarantined as io, with the reason
     out = decode_batch(batch, DecodeConfig(io_retries=1), StorageConfig())
     assert out["error_type"][0] == "io" and "reset" in out["error"][0]
+
+
+# ---------------------------------------------------------------- headers that lie
+
+HOSTILE = {h.name: h for h in hostile_files()}
+# What decoding a whole hostile file gives where it differs from the probe's reason: the decode
+# stage sees only items the probe passed, so these are for manifests made elsewhere.
+DECODE_WHOLE = {
+    "flac_cut_off.flac": "unreadable",  # libFLAC loses sync where the bytes stop
+    "flac_no_samples.flac": "empty",
+    "mp3_vbr_untagged.mp3": None,  # decodes libsndfile's 0.46 s estimate; the probe refuses it
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE.values()), ids=list(HOSTILE))
+def test_lying_headers_decode_or_quarantine(case: HostileFile, tmp_path: Path) -> None:
+    path = str(tmp_path / case.name)
+    Path(path).write_bytes(case.data)
+    reason = DECODE_WHOLE.get(case.name, case.probe)
+    try:
+        y = decode_segment(path, 0.0, None, DecodeConfig(), LOCAL)
+    except DecodeError as err:
+        assert err.error_type == reason, err
+        assert path in err.message
+        return
+    assert reason is None, f"decoded {len(y)} samples, expected {reason}"
+    if case.probe is None and case.seconds is not None:
+        assert len(y) == round(case.seconds * 16000)
+
+
+def test_unknown_length_flac_segments_are_exact(tmp_path: Path) -> None:
+    """A FLAC streamed without a length cannot seek (libFLAC fails); a segment from its middle
+    is reached by decoding up to it, bit-exact."""
+    case = HOSTILE["flac_streamed.flac"]
+    path = str(tmp_path / case.name)
+    Path(path).write_bytes(case.data)
+    ref = (sine(3.0, 16000, 440.0)[:, 0] * 32768).round().clip(-32768, 32767)
+    y = decode_segment(path, 1.25, 1.0, DecodeConfig(), LOCAL)
+    np.testing.assert_array_equal(y, ref[20000:36000].astype(np.int16))
+    with pytest.raises(DecodeError) as err:
+        decode_segment(path, 4.0, 1.0, DecodeConfig(), LOCAL)
+    assert err.value.error_type == "truncated" and "stream ends at 3.000 s" in err.value.message
+
+
+def test_memory_limit_refuses_before_reading(tmp_path: Path, monkeypatch) -> None:
+    path = str(tmp_path / "a.wav")
+    sf.write(path, sine(10.0, 48000, 440.0), 48000, subtype="PCM_16")
+    calls: list[int] = []
+    import spear.stages.decode as decode
+
+    monkeypatch.setattr(decode, "read_into", lambda *a: calls.append(1) or 0)
+    cfg = DecodeConfig(max_memory_bytes=4 << 20)  # 10 s at 48 kHz needs 8*480000 + 10*160000
+    for duration in (10.0, None):
+        with pytest.raises(DecodeError) as err:
+            decode_segment(path, 0.0, duration, cfg, LOCAL)
+        assert err.value.error_type == "too_long" and "max_memory_bytes (4 MiB)" in str(err.value)
+    assert not calls  # refused from the header, nothing read or allocated
+    monkeypatch.undo()
+    assert len(decode_segment(path, 0.0, 1.0, cfg, LOCAL)) == 16000
+
+
+def test_memory_limit_bounds_a_file_of_unknown_length(tmp_path: Path) -> None:
+    case = HOSTILE["flac_streamed.flac"]  # 3 s, length unknown to the header
+    path = str(tmp_path / case.name)
+    Path(path).write_bytes(case.data)
+    cfg = DecodeConfig(max_memory_bytes=18 * 16000)  # 18 bytes a frame at 16 kHz: one second
+    with pytest.raises(DecodeError) as err:
+        decode_segment(path, 0.0, None, cfg, LOCAL)
+    assert err.value.error_type == "too_long"
+
+
+def test_decode_time_limit_holds_inside_libsndfile(tmp_path: Path) -> None:
+    """Every read libsndfile makes sleeps; the segment's budget ends the decode on time."""
+    import time
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Slow(LocalFileSystem):
+        protocol = "slowdecode"
+
+        def _open(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            f = super()._open(path, *args, **kwargs)
+            real = f.read
+
+            def read(n: int = -1) -> bytes:
+                time.sleep(0.05)
+                return bytes(real(n))
+
+            f.read = read
+            return f
+
+    fsspec.register_implementation("slowdecode", Slow, clobber=True)
+    path = tmp_path / "a.flac"
+    sf.write(path, sine(30.0, 16000, 440.0), 16000, subtype="PCM_16")
+    storage = StorageConfig(block_size=4096)
+    t0 = time.monotonic()
+    with pytest.raises(DecodeError) as err:
+        decode_segment(
+            f"slowdecode://{path}", 0.0, 30.0, DecodeConfig(timeout_seconds=0.5), storage
+        )
+    assert err.value.error_type == "timeout" and "0.5 s limit" in err.value.message
+    assert time.monotonic() - t0 < 1.5

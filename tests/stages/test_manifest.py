@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from spear.errors import ConfigError, StorageError
+from spear.errors import ConfigError, SpearError, StorageError
+from spear.stages.decode import ERROR_TYPES, DecodeConfig, decode_batch, decode_segment
 from spear.stages.manifest import (
     ManifestConfig,
     ProbeError,
@@ -19,7 +27,7 @@ from spear.stages.manifest import (
     segments,
 )
 from spear.storage import StorageConfig
-from spear.synth import write_corpus
+from spear.synth import HostileFile, hostile_files, sine, write_corpus
 
 CFG = ManifestConfig()
 LOCAL = StorageConfig()
@@ -144,7 +152,7 @@ def test_probe_reads_only_the_header_over_s3(s3_server, monkeypatch: pytest.Monk
     for name in ("long_16k_mono.flac", "pcm24_48k_stereo.wav"):
         fetched.clear()
         size = next(cf for cf in files if cf.name == name)
-        info = probe_file(f"{bucket}/c/{name}", -1, s3_server.storage, block_size=65536)
+        info = probe_file(f"{bucket}/c/{name}", -1, s3_server.storage, CFG)
         assert info.duration == pytest.approx(size.duration)
         assert sum(fetched) <= 4 * 65536, (name, fetched, info.size)
         assert sum(fetched) < info.size / 4
@@ -190,3 +198,231 @@ def test_same_file_spelled_differently_gets_one_id(tmp_path: Path, monkeypatch) 
     urls.add(list_source(SourceConfig(url=str(tmp_path / "d")), CFG, LOCAL)[0][0])
     assert urls == {str(tmp_path / "d" / "a.wav")}
     shutil.rmtree(tmp_path / "d")
+
+
+# ---------------------------------------------------------------- headers that lie
+
+HOSTILE = hostile_files()
+
+
+def decoded_frames(path: str) -> int:
+    """Frames decoding the whole file yields, at its own rate (no resampling)."""
+    rate = sf.info(path).samplerate
+    return len(decode_segment(path, 0.0, None, DecodeConfig(sample_rate=rate), LOCAL))
+
+
+def decode_rows(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    return decode_batch(batch, DecodeConfig(io_threads=1), LOCAL)
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[h.name for h in HOSTILE])
+def test_lying_headers_probe_to_their_reason_or_true_length(
+    case: HostileFile, tmp_path: Path
+) -> None:
+    path = tmp_path / case.name
+    path.write_bytes(case.data)
+    t0 = time.monotonic()
+    res = probe_files([(str(path), -1, "audio")], "hostile", CFG, LOCAL)
+    assert time.monotonic() - t0 < 5, "a lying header must not cost time"
+    if case.probe is not None:
+        assert not res.rows
+        [q] = res.quarantine
+        assert q["error_type"] == case.probe, q["message"]
+        assert q["error_type"] in ERROR_TYPES and str(path) in q["message"]
+        return
+    assert not res.quarantine, res.quarantine
+    seconds = case.seconds
+    if seconds is None:  # an approximate header length: what decoding yields, to the frame
+        rate = res.rows[0]["sample_rate"]
+        seconds = decoded_frames(str(path)) / rate
+    assert res.rows[0]["file_duration"] == pytest.approx(seconds, abs=1e-9)
+    # Every window decodes to its promised length: none is quarantined as truncated.
+    out = decode_rows(res.rows)
+    assert list(out["error_type"]) == [""] * len(res.rows), list(out["error"])
+    for row, n in zip(res.rows, out["num_samples"], strict=True):
+        assert abs(int(n) - round(row["duration"] * 16000)) <= 1, row
+
+
+def test_untagged_mp3_length_is_what_decoding_yields(tmp_path: Path) -> None:
+    """The issue's case: libsndfile lists a 22.05 s CBR MP3 without an Info tag at 22.118 s
+    (encoder delay and padding); the probe reports the 22.099 s decoding yields, so the last
+    window no longer promises more than there is."""
+    case = next(h for h in HOSTILE if h.name == "mp3_cbr_untagged.mp3")
+    path = tmp_path / case.name
+    path.write_bytes(case.data)
+    header = sf.info(str(path)).frames
+    info = probe_file(str(path), -1, LOCAL)
+    assert info.frames == decoded_frames(str(path)) < header - 441  # 10 ms less than claimed
+
+
+def test_segments_refuse_lengths_no_probe_passes() -> None:
+    """What an unknown FLAC length once became: 2e14 s, ~2e13 windows built in memory."""
+    t0 = time.monotonic()
+    for duration in (9223372036854775807 / 44100, float("inf"), float("nan"), -1.0):
+        with pytest.raises(SpearError, match="max_file_seconds"):
+            segments(duration, "audio", CFG)
+    assert time.monotonic() - t0 < 0.1
+    assert len(segments(CFG.max_file_seconds, "audio", CFG)) == 8640
+
+
+def _wav(tmp_path: Path, name: str, seconds: float, rate: int = 16000, channels: int = 1) -> str:
+    path = tmp_path / name
+    sf.write(path, sine(seconds, rate, 440.0, channels), rate, subtype="PCM_16")
+    return str(path)
+
+
+def test_limits_are_configurable(tmp_path: Path) -> None:
+    mono = _wav(tmp_path, "mono.wav", 3.0)
+    stereo = _wav(tmp_path, "stereo.wav", 1.0, 8000, 2)
+    cases = [
+        (mono, ManifestConfig(max_file_seconds=2.0), "too_long", "max_file_seconds 2"),
+        (stereo, ManifestConfig(max_channels=1), "bad_header", "2 channels"),
+        (stereo, ManifestConfig(min_sample_rate=16000), "bad_header", "8000 Hz is outside"),
+        (mono, ManifestConfig(max_sample_rate=8000), "bad_header", "16000 Hz is outside"),
+    ]
+    for url, cfg, reason, text in cases:
+        with pytest.raises(ProbeError) as err:
+            probe_file(url, -1, LOCAL, cfg)
+        assert err.value.error_type == reason and text in str(err.value) and url in str(err.value)
+    with pytest.raises(ConfigError):
+        ManifestConfig(probe_timeout_seconds=0)
+    with pytest.raises(ConfigError):
+        ManifestConfig(min_sample_rate=48000, max_sample_rate=16000)
+
+
+def test_probe_time_limit_holds_inside_libsndfile(tmp_path: Path) -> None:
+    """A slow store: every read libsndfile makes sleeps. Counting an MP3's length needs many
+    reads; the budget ends them, and the file is quarantined as ``timeout`` on time."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Slow(LocalFileSystem):
+        protocol = "slowfs"
+
+        def _open(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+            f = super()._open(path, *args, **kwargs)
+            real = f.read
+
+            def read(n: int = -1) -> bytes:
+                time.sleep(0.02)
+                return bytes(real(n))
+
+            f.read = read
+            return f
+
+    fsspec.register_implementation("slowfs", Slow, clobber=True)
+    path = tmp_path / "long.mp3"
+    sf.write(path, sine(60.0, 22050, 440.0), 22050, format="MP3")
+    cfg = ManifestConfig(probe_timeout_seconds=0.5, count_block_size=512)
+    t0 = time.monotonic()
+    res = probe_files([(f"slowfs://{path}", -1, "audio")], "slow", cfg, LOCAL)
+    took = time.monotonic() - t0
+    assert [q["error_type"] for q in res.quarantine] == ["timeout"], res.quarantine
+    assert "0.5 s limit" in res.quarantine[0]["message"]
+    assert took < 0.5 + 1.0, took  # the budget, plus the one read under way and closing
+
+
+# ---------------------------------------------------------------- files from real encoders
+
+TOOLS_REQUIRED = os.environ.get("SPEAR_REQUIRE_SYSTEM_TOOLS") == "1"
+
+
+def require_tool(name: str) -> None:
+    """Skip, loudly, when an encoder binary is missing; fail instead where CI sets
+    SPEAR_REQUIRE_SYSTEM_TOOLS=1 (it installs them)."""
+    why = ""
+    if shutil.which(name) is None:
+        why = f"{name} is not installed"
+    elif name == "sox":
+        formats = subprocess.run(["sox", "-h"], capture_output=True, text=True).stdout
+        if " mp3" not in formats:
+            why = "sox cannot write MP3 (libsox-fmt-mp3 is missing)"
+    if not why:
+        return
+    why += ": apt-get install sox libsox-fmt-mp3 ffmpeg lame to run this encoder test"
+    if TOOLS_REQUIRED:
+        pytest.fail(f"SPEAR_REQUIRE_SYSTEM_TOOLS=1 and {why}")
+    pytest.skip(f"ENCODER TEST SKIPPED: {why}")
+
+
+# (id, tool, command with {src} and {out}, output name, probe reason or None)
+ENCODERS = [
+    ("sox-cbr", "sox", "sox {src} {out}", "a.mp3", None),
+    ("sox-vbr", "sox", "sox {src} -C -4.2 {out}", "a.mp3", None),
+    ("lame-cbr", "lame", "lame --quiet -b 64 {src} {out}", "a.mp3", None),
+    ("lame-vbr", "lame", "lame --quiet -V 2 {src} {out}", "a.mp3", None),
+    ("lame-cbr-untagged", "lame", "lame --quiet -t -b 64 {src} {out}", "a.mp3", None),
+    ("lame-vbr-untagged", "lame", "lame --quiet -t -V 2 {src} {out}", "a.mp3", "bad_header"),
+    ("ffmpeg-mp3", "ffmpeg", "ffmpeg -loglevel error -i {src} -b:a 64k {out}", "a.mp3", None),
+    (
+        "ffmpeg-mp3-cbr-pipe",
+        "ffmpeg",
+        "ffmpeg -loglevel error -i {src} -b:a 64k -f mp3 - | cat > {out}",
+        "a.mp3",
+        None,
+    ),
+    (
+        "ffmpeg-mp3-vbr-pipe",
+        "ffmpeg",
+        "ffmpeg -loglevel error -i {src} -q:a 2 -f mp3 - | cat > {out}",
+        "a.mp3",
+        "bad_header",
+    ),
+    (
+        "ffmpeg-flac-pipe",
+        "ffmpeg",
+        "ffmpeg -loglevel error -i {src} -f flac - | cat > {out}",
+        "a.flac",
+        None,
+    ),
+    (
+        "ffmpeg-wav-pipe",
+        "ffmpeg",
+        "ffmpeg -loglevel error -i {src} -f wav - | cat > {out}",
+        "a.wav",
+        None,
+    ),
+    (
+        "ffmpeg-vorbis",
+        "ffmpeg",
+        "ffmpeg -loglevel error -i {src} -c:a libvorbis {out}",
+        "a.ogg",
+        None,
+    ),
+    ("ffmpeg-opus", "ffmpeg", "ffmpeg -loglevel error -i {src} -c:a libopus {out}", "a.opus", None),
+    ("sox-vorbis", "sox", "sox {src} {out}", "a.ogg", None),
+    ("sox-trim-past-end", "sox", "sox {src} {out} trim 30", "a.flac", "empty"),
+]
+
+
+@pytest.fixture(scope="module")
+def source_wav(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The issue's file: 22.05 s at 44.1 kHz."""
+    return _wav(tmp_path_factory.mktemp("enc"), "src.wav", 22.05, 44100)
+
+
+@pytest.mark.parametrize(
+    ("tool", "command", "name", "reason"), [e[1:] for e in ENCODERS], ids=[e[0] for e in ENCODERS]
+)
+def test_files_from_real_encoders(
+    source_wav: str, tmp_path: Path, tool: str, command: str, name: str, reason: str | None
+) -> None:
+    """Lengths are what decoding yields (to the frame) and every window decodes in full; what
+    libsndfile cannot decode whole is quarantined with the reason."""
+    require_tool(tool)
+    out = tmp_path / name
+    subprocess.run(
+        command.format(src=source_wav, out=out), shell=True, check=True, stderr=subprocess.DEVNULL
+    )
+    res = probe_files([(str(out), -1, "audio")], "enc", CFG, LOCAL)
+    if reason is not None:
+        assert [q["error_type"] for q in res.quarantine] == [reason], res.quarantine
+        return
+    assert not res.quarantine, res.quarantine
+    rate = res.rows[0]["sample_rate"]
+    frames = round(res.rows[0]["file_duration"] * rate)
+    assert frames == decoded_frames(str(out))  # to the sample, MP3 included
+    assert res.rows[0]["file_duration"] == pytest.approx(22.05, abs=0.1)  # + encoder delay
+    decoded = decode_rows(res.rows)
+    assert list(decoded["error_type"]) == [""] * len(res.rows), list(decoded["error"])
