@@ -115,7 +115,7 @@ def resolve_teachers(
     for prefix, tcfg in teachers.items():
         tok: TokenizeTeacherConfig = getattr(cfg, prefix)
         if tok.quantizer is None or not tok.domains:
-            log.info("tokenize: no %s tokens (no quantizer or no domains configured)", prefix)
+            log.debug("tokenize: no %s tokens (no quantizer or no domains configured)", prefix)
             continue
         q = load_quantizer(tok.quantizer, storage)
         spec = tcfg.spec

@@ -40,6 +40,10 @@ class _Stderr(logging.Handler):
     stream), never to a stream closed since."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        # spear's own lines at their level; other libraries' (werkzeug, botocore, ...) only
+        # from warnings up, whatever levels they set themselves.
+        if record.levelno < logging.WARNING and not record.name.startswith("spear"):
+            return
         try:
             sys.stderr.write(self.format(record) + "\n")
         except Exception:
@@ -87,7 +91,8 @@ def log_file_for(out: str | None) -> Path:
 def route_ray_logs(out: str | None) -> Path | None:
     """Send Ray's INFO output to a log file near ``out``; keep its warnings on the console.
 
-    Returns the log file (None when verbose: then Ray's INFO stays on the console)."""
+    Returns the log file (None when verbose: then Ray's INFO stays on the console); the caller
+    prints its path once Ray is up."""
     if _STATE["verbosity"] == "verbose":
         return None
     import ray.data  # noqa: F401  # configures Ray Data's loggers, which this adjusts
@@ -104,9 +109,14 @@ def route_ray_logs(out: str | None) -> Path | None:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(logging.WARNING)
                 h.addFilter(_not_for_spear_users)
-    # "ray.data" does not propagate to "ray"; the others do.
+    file_handler._spear = True  # type: ignore[attr-defined]
+    # "ray.data" does not propagate to "ray"; the others do. A later job in this process
+    # (the demo runs several) takes over: its Ray lines go to its own file only.
     for name in ("ray", "ray.data"):
-        logging.getLogger(name).addHandler(file_handler)
+        logger = logging.getLogger(name)
+        for h in [h for h in logger.handlers if getattr(h, "_spear", False)]:
+            logger.removeHandler(h)
+            h.close()
+        logger.addHandler(file_handler)
     _STATE["log_file"] = path
-    logging.getLogger("spear").info("Ray's log: %s", path)
     return path

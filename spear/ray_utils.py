@@ -68,7 +68,10 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     import ray
 
-    _route_logs(out)  # before ray.init: its own start-up lines go to the file too
+    from spear.console import route_ray_logs
+
+    # Before ray.init, so its own start-up lines go to the file too.
+    log_file = route_ray_logs(out)
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
@@ -89,12 +92,8 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress_bars
-
-
-def _route_logs(out: str | None) -> None:
-    from spear.console import route_ray_logs
-
-    route_ray_logs(out)
+    if log_file is not None:
+        log.info("Ray's log: %s", log_file)
 
 
 def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:
