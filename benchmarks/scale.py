@@ -430,15 +430,14 @@ def write_big_manifest(root: Path, n: int, parts: int = 20) -> None:
 _PLAN_CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pyarrow as pa, pyarrow.compute as pc
-from spear.pipeline.job import check_plan, cut_units, make_plan, unit_rows
+from spear.pipeline.job import check_plan, make_plan, sorted_units, unit_rows
 from spear.pipeline.manifest import read_manifest
 from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
 from spear.storage import StorageConfig
 manifest, out = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
 table = read_manifest(manifest, StorageConfig(), columns=list(RUN_COLUMNS))
-assert pc.count_distinct(table["item_id"]).as_py() == table.num_rows
-table = cut_units(table.sort_by("item_id"), items_per_unit=1000, max_unit_seconds=7200)
+table = sorted_units(table, items_per_unit=1000, max_unit_seconds=7200, what="the manifest")
 plan = make_plan("tokenize", table, RUN_COLUMNS, {}, {"manifest": manifest})
 check_plan(out, plan, 0, StorageConfig())
 t1 = time.perf_counter()

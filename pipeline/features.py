@@ -39,7 +39,7 @@ from spear.formats import (
     quarantine_table,
     with_metadata,
 )
-from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
+from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
 from spear.pipeline.manifest import read_manifest
 from spear.pipeline.settings import FeaturesConfig, Format
 from spear.ray_utils import RayConfig
@@ -95,10 +95,15 @@ def run_features(
     t0 = time.time()
     dim = Student.from_checkpoint(checkpoint, storage).output_dim  # fails here, before Ray
     sha = student_digest(checkpoint, storage)
-    table = read_manifest(manifest, storage, columns=list(COLUMNS)).sort_by("item_id")
+    table = read_manifest(manifest, storage, columns=list(COLUMNS))
     if table.num_rows == 0:
         raise SpearError(f"the manifest at {manifest!r} has no items")
-    table = cut_units(table, items_per_unit=cfg.items_per_part)
+    table = sorted_units(
+        table,
+        items_per_unit=cfg.items_per_part,
+        max_unit_seconds=None,
+        what=f"the manifest at {manifest!r}",
+    )
     decides = {
         "checkpoint_sha256": sha,
         "format": cfg.format,

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spear.errors import SpearError
 from spear.formats import table_digest
@@ -136,6 +137,18 @@ def make_plan(
     units = int(table["unit"][-1].as_py()) + 1 if table.num_rows else 0
     digest = table_digest(table, (*digest_columns, "unit"))
     return Plan(kind, decides, table.num_rows, units, digest, info or {})
+
+
+def sorted_units(
+    table: pa.Table, *, items_per_unit: int, max_unit_seconds: float | None, what: str
+) -> pa.Table:
+    """``table`` sorted by ``item_id`` and cut into units (:func:`cut_units`); a repeated item
+    id (two rows that would be one item twice) is an error naming ``what``."""
+    table = table.sort_by("item_id")
+    ids = table["item_id"].combine_chunks()
+    if len(ids) > 1 and pc.any(pc.equal(ids[1:], ids[:-1])).as_py():
+        raise SpearError(f"{what} repeats item ids")
+    return cut_units(table, items_per_unit=items_per_unit, max_unit_seconds=max_unit_seconds)
 
 
 def _diff(old: Any, new: Any, path: str = "") -> list[str]:

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 from spear import __version__
 from spear.configio import to_dict
 from spear.errors import SpearError
-from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
+from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
 from spear.pipeline.manifest import read_manifest
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.ray_utils import RayConfig
@@ -188,8 +188,6 @@ def run_tokenize(
     if table.num_rows == 0:
         raise SpearError(f"the manifest at {manifest!r} has no items")
     hours_in = float(pc.sum(table["duration"]).as_py()) / 3600
-    if pc.count_distinct(table["item_id"]).as_py() != table.num_rows:
-        raise SpearError(f"the manifest at {manifest!r} repeats item ids")
     job = resolve_teachers(teachers, cfg, storage)
     # Items of a domain no configured teacher covers are not part of this job (logged, counted).
     covered = sorted({d for t in job for d in t.info.domains})
@@ -202,10 +200,11 @@ def run_tokenize(
         table = table.filter(in_job)
         if table.num_rows == 0:
             raise SpearError(f"no manifest item is of the domains {covered} the teachers cover")
-    table = cut_units(
-        table.sort_by("item_id"),
+    table = sorted_units(
+        table,
         items_per_unit=cfg.items_per_shard,
         max_unit_seconds=cfg.max_shard_hours * 3600 if cfg.max_shard_hours else None,
+        what=f"the manifest at {manifest!r}",
     )
     plan = make_plan(
         "tokenize", table, RUN_COLUMNS, _decides(job, cfg, decode, encode), {"manifest": manifest}

@@ -107,3 +107,15 @@ def test_resource_rule_and_sizing() -> None:
     with pytest.raises(SpearError, match="needs 1 GPUs"):
         check_fits([Demand("wavlm", 1, 1.0, 1.0)], cluster, autoscaling=False)
     check_fits([Demand("wavlm", 1, 1.0, 1.0)], cluster, autoscaling=True)
+
+
+def test_sorted_units_sort_and_refuse_repeated_ids() -> None:
+    from spear.pipeline.job import sorted_units
+
+    t = _items(5).take([4, 2, 0, 1, 3])
+    units = sorted_units(t, items_per_unit=2, max_unit_seconds=None, what="m")
+    assert units["item_id"].to_pylist() == sorted(t["item_id"].to_pylist())
+    assert units["unit"].to_pylist() == [0, 0, 1, 1, 2]
+    twice = pa.concat_tables([t, t.slice(0, 1)])
+    with pytest.raises(SpearError, match="m repeats item ids"):
+        sorted_units(twice, items_per_unit=2, max_unit_seconds=None, what="m")
