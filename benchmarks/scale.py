@@ -1,19 +1,22 @@
 """How the unit-job skeleton scales: the sink, orchestration over many actors, a 10^7-item plan.
 
     uv run python benchmarks/scale.py                       # all three parts
-    uv run python benchmarks/scale.py --part sink --shards 40 --items 250
+    uv run python benchmarks/scale.py --part sink --shards 200 --items 50
     uv run python benchmarks/scale.py --part orchestration --actors 1,2,4,8,16
     uv run python benchmarks/scale.py --part plan --plan-items 10000000
 
 1. **sink**: token rows of 10 s items (WavLM 500 x 16 + Dasheng 250 x 8 bytes of codes each,
    random, as trained quantisers give) generated in Ray workers, then committed as token
-   shards three ways, side by side on one local Ray: the *driver path* spear used before (every
+   shards four ways, side by side on one local Ray: the *driver path* spear used before (every
    row travels to the driver, which gathers rows by shard and writes each shard; reproduced
-   here from its code), the *write stage* spear uses now (``pipeline.job.write_units``: a Ray
-   task builds and commits each shard, the driver gets one entry per shard) and a Ray Data
-   *datasink* doing the same commit in its write tasks (no entry reaches the driver before the
-   end). Reported: rows/s, x real time, and the driver's CPU seconds and RSS growth per 1,000
-   shards; "driver capacity" is the audio one shard holds divided by the driver CPU it costs.
+   here from its code); a Ray Data *write stage* (one row per shard, a task builds and commits
+   each shard, one entry per shard to the driver); a Ray Data *datasink* doing the same commit
+   in its write tasks (nothing reaches the driver before the end); and *spear's scheduler*
+   (``pipeline/scheduler.py``: the same tasks chained by object reference on Ray core, no Ray
+   Data executor). Each path runs at two sizes; the driver's CPU per shard is the difference
+   (what one more shard costs it). Reported: rows/s and x real time at the larger size, driver
+   CPU seconds per 1,000 shards, the driver's RSS growth, and the driver capacity: the audio
+   of one shard (this run's, and spear's default of 1,000 items) over the driver CPU it costs.
 2. **orchestration**: a simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head
    and worker nodes with a custom ``stub_gpu`` resource) runs ``run_units`` with a stub teacher
    that sleeps for the GPU time of each unit (its items' audio / ``--rate``) and returns codes;
@@ -190,89 +193,140 @@ def _old_gather(batches: Any, expected: dict[int, int], write: Any) -> None:
                 written.add(part)
 
 
+def _fake_prepare(batch: dict[str, Any], cfg: Any, storage: Any) -> dict[str, Any]:
+    return fake_codes(batch)
+
+
+def _rd_units(table: pa.Table, units: list[int]) -> Any:
+    """Ray Data rows, one per unit, each unit's items generated into codes by a task."""
+    import ray
+
+    from spear.pipeline.job import unit_rows
+    from spear.pipeline.scheduler import prepare_unit
+    from spear.shards.writer import INPUT_COLUMNS
+
+    def gen(batch: dict[str, Any]) -> dict[str, Any]:
+        out = np.empty(len(batch["unit"]), dtype=object)
+        out[:] = [prepare_unit(bytes(d), fake_codes, {}) for d in batch["data"]]
+        return {"unit": batch["unit"], "data": out}
+
+    ds = ray.data.from_arrow(list(unit_rows(table, INPUT_COLUMNS, units)))
+    return ds.map_batches(gen, batch_size=1, batch_format="numpy", num_cpus=1)
+
+
+def _rd_write(batch: dict[str, Any], writer: Any, out: str) -> dict[str, Any]:
+    from spear.pipeline.scheduler import write_unit
+    from spear.storage import StorageConfig
+
+    entries = np.empty(len(batch["unit"]), dtype=object)
+    entries[:] = [
+        json.dumps(write_unit(int(u), bytes(d), writer, out, StorageConfig()))
+        for u, d in zip(batch["unit"], batch["data"], strict=True)
+    ]
+    return {"entry": entries}
+
+
 def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
     import ray
 
-    from spear.pipeline.job import cut_units, drive, map_units, unit_dataset, write_units
+    from spear.pipeline.job import cut_units
     from spear.pipeline.progress import Progress, set_live
-    from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
-    from spear.shards.writer import TokenShardWriter
+    from spear.pipeline.scheduler import run_scheduled
+    from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
     from spear.storage import StorageConfig
 
     set_live(False)
     infos = _teacher_infos()
-    table = cut_units(_items(shards * items), items_per_unit=items)
-    n = table.num_rows
+    writer = TokenShardWriter(infos)
     results = []
 
-    def measure(name: str, fn: Any) -> None:
-        cpu0, t0 = _cpu(), time.perf_counter()
-        with _Rss() as rss:
-            fn()
-        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
-        results.append(
-            {
-                "path": name,
-                "rows_s": n / wall,
-                "x_rt": n * ITEM_SECONDS / wall,
-                "cpu_per_1000": cpu / shards * 1000,
-                "rss_mb": (rss.peak - rss.base) / 2**20,
-                "capacity": items * ITEM_SECONDS / (cpu / shards),
-            }
-        )
-
-    def old() -> None:
+    def old(table: pa.Table, n_shards: int, out: str) -> None:
+        n = table.num_rows
         blocks = [table.slice(i, 64) for i in range(0, n, 64)]
         ds = ray.data.from_arrow(blocks).rename_columns({"unit": "shard"})
         ds = ds.map_batches(fake_codes, batch_format="numpy", batch_size=64, num_cpus=1)
-        expected = {s: items for s in range(shards)}
-        out = f"{tmp}/old"
+        expected = {s: items for s in range(n_shards)}
         _old_gather(
             ds.iter_batches(batch_format="numpy", batch_size=None),
             expected,
             lambda s, rows: _old_write_shard(out, s, rows, infos),
         )
 
-    def units(out: str) -> Any:
-        ds = unit_dataset(table, RUN_COLUMNS, list(range(shards)))
-        return ds.map_batches(
-            map_units,
-            fn_kwargs={"fn": fake_codes, "kwargs": {}},
+    def stage(table: pa.Table, n_shards: int, out: str) -> None:
+        ds = _rd_units(table, list(range(n_shards))).map_batches(
+            _rd_write,
+            fn_kwargs={"writer": writer, "out": out},
             batch_size=1,
             batch_format="numpy",
-            num_cpus=1,
+            num_cpus=0.25,
         )
+        for _ in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            pass
 
-    def stage() -> None:
-        out = f"{tmp}/stage"
-        ds = units(out).map_batches(
-            write_units,
-            fn_kwargs={"writer": TokenShardWriter(infos), "out": out, "storage": StorageConfig()},
-            batch_size=1,
-            batch_format="numpy",
-            num_cpus=0,
-            compute=ray.data.TaskPoolStrategy(size=4),
-        )
-        drive(
-            ds,
-            Progress("sink", n, n * ITEM_SECONDS / 3600, shards, 1e9),
-            out,
-            StorageConfig(),
+    def datasink(table: pa.Table, n_shards: int, out: str) -> None:
+        _rd_units(table, list(range(n_shards))).write_datasink(_CommitSink(out, writer))
+
+    def scheduled(table: pa.Table, n_shards: int, out: str) -> None:
+        cols = list(INPUT_COLUMNS)
+        unit = table["unit"].to_numpy()
+
+        def unit_input(u: int) -> bytes:
+            a, b = np.searchsorted(unit, [u, u + 1])
+            part = table.slice(int(a), int(b - a)).select(cols)
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, part.schema) as w:
+                w.write_table(part)
+            return bytes(sink.getvalue().to_pybytes())
+
+        run_scheduled(
+            list(range(n_shards)),
+            unit_input,
+            prepare=_fake_prepare,
+            prepare_kwargs={"cfg": None, "storage": None},
+            prepare_options={"num_cpus": 1},
+            pools=[],
+            writer=writer,
+            write_options={"num_cpus": 0.25},
+            out=out,
+            storage=StorageConfig(),
+            progress=Progress("sink", 1, 1.0, n_shards, 1e9),
             stall_seconds=600,
+            prepare_slots=4,
         )
 
-    def datasink() -> None:
-        out = f"{tmp}/datasink"
-        units(out).write_datasink(_CommitSink(out, TokenShardWriter(infos)))
-
-    # Warm the workers once, then alternate; each path on its own output folder.
+    # Warm the workers once; then each path at two sizes, so the driver's CPU per shard is the
+    # difference between them (what one more shard costs, start-up costs left out).
     ray.data.range(8).map_batches(lambda b: b, num_cpus=1).take_all()
-    for name, fn in (
+    small = max(2, shards // 4)
+    paths = (
         ("driver path (before)", old),
-        ("write stage (now)", stage),
+        ("Ray Data write stage", stage),
         ("Ray Data datasink", datasink),
-    ):
-        measure(name, fn)
+        ("spear scheduler (now)", scheduled),
+    )
+    for name, fn in paths:
+        runs = {}
+        for k in (small, shards):
+            table = cut_units(_items(k * items, offset=k * 10**6), items_per_unit=items)
+            cpu0, t0 = _cpu(), time.perf_counter()
+            with _Rss() as rss:
+                fn(table, k, f"{tmp}/{name[:6]}-{k}")
+            runs[k] = (time.perf_counter() - t0, _cpu() - cpu0, (rss.peak - rss.base) / 2**20)
+        wall, cpu, rss_mb = runs[shards]
+        marginal = (cpu - runs[small][1]) / (shards - small)
+        n = shards * items
+        results.append(
+            {
+                "path": name,
+                "rows_s": n / wall,
+                "x_rt": n * ITEM_SECONDS / wall,
+                "cpu_per_1000": marginal * 1000,
+                "rss_mb": rss_mb,
+                "rss_small": runs[small][2],
+                "capacity": items * ITEM_SECONDS / marginal if marginal > 0 else float("inf"),
+                "capacity_1000": 1000 * ITEM_SECONDS / marginal if marginal > 0 else float("inf"),
+            }
+        )
     return results
 
 
@@ -280,15 +334,12 @@ class _CommitSink:  # a ray.data.Datasink: built lazily so importing this file n
     def __new__(cls, out: str, writer: Any) -> Any:
         from ray.data.datasource import Datasink
 
-        from spear.pipeline.job import write_units
-        from spear.storage import StorageConfig
-
         class CommitSink(Datasink):
             def write(self, blocks: Any, ctx: Any) -> int:
                 done = 0
                 for block in blocks:
                     batch = {k: block[k].to_numpy(zero_copy_only=False) for k in ("unit", "data")}
-                    done += len(write_units(batch, writer, out, StorageConfig())["entry"])
+                    done += len(_rd_write(batch, writer, out)["entry"])
                 return done
 
         return CommitSink()
@@ -358,7 +409,6 @@ def orchestration(actors: list[int], rate: float, items: int, waves: int) -> lis
                     decode=DecodeConfig(),
                     decode_cpus=0.25,
                     prepare=stub_prepare,
-                    write_concurrency=8,
                 )
                 plan = make_plan("bench", table, RUN_COLUMNS, {})
                 t0 = time.perf_counter()
@@ -471,8 +521,8 @@ def plan(n: int, tmp: str) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["all", "sink", "orchestration", "plan"], default="all")
-    ap.add_argument("--shards", type=int, default=40, help="sink: shards")
-    ap.add_argument("--items", type=int, default=250, help="sink: items per shard")
+    ap.add_argument("--shards", type=int, default=200, help="sink: shards")
+    ap.add_argument("--items", type=int, default=50, help="sink: items per shard")
     ap.add_argument("--actors", default="1,2,4,8,16", help="orchestration: actor counts")
     ap.add_argument("--rate", type=float, default=2000.0, help="stub teacher x real time")
     ap.add_argument("--unit-items", type=int, default=200, help="orchestration: items per unit")
@@ -497,13 +547,15 @@ def main() -> None:
             )
             print(
                 "| path | rows/s | x real time | driver CPU s per 1,000 shards | driver RSS "
-                "growth MB | driver capacity (x real time) |"
+                f"growth MB ({args.shards // 4} / {args.shards} shards) | driver capacity, "
+                f"{args.items}-item shards (x real time) | driver capacity, 1,000-item shards |"
             )
-            print("|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             for r in res:
                 print(
                     f"| {r['path']} | {r['rows_s']:,.0f} | {r['x_rt']:,.0f} | "
-                    f"{r['cpu_per_1000']:.1f} | {r['rss_mb']:.0f} | {r['capacity']:,.0f} |"
+                    f"{r['cpu_per_1000']:.1f} | {r['rss_small']:.0f} / {r['rss_mb']:.0f} | "
+                    f"{r['capacity']:,.0f} | {r['capacity_1000']:,.0f} |"
                 )
         if args.part in ("all", "orchestration"):
             rows = orchestration(

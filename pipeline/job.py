@@ -29,11 +29,9 @@ A job describes itself as a :class:`UnitJob` (its actor stages and unit writer) 
 
 from __future__ import annotations
 
-import _thread
 import hashlib
 import json
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -47,7 +45,6 @@ from spear.errors import SpearError
 from spear.formats import table_digest
 from spear.pipeline.commit import (
     clean_attempts,
-    commit_unit,
     committed_names,
     read_entries,
     recover,
@@ -238,62 +235,25 @@ def unit_rows(table: pa.Table, columns: tuple[str, ...], units: list[int]) -> It
         )
 
 
-def unit_dataset(table: pa.Table, columns: tuple[str, ...], units: list[int]) -> Any:
-    """A Ray Dataset with one block (one row) per unit of ``units``."""
-    import ray
-
-    return ray.data.from_arrow(list(unit_rows(table, columns, units)))
-
-
-def map_units(
-    batch: dict[str, np.ndarray], fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]
-) -> dict[str, np.ndarray]:
-    """Ray Data function stage: ``fn(items, **kwargs)`` on each unit row of ``batch``."""
-    out = np.empty(len(batch["unit"]), dtype=object)
-    out[:] = [pack(fn(unpack(bytes(d)), **kwargs)) for d in batch["data"]]
-    return {"unit": batch["unit"], "data": out}
-
-
 class UnitActor:
-    """Base of :func:`unit_actor`'s classes: builds the stage once, maps it over unit rows."""
+    """Base of :func:`unit_actor`'s classes: builds the stage once, runs it on units."""
 
     stage_cls: Any = None
 
     def __init__(self, **kwargs: Any):
         self.stage = self.stage_cls(**kwargs)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = np.empty(len(batch["unit"]), dtype=object)
-        out[:] = [pack(self.stage(unpack(bytes(d)))) for d in batch["data"]]
-        return {"unit": batch["unit"], "data": out}
+    def run(self, data: bytes) -> bytes:
+        """One unit's items (:func:`pack` bytes) through the stage."""
+        return pack(self.stage(unpack(data)))
 
 
 def unit_actor(stage_cls: type) -> type:
-    """An actor class for ``map_batches`` that runs ``stage_cls`` (a batch-of-items callable)
-    on unit rows; named ``<Stage>Units`` so Ray's actor table and progress bars say which."""
+    """An actor class that runs ``stage_cls`` (a batch-of-items callable) on units; named
+    ``<Stage>Units`` so Ray's actor table says which."""
     return type(
         f"{stage_cls.__name__}Units", (UnitActor,), {"stage_cls": stage_cls, "__module__": __name__}
     )
-
-
-def write_units(
-    batch: dict[str, np.ndarray],
-    writer: Callable[[int, dict[str, np.ndarray]], tuple[dict[str, bytes], dict[str, Any]]],
-    out: str,
-    storage: StorageConfig,
-) -> dict[str, np.ndarray]:
-    """Ray Data write stage: ``writer(unit, items)`` builds the unit's files and entry; the
-    commit protocol makes them final. Returns one JSON entry per unit: all the driver sees."""
-    entries = np.empty(len(batch["unit"]), dtype=object)
-    for i, (u, d) in enumerate(zip(batch["unit"], batch["data"], strict=True)):
-        t0 = time.perf_counter()
-        files, entry = writer(int(u), unpack(bytes(d)))
-        entry = entry | {"unit": int(u), "write_seconds": 0.0}
-        name = entry.pop("name")
-        committed = commit_unit(out, name, files, entry, storage)
-        committed = committed | {"write_seconds": round(time.perf_counter() - t0, 4)}
-        entries[i] = json.dumps(committed)
-    return {"entry": entries}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,9 +280,9 @@ def actor_resources(
 
 def cpu_share(cluster_cpus: float, actors: int, task_cpus: float) -> float:
     """CPUs per CPU-computing actor when the config leaves it open: what the cluster has beside
-    one CPU task (decode), split evenly over the actors, at most 1 (2 CPUs and two teachers:
-    0.5 each, so decode still runs)."""
-    return max(0.25, min(1.0, (cluster_cpus - task_cpus) / max(actors, 1)))
+    one of each task (decode, write), split evenly over the actors, at most 1 (2 CPUs, two
+    teachers: 0.375 each, so a decode and a write still run)."""
+    return max(0.125, min(1.0, (cluster_cpus - task_cpus) / max(actors, 1)))
 
 
 @dataclass(frozen=True)
@@ -372,67 +332,6 @@ def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling:
             "use fewer actors or workers, fewer CPUs per actor, a larger cluster, or set "
             "ray.autoscaling=true if the cluster adds nodes on demand"
         )
-
-
-# ---------------------------------------------------------------------------------------------
-# Driving a job
-
-
-class _Watchdog:
-    """Interrupts the driver's main thread when no unit finished for ``seconds``."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.last = time.monotonic()
-        self.fired = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="spear-watchdog", daemon=True)
-
-    def __enter__(self) -> _Watchdog:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-
-    def kick(self) -> None:
-        self.last = time.monotonic()
-
-    def _run(self) -> None:
-        while not self._stop.wait(min(5.0, self.seconds / 4)):
-            if time.monotonic() - self.last > self.seconds:
-                self.fired = True
-                _thread.interrupt_main()
-                return
-
-
-def drive(
-    ds: Any, progress: Progress, out: str, storage: StorageConfig, *, stall_seconds: float
-) -> list[dict[str, Any]]:
-    """Run ``ds`` (ending in :func:`write_units` into ``out``); returns the units' entries,
-    each also handed to ``progress`` as it arrives.
-
-    A run in which no unit finishes for ``stall_seconds`` (actors that never get resources, a
-    hung store) ends with a SpearError instead of waiting forever."""
-    entries: list[dict[str, Any]] = []
-    with progress, _Watchdog(stall_seconds) as dog:
-        try:
-            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for text in block["entry"].to_pylist():
-                    entries.append(json.loads(text))
-                    progress.add(entries[-1])
-                    dog.kick()
-        except KeyboardInterrupt:
-            if not dog.fired:
-                raise
-            raise SpearError(
-                f"{progress.job}: no unit finished in {stall_seconds:g} s; the cluster may lack "
-                "the resources the job asks for (see `ray status`), or raise the stall limit "
-                "(ray.stall_seconds)"
-            ) from None
-        finally:
-            forget_listings(out, storage)  # the workers wrote there
-    return entries
 
 
 # ---------------------------------------------------------------------------------------------
@@ -488,7 +387,8 @@ class UnitJob:
     prepare: Callable[..., dict[str, Any]] = decode_timed
     """The CPU task stage before the actors: decoding, by default (``prepare(items, cfg=decode,
     storage=...)``); benchmarks put a stub here."""
-    write_concurrency: int = 4
+    write_cpus: float = 0.25
+    """CPU share of a write task (Parquet encoding, a few object-store puts)."""
     progress_seconds: float = 30.0
 
     def name(self, unit: int) -> str:
@@ -521,9 +421,7 @@ def run_units(
     new: list[dict[str, Any]] = []
     progress = None
     if todo:
-        ds = _dataset(job, table, todo, storage, ray_cfg)
-        progress = Progress(job.kind, *_pending(table, todo), len(todo), job.progress_seconds)
-        new = drive(ds, progress, out, storage, stall_seconds=ray_cfg.stall_seconds)
+        new, progress = _schedule(job, table, todo, storage, ray_cfg)
     entries = read_entries(out, [n for n in names if n in done], storage)
     entries |= {e["name"]: e for e in new}
     missing = [n for n in names if n not in entries]
@@ -538,52 +436,70 @@ def _pending(table: pa.Table, todo: list[int]) -> tuple[int, float]:
     return int(mask.sum()), float(np.sum(table["duration"].to_numpy()[mask])) / 3600
 
 
-def _dataset(
-    job: UnitJob, table: pa.Table, todo: list[int], storage: StorageConfig, ray_cfg: RayConfig
-) -> Any:
-    """decode (CPU tasks) -> each actor stage -> write (I/O tasks), on unit rows."""
+def _schedule(
+    job: UnitJob,
+    table: pa.Table,
+    todo: list[int],
+    storage: StorageConfig,
+    ray_cfg: RayConfig,
+) -> tuple[list[dict[str, Any]], Progress]:
+    """Size the job against the cluster, then run its units (``pipeline/scheduler.py``)."""
     init_ray(ray_cfg, job.out)
     import ray
 
+    from spear.pipeline.scheduler import run_scheduled
+
     cluster = ray.cluster_resources()
     gpus = cluster.get("GPU", 0) > 0
-    share = cpu_share(
-        cluster.get("CPU", 1.0), sum(a.num_actors for a in job.actors), job.decode_cpus
-    )
-    ds = unit_dataset(table, job.columns, todo)
-    ds = ds.map_batches(
-        map_units,
-        fn_kwargs={
-            "fn": decode_timed,
-            "kwargs": {"cfg": job.decode, "storage": storage.resolved()},
-        },
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=job.decode_cpus,
-        # A memory reservation per decode task (one unit's audio); being set here and not on
-        # the actors, it also keeps Ray Data from fusing decode into the first actor stage,
-        # which would then decode on the actor's share, in series with the model.
-        memory=job.decode_memory,
-    )
-    demands = [Demand("decode", 1, job.decode_cpus)]
+    # One decode and one write task must always fit beside the actor pools.
+    tasks = job.decode_cpus + job.write_cpus
+    share = cpu_share(cluster.get("CPU", 1.0), sum(a.num_actors for a in job.actors), tasks)
+    demands = [Demand("decode", 1, job.decode_cpus), Demand("write", 1, job.write_cpus)]
+    pools = []
     for a in job.actors:
         res = actor_resources(a.device, a.num_gpus, gpus, a.num_cpus, share)
         demands.append(Demand(a.name, a.num_actors, res["num_cpus"], res["num_gpus"], a.resources))
-        ds = ds.map_batches(
-            unit_actor(a.cls),
-            fn_constructor_kwargs=a.kwargs,
-            compute=ray.data.ActorPoolStrategy(size=a.num_actors),
-            batch_size=1,
-            batch_format="numpy",
-            resources=a.resources or None,
-            **res,
-        )
+        options = res | ({"resources": dict(a.resources)} if a.resources else {})
+        pools.append((a.name, unit_actor(a.cls), a.kwargs, a.num_actors, options))
     check_fits(demands, cluster, autoscaling=ray_cfg.autoscaling)
-    return ds.map_batches(
-        write_units,
-        fn_kwargs={"writer": job.writer, "out": job.out, "storage": storage.resolved()},
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=max(1, min(job.write_concurrency, len(todo)))),
-    )
+    first = job.actors[0].num_actors if job.actors else 1
+    decode_slots = max(1, int(cluster.get("CPU", 1.0) // max(job.decode_cpus, 0.01)))
+    columns = list(job.columns)
+    unit_col = table["unit"].to_numpy()
+    starts = np.searchsorted(unit_col, todo, side="left")
+    stops = np.searchsorted(unit_col, todo, side="right")
+    bounds = {u: (int(a), int(b)) for u, a, b in zip(todo, starts, stops, strict=True)}
+
+    def unit_input(u: int) -> bytes:
+        a, b = bounds[u]
+        part = table.slice(a, b - a).select(columns)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, part.schema) as w:
+            w.write_table(part)
+        return bytes(sink.getvalue().to_pybytes())
+
+    progress = Progress(job.kind, *_pending(table, todo), len(todo), job.progress_seconds)
+    try:
+        entries = run_scheduled(
+            todo,
+            unit_input,
+            prepare=job.prepare,
+            prepare_kwargs={"cfg": job.decode, "storage": storage.resolved()},
+            prepare_options={
+                "num_cpus": job.decode_cpus,
+                "memory": job.decode_memory,
+                "max_retries": 3,
+            },
+            pools=pools,
+            writer=job.writer,
+            write_options={"num_cpus": job.write_cpus, "max_retries": 3},
+            out=job.out,
+            storage=storage.resolved(),
+            progress=progress,
+            stall_seconds=ray_cfg.stall_seconds,
+            # Enough prepared units to keep the first pool's queues full, and every CPU busy.
+            prepare_slots=max(decode_slots, 2 * first) + 1,
+        )
+    finally:
+        forget_listings(job.out, storage)  # the workers wrote there
+    return entries, progress

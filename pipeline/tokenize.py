@@ -243,7 +243,6 @@ def run_tokenize(
         writer=TokenShardWriter(tuple(t.info for t in job), plan.run_id),
         decode=decode,
         decode_cpus=cfg.decode_cpus,
-        write_concurrency=cfg.write_concurrency,
         progress_seconds=cfg.progress_seconds,
     )
     run = run_units(unit_job, plan, table, storage, ray_cfg)

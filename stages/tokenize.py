@@ -81,12 +81,10 @@ class TokenizeConfig:
     """CPUs per decode task (Ray's scheduling share)."""
     progress_seconds: float = 30.0
     """Seconds between one-line progress summaries in the log (without a terminal)."""
-    write_concurrency: int = 4
-    """Shard write tasks at once (I/O bound: they hold no CPU share)."""
 
     def __post_init__(self) -> None:
-        if self.items_per_shard < 1 or self.write_concurrency < 1:
-            raise ConfigError("tokenize items_per_shard and write_concurrency must be >= 1")
+        if self.items_per_shard < 1:
+            raise ConfigError("tokenize items_per_shard must be >= 1")
         if self.decode_cpus <= 0 or self.progress_seconds <= 0:
             raise ConfigError("tokenize decode_cpus and progress_seconds must be positive")
         if self.max_shard_hours is not None and self.max_shard_hours <= 0:

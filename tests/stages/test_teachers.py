@@ -185,17 +185,8 @@ def test_ray_actor_stage(ray_cluster: str) -> None:
 
     cfg = TeacherConfig(name="wavlm-tiny")
     batch = _batch([8_000, 1_000, 16_000])
-    units = ray.data.from_items([{"unit": 0, "data": pack(batch)}])
-    out = units.map_batches(
-        unit_actor(TeacherStage),
-        fn_constructor_kwargs={"cfg": cfg},
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_size=1,
-        batch_format="numpy",
-        num_cpus=1,
-    ).take_all()
-    assert len(out) == 1 and out[0]["unit"] == 0
-    got = unpack(out[0]["data"])
+    actor = ray.remote(unit_actor(TeacherStage)).options(num_cpus=1).remote(cfg=cfg)
+    got = unpack(ray.get(actor.run.remote(pack(batch))))
     by_id = {str(i): k for k, i in enumerate(got["item_id"])}
     assert sorted(by_id) == ["id0", "id1", "id2"]
     assert got["num_frames"][by_id["id2"]] == TEACHERS["wavlm-tiny"].num_frames(16_000)
@@ -207,6 +198,7 @@ def test_ray_actor_stage(ray_cluster: str) -> None:
         rtol=2e-3,
         atol=1e-3,
     )
+    ray.kill(actor)
 
 
 def test_remote_model_folder_is_fetched_whole_once(s3_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
