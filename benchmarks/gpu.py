@@ -28,19 +28,23 @@ on the weights). Parts, in order; each prints a line when done, then a table per
    torch's FlopCounterMode counts on one forward + backward.
 
 Timings are the best of ``--repeats`` after ``--warmup`` untimed runs, with
-``torch.cuda.synchronize()`` before and after each. On one H100/H200 the whole check takes
-~3-4 minutes (model builds included); ``--budget-seconds`` (480) skips, and says so, any part
-that would start after it. Rates are written through ``benchmarks/rates.py:record`` into the
-shipped rates (``spear/measured_rates/``), or ``--rates-out DIR``. Without CUDA (or with
-``--cpu-test``) the same code runs the tiny presets (wavlm-tiny, dasheng-tiny, student tiny) on
-CPU in seconds as a test; its rates name the device "(tiny presets)" and never go into the
-shipped files.
+``torch.cuda.synchronize()`` before and after each. The sizes are chosen so that the whole check
+fits 8 minutes on one H100/H200, model builds included (expected ~3-4 minutes; not yet run on a
+GPU); ``--budget-seconds`` (480) skips, and says so, any part that would start after it, and a
+part that runs out of memory is reported and skipped. Each figure is written as soon as it is
+measured, through ``benchmarks/rates.py:record``, into the shipped rates
+(``spear/measured_rates/<device>.json``) or ``--rates-out DIR`` (on a borrowed machine:
+``--rates-out $OUT``, then copy the file in). Exit status 1 when a part was not measured.
+Without CUDA (or with ``--cpu-test``) the same code runs the tiny presets (wavlm-tiny,
+dasheng-tiny, student tiny) on CPU in seconds as a test; its rates name the device "(tiny
+presets)" and go to ``--rates-out`` or a temporary folder, never into the shipped files.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import sys
 import tempfile
@@ -107,8 +111,13 @@ class Bench:
     """Peak TFLOP/s for MFU (None: no MFU, e.g. on CPU)."""
     warmup: int
     repeats: int
+    label: str
+    """The device as the rates file names it."""
+    out_dir: Path
+    command: str
     rows: dict[str, list[dict[str, str]]] = dataclasses.field(default_factory=dict)
-    rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    path: Path | None = None
+    """The rates file, once a figure is written (each as soon as it is measured)."""
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -133,7 +142,9 @@ class Bench:
 
     def add(self, part: str, name: str, rate: float, row: dict[str, str]) -> None:
         self.rows.setdefault(part, []).append({"name": name, **row})
-        self.rates[name] = rate
+        self.path = record(
+            name, rate, device=self.label, command=self.command, directory=self.out_dir
+        )
         print(f"  {part:<9}{name:<18}" + "  ".join(f"{k} {v}" for k, v in row.items()), flush=True)
 
     def free(self) -> None:
@@ -177,7 +188,7 @@ def bench_teacher(b: Bench, family: str, name: str, batch: tuple[int, float]) ->
         TeacherConfig(
             name=name,
             dtype="bfloat16",
-            device=b.device.type,  # type: ignore[arg-type]
+            device=b.device.type,
             batch_seconds=items * seconds + 1,
         )
     )
@@ -402,15 +413,19 @@ def main(argv: list[str] | None = None) -> int:
         found = peak_tflops(name)
         if found is not None:
             peak, peak_from = found[0], f"{found[1]} bf16 dense"
-    label = f"{name} (tiny presets)" if sizes.students == ("tiny",) else name
+    tiny = sizes is SIZES["tiny"]
+    label = f"{name} (tiny presets)" if tiny else name
     out_dir = args.rates_out
-    if out_dir is None:
-        out_dir = Path(tempfile.mkdtemp(prefix="bench-gpu-")) if test else RATES_DIR
+    if out_dir is None:  # tiny-model figures must never reach the shipped rates
+        out_dir = Path(tempfile.mkdtemp(prefix="bench-gpu-")) if tiny else RATES_DIR
     b = Bench(
         device,
         peak,
         sizes.warmup if args.warmup is None else args.warmup,
         sizes.repeats if args.repeats is None else args.repeats,
+        label,
+        out_dir,
+        " ".join(["benchmarks/gpu.py", *(sys.argv[1:] if argv is None else argv)]),
     )
     print(
         f"device: {label}; torch {torch.__version__}, CUDA {torch.version.cuda}; "
@@ -419,31 +434,36 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     start = time.perf_counter()
-    skipped: list[str] = []
+    failed: list[str] = []
 
-    def over(part: str) -> bool:
+    def attempt(part: str, fn: Callable[[], None]) -> None:
+        """Run one part unless past the budget; out of memory fails that part, not the run."""
         if time.perf_counter() - start > args.budget_seconds:
-            skipped.append(part)
+            failed.append(f"{part} (past --budget-seconds)")
             print(f"  skipped {part}: past --budget-seconds {args.budget_seconds:g}", flush=True)
-            return True
-        return False
+            return
+        try:
+            fn()
+        except torch.OutOfMemoryError as err:
+            failed.append(f"{part} (out of memory)")
+            print(f"  {part}: out of memory ({str(err).splitlines()[0]})", flush=True)
+        b.free()
+
+    def teacher_chain(family: str, folder: str) -> None:
+        batch = sizes.wavlm_batch if family == "wavlm" else sizes.dasheng_batch
+        teacher, embs = bench_teacher(b, family, getattr(sizes, family), batch)
+        q = make_quantizer(teacher, family, folder, device)
+        bench_mvq(b, family, q, embs, teacher.spec.frame_rate)
+        del embs
+        bench_tokenize(b, family, teacher, q, batch)
 
     with tempfile.TemporaryDirectory() as folder:
         for family in ("wavlm", "dasheng"):
-            if family not in only or over(family):
-                continue
-            batch = sizes.wavlm_batch if family == "wavlm" else sizes.dasheng_batch
-            teacher, embs = bench_teacher(b, family, getattr(sizes, family), batch)
-            q = make_quantizer(teacher, family, folder, device)
-            bench_mvq(b, family, q, embs, teacher.spec.frame_rate)
-            del embs
-            bench_tokenize(b, family, teacher, q, batch)
-            del teacher, q
-            b.free()
+            if family in only:
+                attempt(family, functools.partial(teacher_chain, family, folder))
     for preset in sizes.students if "student" in only else ():
-        if not over(f"student.{preset}"):
-            bench_student(b, preset, sizes.student_seconds)
-            b.free()
+        part = functools.partial(bench_student, b, preset, sizes.student_seconds)
+        attempt(f"student.{preset}", part)
     total = time.perf_counter() - start
 
     titles = {
@@ -454,21 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     for part, rows in b.rows.items():
         print(f"\n{titles[part]}\n{table(rows)}")
-    path = None
-    for rate_name, value in b.rates.items():
-        path = record(
-            rate_name,
-            value,
-            device=label,
-            command=" ".join(["benchmarks/gpu.py", *(argv or sys.argv[1:])]),
-            directory=out_dir,
-        )
     print(
         f"\ntotal {total:.1f} s (budget {args.budget_seconds:g} s)"
-        + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+        + (f"; not measured: {', '.join(failed)}" if failed else "")
     )
-    print(f"rates: {path if path else 'none measured'}")
-    return 1 if skipped else 0
+    print(f"rates: {b.path or 'none measured'}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

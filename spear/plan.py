@@ -457,6 +457,12 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
     devices = sorted({r.device for r in rates.used() if r.device and r.name != "token_bytes"})
     if len(devices) > 1:
         notes.append(f"rates come from different devices: {'; '.join(devices)}")
+    gpu_side = [r for r in rates.used() if r.unit.endswith("/gpu")]
+    if any(r.device.startswith("CPU") for r in gpu_side):
+        notes.append(
+            "CPU figures among the actor and student rates: there 'GPU' means one "
+            "process with the threads its device names"
+        )
     if any(r.source.startswith("arithmetic") for r in rates.used()):
         notes.append(
             "arithmetic rates are SPEC section 6's FLOP counts at an assumed MFU, "

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from spear.cli.main import run
 from spear.rates import SHIPPED_DIR
@@ -69,3 +70,22 @@ def test_cpu_test_measures_every_part_and_feeds_the_planner(
     assert plan["wavlm_rate"] == pytest.approx(by_name["tokenize.wavlm"]["value"])
     assert plan["dasheng_rate"] == pytest.approx(by_name["tokenize.dasheng"]["value"])
     assert plan["student_gpu_seconds"] == pytest.approx(36_000 / by_name["student.tiny"]["value"])
+
+
+def test_a_part_that_fails_or_runs_past_the_budget_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    gpu = _load_gpu_bench(monkeypatch)
+
+    def out_of_memory(*args: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    monkeypatch.setattr(gpu, "bench_student", out_of_memory)
+    args = ["--cpu-test", "--only", "student", "--rates-out", str(tmp_path)]
+    assert gpu.main(args) == 1
+    text = capsys.readouterr().out
+    assert "student.tiny: out of memory (CUDA out of memory." in text
+    assert "not measured: student.tiny (out of memory)" in text
+    assert "rates: none measured" in text and not list(tmp_path.iterdir())
+    assert gpu.main([*args, "--budget-seconds", "-1"]) == 1
+    assert "not measured: student.tiny (past --budget-seconds)" in capsys.readouterr().out

@@ -300,6 +300,7 @@ def test_shipped_rates_are_measured_and_used_by_default(capsys) -> None:
     text = capsys.readouterr().out
     # Each figure names the shipped file and the device that measured it.
     assert "cpu-amd-epyc" in text and "[CPU AMD EPYC" in text and "student base" in text
+    assert "'GPU' means one process" in text
 
 
 def test_docs_device_example(capsys) -> None:
