@@ -23,8 +23,9 @@ test-all: setup
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(UV) run --frozen python $$b; done
 
-# The GPU check in one command (sized for 8 minutes on one H100/H200): teachers, MVQ, the tokenize actor and
-# the student step at real size; writes spear/measured_rates/<device>.json for `spear plan`.
+# The GPU check in one command (sized for 8 minutes on one H100/H200): teachers, MVQ, the
+# tokenize actor and the student step at real size; writes spear/measured_rates/<device>.json,
+# which `spear plan` reads.
 # Without CUDA it runs the tiny presets on CPU as a test (rates to a temporary folder).
 bench-gpu: setup
 	$(UV) run --frozen python benchmarks/gpu.py

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.plan import FLAC_16K_BYTES_PER_SECOND, SPEECH_ITEM_SECONDS
 
 
 def _opt(help: str) -> typer.models.OptionInfo:
@@ -93,10 +94,10 @@ def plan(
             help="Source-file bytes per audio second (16 kHz FLAC ~16,000; 44.1 kHz "
             "~44,000); --manifest uses its file sizes."
         ),
-    ] = 16_000.0,
+    ] = float(FLAC_16K_BYTES_PER_SECOND),
     speech_item_seconds: Annotated[
         float, typer.Option(help="Mean speech item, for counts without --manifest.")
-    ] = 20.0,
+    ] = SPEECH_ITEM_SECONDS,
     file_seconds: Annotated[
         float | None,
         _opt(
