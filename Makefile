@@ -1,7 +1,7 @@
 # The two commands the README documents: `make demo` and `make test`.
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup demo test test-all lint bench bench-gpu
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -22,3 +22,10 @@ test-all: setup
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(UV) run --frozen python $$b; done
+
+# The GPU check in one command (sized for 8 minutes on one H100/H200): teachers, MVQ, the
+# tokenize actor and the student step at real size; writes spear/measured_rates/<device>.json,
+# which `spear plan` reads.
+# Without CUDA it runs the tiny presets on CPU as a test (rates to a temporary folder).
+bench-gpu: setup
+	$(UV) run --frozen python benchmarks/gpu.py

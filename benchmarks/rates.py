@@ -1,16 +1,14 @@
-"""Store measured rates where `spear plan --rates benchmarks/rates` reads them.
+"""Store measured rates where `spear plan` reads them: the rates shipped with spear.
 
 A benchmark that measures a figure the planner uses calls :func:`record` once per figure::
 
     from rates import device_name, record
     record("wavlm", rate, device=device_name(), command=" ".join(sys.argv))
 
-Each device gets one file, ``benchmarks/rates/<device>.json`` (the format is documented in
-``spear/plan.py``); a new measurement of the same name on the same device replaces the old one.
-Names and units: ``wavlm``/``dasheng`` (the teacher, x real time per GPU),
-``mvq.wavlm``/``mvq.dasheng`` (the MVQ encode alone, per GPU; the planner runs the two in
-series), ``decode`` (decode + resample, x real time per core), ``token_bytes`` (shard bytes per
-audio second).
+Each device gets one file, ``spear/measured_rates/<device>.json`` (package data, so an
+installed spear plans from them without ``--rates``; the format and names are documented in
+``spear/rates.py``); a new measurement of the same name on the same device replaces the old
+one. ``directory=`` writes elsewhere (test runs must, so their figures never ship).
 
     uv run python benchmarks/rates.py        # list what is stored
 """
@@ -24,9 +22,9 @@ import re
 import sys
 from pathlib import Path
 
-from spear.plan import RATE_UNITS, load_rates, parse_rates
+from spear.rates import RATE_UNITS, SHIPPED_DIR, load_rates, parse_rates
 
-RATES_DIR = Path(__file__).resolve().parent / "rates"
+RATES_DIR = SHIPPED_DIR
 
 
 def device_name() -> str:
@@ -79,9 +77,9 @@ def main() -> None:
     if not RATES_DIR.exists() or not any(RATES_DIR.glob("*.json")):
         print(f"no rates stored in {RATES_DIR}")
         return
-    print(f"{'name':<14}{'value':>12}  {'unit':<20}{'date':<27}device")
+    print(f"{'name':<18}{'value':>12}  {'unit':<20}{'date':<27}device")
     for r in sorted(load_rates([RATES_DIR]), key=lambda r: (r.device, r.name)):
-        print(f"{r.name:<14}{r.value:>12,.1f}  {r.unit:<20}{r.date:<27}{r.device}")
+        print(f"{r.name:<18}{r.value:>12,.1f}  {r.unit:<20}{r.date:<27}{r.device}")
 
 
 if __name__ == "__main__":

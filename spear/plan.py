@@ -1,7 +1,8 @@
-"""Run planning: how many GPU-hours, how long, how many CPU cores, how many bytes.
+"""Run planning: GPU-hours, wall time, CPU cores, bytes, objects and cost of a run.
 
-A pure core (:func:`plan_run`) turns a run's size and a set of measured rates into a
-:class:`Plan`; the CLI (``spear plan``) only parses options into these dataclasses.
+A pure core (:func:`plan_run`) turns a run's size (:class:`RunSpec`) and a set of measured
+rates (:class:`spear.rates.Rates`; the rates files and how they are chosen are described in
+``spear/rates.py``) into a :class:`Plan`; the CLI (``spear plan``) only parses options.
 
 The model (one line per figure; ``A`` = audio seconds in the run, ``a`` = audio-domain share)::
 
@@ -11,40 +12,33 @@ The model (one line per figure; ``A`` = audio seconds in the run, ``a`` = audio-
     wall (CPU-bound)  = A / (cpus r_decode)               # when --cpus says what there is
     object store      = 32,000 B/s x A x (1 + a)          # int16 audio, decode -> each teacher
     output            = A x (800 + 200 a) B/s             # 16 x 50 + 8 x 25 Hz codes, or measured
+    source read       = A x source B/s                    # or the manifest's segment byte shares
+    student GPU-s     = A x epochs / r_student            # per GPU; wall = that / train GPUs
+    cost              = price x (gpus x wall + train GPUs x student wall)   # GPUs held, in hours
 
-The object-store line assumes audio reaches each teacher actor only for the items that teacher
-runs on (every item for WavLM, audio items for Dasheng). The run takes the larger wall time;
-the figure behind it is the run's *limit*. Teacher rates are per GPU; the MVQ encode runs
-inside the teacher's actor, so when its rate is measured on its own the two combine as stages
-in series (``1 / (1/r_teacher + 1/r_mvq)``).
+``r_teacher`` is the actor rate: the fused tokenize figure when measured (``tokenize.wavlm``),
+else the teacher and its MVQ encode in series (``1 / (1/r_teacher + 1/r_mvq)``). The object-store
+line assumes audio reaches each teacher actor only for the items it runs on. The run takes the
+larger wall time; the figure behind it is the run's *limit*.
 
-Rates files
------------
-Benchmarks store what they measured as JSON, one file per run (``benchmarks/rates/*.json``):
-a list of entries (or ``{"rates": [...]}``), each::
-
-    {"name": "wavlm", "value": 2400.0, "unit": "x_realtime/gpu",
-     "device": "NVIDIA H100 80GB HBM3", "command": "uv run python benchmarks/teachers.py ...",
-     "date": "2026-11-25T20:00:00Z"}
-
-Known names and units (:data:`RATE_UNITS`): ``wavlm``, ``dasheng`` (the teacher per GPU,
-``x_realtime/gpu``: ``benchmarks/teachers.py``, or a tokenize run's stage rate, which already
-includes the MVQ encode); ``mvq.wavlm``, ``mvq.dasheng`` (the MVQ encode alone, per GPU; give
-them only when the teacher figure excludes the encode); ``decode`` (decode + resample per
-core, ``x_realtime/core``); ``token_bytes`` (shard bytes per audio second,
-``bytes/audio_second``). Other names are kept but unused. When a name appears
-more than once, ``device`` picks entries whose device contains it; the newest entry wins.
+Object counts: items are ``A (1 - a) / speech item seconds + a A / 10 s`` (SPEC section 5's
+audio windows) unless a manifest is given; files listed are the items (one item per file)
+unless ``file_seconds`` is set; token shards hold at most ``items_per_shard`` items and
+``max_shard_hours`` hours (the tokenize job's cut, exact with a manifest). Each shard leaves 3
+storage objects (token file, quarantine file, commit entry; a run adds index, report, plan and
+``_SUCCESS.json``) and passes through Ray's object store as ``3 + teachers`` objects (its unit row,
+the decoded audio, one output per teacher actor, the write task's entry).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from spear.errors import SpearError
+from spear.rates import Rates
+from spear.stages.tokenize import TokenizeConfig
 
 AUDIO_BYTES_PER_SECOND = 32_000
 """int16 mono 16 kHz audio between decode and the teachers (SPEC section 6)."""
@@ -56,38 +50,69 @@ TOKEN_BOUND_BYTES_PER_SECOND = WAVLM_BYTES_PER_SECOND + DASHENG_BYTES_PER_SECOND
 """Both teachers on every second: SPEC section 3's 1,000 B/s."""
 PAPER_AUDIO_FRACTION = 13.0 / 197.0
 """SPEC section 5: 13k of 197k hours are general audio (Dasheng runs on those)."""
-
-RATE_UNITS: dict[str, str] = {
-    "wavlm": "x_realtime/gpu",
-    "dasheng": "x_realtime/gpu",
-    "mvq.wavlm": "x_realtime/gpu",
-    "mvq.dasheng": "x_realtime/gpu",
-    "decode": "x_realtime/core",
-    "token_bytes": "bytes/audio_second",
-}
+FLAC_16K_BYTES_PER_SECOND = 16_000
+"""16 kHz 16-bit mono FLAC: about half of its 32 kB/s PCM (speech compresses ~2x)."""
+AUDIO_ITEM_SECONDS = 10.0
+"""SPEC section 5: audio files are cut into 10 s windows."""
+SPEECH_ITEM_SECONDS = 20.0
+"""Assumed mean speech item: segments of at most 30 s (SPEC section 5), most files longer."""
+STORAGE_OBJECTS_PER_SHARD = 3
+"""Token file, quarantine file, commit entry (``pipeline/commit.py``)."""
+STORAGE_OBJECTS_PER_RUN = 4
+"""``index.parquet``, ``report.json``, ``_work/plan.json``, ``_SUCCESS.json``."""
+_TOKENIZE = TokenizeConfig()
 
 
 @dataclass(frozen=True, kw_only=True)
-class Rate:
-    """One measured figure, as a benchmark stored it."""
+class ManifestFacts:
+    """What a finished manifest says about a run (:func:`manifest_facts`)."""
 
-    name: str
-    """What was measured: a key of :data:`RATE_UNITS`."""
-    value: float
-    unit: str
-    device: str
-    """The machine it was measured on (GPU name, or CPU model and cores)."""
-    command: str = ""
-    """The command that measured it."""
-    date: str = ""
-    """ISO 8601 date of the measurement."""
-    source: str = ""
-    """Where this rate came from: a file path, or ``--NAME-rate``; set by the loader."""
+    items: int
+    files: int
+    """Distinct source files (URLs)."""
+    hours: float
+    audio_hours: float
+    """Hours of audio-domain items."""
+    source_bytes: float
+    """Bytes decode reads: each item's share of its file's size (range reads)."""
+    file_bytes: float
+    """All the files' sizes (a whole-file reader's bytes)."""
+    shards: int
+    """Token shards, cut as ``spear tokenize`` cuts them."""
 
-    def describe(self) -> str:
-        where = f" [{self.device}]" if self.device else ""
-        when = f" {self.date}" if self.date else ""
-        return f"{self.source or 'given'}{where}{when}"
+
+def manifest_facts(
+    table: Any, *, items_per_shard: int, max_shard_hours: float | None
+) -> ManifestFacts:
+    """Facts of a manifest table (columns ``item_id``, ``url``, ``domain``, ``duration``,
+    ``file_duration``, ``file_size``)."""
+    import numpy as np
+
+    from spear.pipeline.job import cut_units
+
+    if table.num_rows == 0:
+        raise SpearError("the manifest has no items")
+    dur = table["duration"].to_numpy()
+    fdur = table["file_duration"].to_numpy()
+    size = table["file_size"].to_numpy().astype(np.float64)
+    share = np.where(fdur > 0, np.minimum(dur / np.where(fdur > 0, fdur, 1.0), 1.0), 1.0)
+    urls = table["url"].to_numpy(zero_copy_only=False)
+    _, first = np.unique(urls, return_index=True)
+    audio = np.asarray(table["domain"].to_numpy(zero_copy_only=False) == "audio")
+    cut = cut_units(
+        table.select(["item_id", "duration"]).sort_by("item_id"),
+        items_per_unit=items_per_shard,
+        max_unit_seconds=max_shard_hours * 3600 if max_shard_hours else None,
+    )
+    return ManifestFacts(
+        items=table.num_rows,
+        files=len(first),
+        hours=float(dur.sum()) / 3600,
+        audio_hours=float(dur[audio].sum()) / 3600,
+        source_bytes=float((size * share).sum()),
+        file_bytes=float(size[first].sum()),
+        shards=int(cut["unit"].to_numpy().max()) + 1,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +129,24 @@ class RunSpec:
     """Share of the hours in the audio domain (they also go through Dasheng)."""
     dasheng: bool = True
     """Whether the audio teacher runs at all."""
+    epochs: float = 1.0
+    """Passes of student training over the hours."""
+    train_gpus: int | None = None
+    """GPUs the student trains on (default ``gpus``)."""
+    cost_per_gpu_hour: float | None = None
+    """Price of one GPU for an hour (None: no cost lines)."""
+    source_bytes_per_second: float = FLAC_16K_BYTES_PER_SECOND
+    """Source-file bytes per audio second (ignored with a manifest: its file sizes count)."""
+    speech_item_seconds: float = SPEECH_ITEM_SECONDS
+    """Mean speech item length, for the counts without a manifest."""
+    file_seconds: float | None = None
+    """Mean source file length, for files listed without a manifest (None: one item a file)."""
+    items_per_shard: int = _TOKENIZE.items_per_shard
+    """``tokenize.items_per_shard``."""
+    max_shard_hours: float | None = _TOKENIZE.max_shard_hours
+    """``tokenize.max_shard_hours``."""
+    manifest: ManifestFacts | None = None
+    """A finished manifest's facts: exact counts and bytes instead of estimates."""
 
     def __post_init__(self) -> None:
         if self.hours <= 0:
@@ -114,23 +157,26 @@ class RunSpec:
             raise SpearError(f"--cpus must be at least 1, got {self.cpus}")
         if not 0.0 <= self.audio_fraction <= 1.0:
             raise SpearError(f"--audio-fraction must be in [0, 1], got {self.audio_fraction}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Rates:
-    """The rates a plan uses, each with where it came from."""
-
-    wavlm: Rate
-    decode: Rate
-    dasheng: Rate | None = None
-    mvq_wavlm: Rate | None = None
-    mvq_dasheng: Rate | None = None
-    token_bytes: Rate | None = None
+        if self.epochs <= 0:
+            raise SpearError(f"--epochs must be positive, got {self.epochs}")
+        if self.train_gpus is not None and self.train_gpus < 1:
+            raise SpearError(f"--train-gpus must be at least 1, got {self.train_gpus}")
+        if self.cost_per_gpu_hour is not None and self.cost_per_gpu_hour < 0:
+            raise SpearError(f"--cost-per-gpu-hour must be >= 0, got {self.cost_per_gpu_hour}")
+        for name in ("source_bytes_per_second", "speech_item_seconds"):
+            if getattr(self, name) <= 0:
+                raise SpearError(f"--{name.replace('_', '-')} must be positive")
+        if self.file_seconds is not None and self.file_seconds <= 0:
+            raise SpearError(f"--file-seconds must be positive, got {self.file_seconds}")
+        if self.items_per_shard < 1:
+            raise SpearError(f"--items-per-shard must be at least 1, got {self.items_per_shard}")
+        if self.max_shard_hours is not None and self.max_shard_hours <= 0:
+            raise SpearError(f"--max-shard-hours must be positive, got {self.max_shard_hours}")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """What a run costs. Seconds and bytes; :meth:`table` formats them."""
+    """What a run costs. Seconds, bytes and counts; :meth:`table` formats them."""
 
     spec: RunSpec
     rates: Rates
@@ -157,6 +203,22 @@ class Plan:
     output_bytes_per_audio_second: float
     output_bound_bytes: float
     """SPEC section 3's bound: 1,000 B per second of audio."""
+    source_bytes: float
+    """Source-file bytes decode reads."""
+    items: int
+    files: int
+    shards: int
+    storage_objects: int
+    """Objects the tokenize job leaves in object storage."""
+    object_store_objects: int
+    """Objects the shards pass through Ray's object store as, over the run."""
+    counts_from: str
+    """``manifest`` or ``estimate``."""
+    train_gpus: int
+    student_gpu_seconds: float | None
+    student_wall_seconds: float | None
+    tokenize_cost: float | None
+    student_cost: float | None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -173,23 +235,115 @@ class Plan:
         d["wall_hours"] = self.wall_hours
         return d
 
+    def _rate_rows(self, family: str) -> list[tuple[str, str, str]]:
+        r = self.rates
+        actor = getattr(r, f"tokenize_{family}")
+        teacher, mvq = getattr(r, family), getattr(r, f"mvq_{family}")
+        rate = self.wavlm_rate if family == "wavlm" else self.dasheng_rate
+        rows: list[tuple[str, str, str]] = []
+        if actor is not None:
+            rows.append((f"{family} actor", f"{rate:,.1f}x real time / GPU", actor.describe()))
+            if teacher is not None:
+                rows.append(("  (teacher)", f"{teacher.value:,.1f}x", teacher.describe()))
+            if mvq is not None:
+                note = mvq.describe()
+                if teacher is not None:
+                    note += f"; in series {_series(teacher.value, mvq.value):,.1f}x"
+                rows.append(("  (mvq)", f"{mvq.value:,.1f}x", note))
+            return rows
+        where = teacher.describe() if teacher is not None else ""
+        rows.append((f"{family} rate", f"{rate:,.1f}x real time / GPU", where))
+        if mvq is not None:
+            rows.append((f"  (mvq.{family})", f"{mvq.value:,.1f}x", mvq.describe()))
+        return rows
+
+    def _count_rows(self) -> list[tuple[str, str, str]]:
+        s = self.spec
+        if self.counts_from == "estimate":
+            items = (
+                f"estimate: speech {s.speech_item_seconds:g} s, audio {AUDIO_ITEM_SECONDS:g} s "
+                "an item (--manifest counts them)"
+            )
+            files = (
+                "one item per file (--file-seconds)"
+                if s.file_seconds is None
+                else f"{s.file_seconds:g} s a file"
+            )
+        else:
+            items = files = "manifest"
+        limit = f"at most {s.items_per_shard:,} items"
+        if s.max_shard_hours:
+            limit += f" and {s.max_shard_hours:g} h"
+        per = self.object_store_objects // self.shards
+        return [
+            ("items", f"{self.items:,}", items),
+            ("files listed", f"{self.files:,}", files),
+            ("shards", f"{self.shards:,}", limit + " each"),
+            (
+                "storage objects",
+                f"{self.storage_objects:,}",
+                f"{STORAGE_OBJECTS_PER_SHARD} per shard + {STORAGE_OBJECTS_PER_RUN} per run",
+            ),
+            (
+                "object store objs",
+                f"{self.object_store_objects:,}",
+                f"{per} per shard: unit row, decoded audio, one per teacher, write entry",
+            ),
+        ]
+
+    def _student_rows(self) -> list[tuple[str, str, str]]:
+        s, r = self.spec, self.rates.student
+        if r is None or self.student_gpu_seconds is None or self.student_wall_seconds is None:
+            return []
+        preset = r.name.split(".", 1)[1]
+        return [
+            (f"student {preset}", f"{r.value:,.1f}x real time / GPU", r.describe()),
+            (
+                "student GPU-hours",
+                f"{self.student_gpu_seconds / 3600:,.1f}",
+                f"{s.hours:,.0f} h x {s.epochs:g} epoch(s)",
+            ),
+            ("student wall", _duration(self.student_wall_seconds), f"on {self.train_gpus} GPUs"),
+        ]
+
+    def _cost_rows(self) -> list[tuple[str, str, str]]:
+        s = self.spec
+        if self.tokenize_cost is None or s.cost_per_gpu_hour is None:
+            return []
+        price = f"{s.cost_per_gpu_hour:g} per GPU-hour"
+        rows = [
+            (
+                "cost (tokenize)",
+                f"{self.tokenize_cost:,.2f}",
+                f"{s.gpus} GPUs x {self.wall_hours:,.1f} h x {price}",
+            )
+        ]
+        if self.student_cost is not None and self.student_wall_seconds is not None:
+            rows += [
+                (
+                    "cost (student)",
+                    f"{self.student_cost:,.2f}",
+                    f"{self.train_gpus} GPUs x {self.student_wall_seconds / 3600:,.1f} h",
+                ),
+                (
+                    "cost (total)",
+                    f"{self.tokenize_cost + self.student_cost:,.2f}",
+                    "GPUs held for the wall times",
+                ),
+            ]
+        return rows
+
     def table(self) -> str:
         """The plan as aligned text lines, one figure per line."""
         s, r = self.spec, self.rates
-        rows: list[tuple[str, str, str]] = [
-            ("audio", f"{s.hours:,.0f} h ({s.audio_fraction:.1%} audio domain)", ""),
-            ("wavlm rate", f"{self.wavlm_rate:,.0f}x real time / GPU", r.wavlm.describe()),
-        ]
-        if r.mvq_wavlm:
-            rows.append(("  (mvq.wavlm)", f"{r.mvq_wavlm.value:,.0f}x", r.mvq_wavlm.describe()))
-        if self.dasheng_rate is not None and r.dasheng is not None:
-            rows.append(
-                ("dasheng rate", f"{self.dasheng_rate:,.0f}x real time / GPU", r.dasheng.describe())
-            )
-            if r.mvq_dasheng:
-                rows.append(
-                    ("  (mvq.dasheng)", f"{r.mvq_dasheng.value:,.0f}x", r.mvq_dasheng.describe())
-                )
+        if self.counts_from == "estimate":
+            src = f"{s.source_bytes_per_second:,.0f} B/s of audio (--source-bytes-per-second)"
+        else:
+            src = "the items' shares of the manifest's file sizes"
+        audio = f"{s.hours:,.0f} h ({s.audio_fraction:.1%} audio domain)"
+        rows = [("audio", audio, "manifest" if s.manifest else ""), *self._rate_rows("wavlm")]
+        if self.dasheng_rate is not None:
+            rows += self._rate_rows("dasheng")
         rows += [
             ("decode rate", f"{r.decode.value:,.0f}x real time / core", r.decode.describe()),
             (
@@ -212,6 +366,11 @@ class Plan:
         rows += [
             ("wall time", _duration(self.wall_seconds), f"limited by {self.limit}"),
             (
+                "source read",
+                _bytes(self.source_bytes),
+                f"{src}; {_bytes(self.source_bytes / self.wall_seconds)}/s",
+            ),
+            (
                 "object store",
                 _bytes(self.object_store_bytes),
                 f"{_bytes(self.object_store_bytes_per_second)}/s int16 audio, decode -> teachers",
@@ -223,6 +382,9 @@ class Plan:
                 + (f" ({r.token_bytes.describe()})" if r.token_bytes else "")
                 + f"; bound {_bytes(self.output_bound_bytes)} at 1,000 B/s",
             ),
+            *self._count_rows(),
+            *self._student_rows(),
+            *self._cost_rows(),
         ]
         width = max(len(k) for k, _, _ in rows) + 2
         vwidth = max(len(v) for _, v, _ in rows) + 2
@@ -236,24 +398,43 @@ def _series(teacher: float, mvq: float | None) -> float:
     return teacher if mvq is None else 1.0 / (1.0 / teacher + 1.0 / mvq)
 
 
+def _actor_rate(rates: Rates, family: str) -> float:
+    fused = getattr(rates, f"tokenize_{family}")
+    if fused is not None:
+        return float(fused.value)
+    teacher, mvq = getattr(rates, family), getattr(rates, f"mvq_{family}")
+    if teacher is None:
+        raise SpearError(f"no {family} rate: give --{family}-rate or a rates file with one")
+    return _series(teacher.value, mvq.value if mvq else None)
+
+
+def _counts(spec: RunSpec, audio_s: float, audio_frac: float) -> tuple[int, int, int, float]:
+    """(items, files, shards, source bytes) estimated from the hours."""
+    items = math.ceil(
+        audio_s * (1 - audio_frac) / spec.speech_item_seconds
+        + audio_s * audio_frac / AUDIO_ITEM_SECONDS
+    )
+    files = items if spec.file_seconds is None else math.ceil(audio_s / spec.file_seconds)
+    shards = math.ceil(items / spec.items_per_shard)
+    if spec.max_shard_hours:
+        shards = max(shards, math.ceil(audio_s / (spec.max_shard_hours * 3600)))
+    return items, files, shards, audio_s * spec.source_bytes_per_second
+
+
 def plan_run(spec: RunSpec, rates: Rates) -> Plan:
     """The pure planning core; see the module docstring for the formulas."""
-    for r in (rates.wavlm, rates.decode, rates.dasheng, rates.mvq_wavlm, rates.mvq_dasheng):
-        if r is not None and r.value <= 0:
+    for r in rates.used():
+        if r.value <= 0:
             raise SpearError(f"rate {r.name} must be positive, got {r.value} ({r.describe()})")
-    notes: list[str] = []
+    notes: list[str] = list(rates.notes)
     audio_s = spec.hours * 3600.0
     audio_frac = spec.audio_fraction if spec.dasheng else 0.0
-    wavlm_rate = _series(rates.wavlm.value, rates.mvq_wavlm.value if rates.mvq_wavlm else None)
+    wavlm_rate = _actor_rate(rates, "wavlm")
     wavlm_gpu = audio_s / wavlm_rate
     dasheng_rate: float | None = None
     dasheng_gpu = 0.0
     if audio_frac > 0:
-        if rates.dasheng is None:
-            raise SpearError("no dasheng rate: give --dasheng-rate or a rates file with one")
-        dasheng_rate = _series(
-            rates.dasheng.value, rates.mvq_dasheng.value if rates.mvq_dasheng else None
-        )
+        dasheng_rate = _actor_rate(rates, "dasheng")
         dasheng_gpu = audio_frac * audio_s / dasheng_rate
     gpu_s = wavlm_gpu + dasheng_gpu
     gpu_wall = gpu_s / spec.gpus
@@ -273,14 +454,41 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
             f"the GPUs limit the run; WavLM takes {share:.0%} of the GPU time"
             + (f", Dasheng {1 - share:.0%}" if dasheng_gpu else "")
         )
-    devices = {r.device for r in (rates.wavlm, rates.dasheng) if r is not None and r.device}
+    devices = sorted({r.device for r in rates.used() if r.device and r.name != "token_bytes"})
     if len(devices) > 1:
-        notes.append(f"teacher rates were measured on different devices: {sorted(devices)}")
+        notes.append(f"rates come from different devices: {'; '.join(devices)}")
+    gpu_side = [r for r in rates.used() if r.unit.endswith("/gpu")]
+    if any(r.device.startswith("CPU") for r in gpu_side):
+        notes.append(
+            "CPU figures among the actor and student rates: there 'GPU' means one "
+            "process with the threads its device names"
+        )
+    if any(r.source.startswith("arithmetic") for r in rates.used()):
+        notes.append(
+            "arithmetic rates are SPEC section 6's FLOP counts at an assumed MFU, "
+            "not measurements; they leave out the MVQ encode unless it is given"
+        )
     store = AUDIO_BYTES_PER_SECOND * audio_s * (1.0 + audio_frac)
     if rates.token_bytes is not None:
         per_s = rates.token_bytes.value
     else:
         per_s = WAVLM_BYTES_PER_SECOND + DASHENG_BYTES_PER_SECOND * audio_frac
+    m = spec.manifest
+    if m is None:
+        items, files, shards, source = _counts(spec, audio_s, audio_frac)
+    else:
+        items, files, shards, source = m.items, m.files, m.shards, m.source_bytes
+    teachers = 2 if audio_frac > 0 else 1
+    train_gpus = spec.train_gpus or spec.gpus
+    student_gpu = student_wall = None
+    if rates.student is not None:
+        student_gpu = audio_s * spec.epochs / rates.student.value
+        student_wall = student_gpu / train_gpus
+    price = spec.cost_per_gpu_hour
+    tok_cost = None if price is None else price * spec.gpus * wall / 3600
+    stu_cost = (
+        None if price is None or student_wall is None else price * train_gpus * student_wall / 3600
+    )
     return Plan(
         spec=spec,
         rates=rates,
@@ -300,122 +508,19 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
         output_bytes=per_s * audio_s,
         output_bytes_per_audio_second=per_s,
         output_bound_bytes=TOKEN_BOUND_BYTES_PER_SECOND * audio_s,
+        source_bytes=source,
+        items=items,
+        files=files,
+        shards=shards,
+        storage_objects=STORAGE_OBJECTS_PER_SHARD * shards + STORAGE_OBJECTS_PER_RUN,
+        object_store_objects=(3 + teachers) * shards,
+        counts_from="estimate" if m is None else "manifest",
+        train_gpus=train_gpus,
+        student_gpu_seconds=student_gpu,
+        student_wall_seconds=student_wall,
+        tokenize_cost=tok_cost,
+        student_cost=stu_cost,
         notes=notes,
-    )
-
-
-# ---------------------------------------------------------------- rates files
-
-
-def parse_rates(data: Any, source: str) -> list[Rate]:
-    """Rate entries from a rates file's parsed JSON (a list, or ``{"rates": [...]}``)."""
-    entries = data.get("rates") if isinstance(data, dict) else data
-    if not isinstance(entries, list):
-        raise SpearError(f"{source}: expected a list of rates or {{'rates': [...]}}")
-    out = []
-    for i, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise SpearError(f"{source}[{i}]: expected an object, got {e!r}")
-        missing = [k for k in ("name", "value", "unit", "device") if k not in e]
-        if missing:
-            raise SpearError(f"{source}[{i}]: missing {', '.join(missing)}")
-        unknown = set(e) - {"name", "value", "unit", "device", "command", "date"}
-        if unknown:
-            raise SpearError(f"{source}[{i}]: unknown keys {sorted(unknown)}")
-        name, unit = str(e["name"]), str(e["unit"])
-        want = RATE_UNITS.get(name)
-        if want is not None and unit != want:
-            raise SpearError(f"{source}[{i}]: {name} must be in {want}, got {unit!r}")
-        try:
-            value = float(e["value"])
-        except (TypeError, ValueError):
-            raise SpearError(f"{source}[{i}]: value must be a number, got {e['value']!r}") from None
-        out.append(
-            Rate(
-                name=name,
-                value=value,
-                unit=unit,
-                device=str(e["device"]),
-                command=str(e.get("command", "")),
-                date=str(e.get("date", "")),
-                source=source,
-            )
-        )
-    return out
-
-
-def load_rates(paths: list[Path]) -> list[Rate]:
-    """Every entry of the given rates files; a folder means its ``*.json`` files."""
-    out: list[Rate] = []
-    for path in paths:
-        files = sorted(path.glob("*.json")) if path.is_dir() else [path]
-        if not files:
-            raise SpearError(f"no rates files (*.json) in {path}")
-        for f in files:
-            try:
-                data = json.loads(f.read_text())
-            except FileNotFoundError:
-                raise SpearError(f"rates file not found: {f}") from None
-            except json.JSONDecodeError as err:
-                raise SpearError(f"{f}: not JSON ({err})") from None
-            out += parse_rates(data, str(f))
-    return out
-
-
-def pick_rate(rates: list[Rate], name: str, device: str | None = None) -> Rate | None:
-    """The entry for ``name`` (on a device containing ``device``); the newest when several.
-
-    Several devices and no ``device`` filter is an error: a plan must not mix a CPU figure with
-    an H100 one by accident."""
-    found = [r for r in rates if r.name == name]
-    if device:
-        found = [r for r in found if device.lower() in r.device.lower()]
-    if not found:
-        return None
-    devices = sorted({r.device for r in found})
-    if len(devices) > 1 and not device:
-        raise SpearError(
-            f"rate {name} was measured on several devices ({'; '.join(devices)}): "
-            "choose one with --device"
-        )
-    return max(found, key=lambda r: r.date)
-
-
-def explicit(name: str, value: float) -> Rate:
-    """A rate given on the command line (``--NAME-rate``)."""
-    opt = "--token-bytes" if name == "token_bytes" else f"--{name.replace('.', '-')}-rate"
-    return Rate(name=name, value=value, unit=RATE_UNITS[name], device="", source=opt)
-
-
-def resolve_rates(
-    stored: list[Rate], given: dict[str, float | None], device: str | None, dasheng: bool
-) -> Rates:
-    """Explicit rates over stored ones; a clear error naming what is missing."""
-
-    def get(name: str) -> Rate | None:
-        v = given.get(name)
-        return explicit(name, v) if v is not None else pick_rate(stored, name, device)
-
-    found = {name: get(name) for name in RATE_UNITS}
-    need = ["wavlm", "decode"] + (["dasheng"] if dasheng else [])
-    missing = [n for n in need if found[n] is None]
-    if missing:
-        flags = ", ".join(f"--{n}-rate" for n in missing)
-        where = f" on a device matching {device!r}" if device else ""
-        raise SpearError(
-            f"no rate for {', '.join(missing)}{where}: give {flags} or a --rates file that "
-            "has it (benchmarks write them to benchmarks/rates/)"
-        )
-    wavlm, decode = found["wavlm"], found["decode"]
-    if wavlm is None or decode is None:  # unreachable: both are in `need`
-        raise SpearError("no rate for wavlm or decode")
-    return Rates(
-        wavlm=wavlm,
-        decode=decode,
-        dasheng=found["dasheng"] if dasheng else None,
-        mvq_wavlm=found["mvq.wavlm"],
-        mvq_dasheng=found["mvq.dasheng"] if dasheng else None,
-        token_bytes=found["token_bytes"],
     )
 
 

@@ -50,6 +50,8 @@ def test_wheel_has_one_import_root(wheel: Path) -> None:
         # Real files (not links) of every mapped folder are inside.
         assert f"spear/{name}/__init__.py" in names
     assert "spear/stages/manifest.py" in names and "spear/pipeline/manifest.py" in names
+    # `spear plan` reads the shipped rates from the package.
+    assert any(n.startswith("spear/measured_rates/") and n.endswith(".json") for n in names)
 
 
 def test_wheel_installs_into_a_clean_venv(wheel: Path, tmp_path: Path) -> None:
