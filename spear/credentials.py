@@ -58,7 +58,11 @@ _ASSIGN = re.compile(
 _PEM = re.compile(
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)", re.S
 )
-_PLAIN = re.compile(r"^(?:true|false|yes|no|on|off|none|null|\*\*\*|[-+]?[0-9][0-9.e+-]*)$", re.I)
+# Values that are settings, not secrets: RAY_AUTH_MODE=disabled, token_mixing=true, a count.
+_PLAIN = re.compile(
+    r"^(?:true|false|yes|no|on|off|none|null|disabled|enabled|token|\*\*\*|[-+]?[0-9][0-9.e+-]*)$",
+    re.I,
+)
 
 
 def is_credential_name(name: str) -> bool:

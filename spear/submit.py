@@ -373,7 +373,7 @@ def check_answers(address: str, timeout: float = ANSWER_TIMEOUT_S) -> None:
 
 def connect(address: str) -> Any:
     """A ``JobSubmissionClient`` for the job server at ``address``."""
-    check_answers(address)
+    check_answers(address, ANSWER_TIMEOUT_S)
     from ray.job_submission import JobSubmissionClient
 
     return server_call(address, "connecting", lambda: JobSubmissionClient(address))

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     install_log_redaction()
     try:
         # Without standalone mode, click returns the code of a `raise typer.Exit(n)`.
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="spear", standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except Exit as err:
