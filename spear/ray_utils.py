@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from spear.credentials import MASK, redact_text
+from spear.credentials import MASK, install_log_redaction, redact_text
 from spear.errors import ConfigError, SpearError
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def init_ray(cfg: RayConfig) -> None:
     # Ray >= 2.45 re-runs workers through `uv run` when the driver runs under it; the driver's
     # environment is already the locked one, and the re-run only adds start-up time and noise.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    install_log_redaction()  # a job run from Python, not the CLI, logs no credential either
     import ray
 
     if ray.is_initialized():
