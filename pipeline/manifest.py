@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spear.configio import to_dict
+from spear.credentials import redact
 from spear.errors import SpearError
 from spear.formats import (
     MANIFEST_SCHEMA,
@@ -194,7 +195,7 @@ def _plan(sources: list[SourceConfig], cfg: ManifestConfig) -> dict[str, Any]:
         settings.pop(k)
     return {
         "version": MANIFEST_VERSION,
-        "sources": [asdict(s) for s in sources],
+        "sources": redact([asdict(s) for s in sources]),  # a signed URL's signature masked
         "settings": settings,
     }
 

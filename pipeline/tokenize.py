@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 
 from spear import __version__
 from spear.configio import to_dict
+from spear.credentials import redact
 from spear.errors import SpearError
 from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
 from spear.pipeline.manifest import read_manifest
@@ -271,7 +272,7 @@ def run_tokenize(
         },
         "versions": _versions(),
     }
-    write_atomic(join(out, REPORT), json.dumps(report, indent=1).encode(), storage)
+    write_atomic(join(out, REPORT), json.dumps(redact(report), indent=1).encode(), storage)
     write_atomic(join(out, SUCCESS), json.dumps(asdict(summary), indent=1).encode(), storage)
     return summary
 

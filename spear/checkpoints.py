@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,7 +213,13 @@ def load_weights(path: str | os.PathLike[str]) -> Any:
     if p.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(p, device="cpu")
+        try:
+            return load_file(p, device="cpu")
+        except Exception as err:  # SafetensorError for a file that is not one, OSError
+            raise CheckpointError(
+                f"cannot read {p!r} as safetensors: {type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}"
+            ) from None
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for objects, RuntimeError for corrupt files
@@ -237,6 +244,54 @@ def weights_in_dir(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{str(f)!r} is not a state dict")
         state.update(loaded)
     return state
+
+
+# Weight names only one family has (any layout: transformers, unilm, torchaudio, the dasheng
+# package, spear's own), and where a checkpoint of each family is given.
+_FAMILY_KEYS = {
+    "WavLM": ("gru_rel_pos", "grep_linear", "rel_attn_embed", "relative_attention_bias"),
+    "Dasheng": ("init_bn.", "patch_embed.", "time_pos_embed", "freq_pos_embed"),
+}
+_FAMILY_OPTION = {
+    "WavLM": "--wavlm-checkpoint, teachers.wavlm.checkpoint or embed --teacher wavlm",
+    "Dasheng": "--dasheng-checkpoint, teachers.dasheng.checkpoint or embed --teacher dasheng",
+}
+
+
+def checkpoint_family(keys: Iterable[str], config: dict[str, Any] | None = None) -> str | None:
+    """The model family a checkpoint holds, from its config (a transformers ``model_type``,
+    the dasheng package's ``encoder_kwargs``) or else its weight names: ``WavLM``,
+    ``Dasheng``, another ``model_type`` (``hubert``, ...), or None when nothing tells."""
+    if config:
+        kind = str(config.get("model_type") or "")
+        if kind.lower() == "wavlm":
+            return "WavLM"
+        if kind.lower().startswith("dasheng"):
+            return "Dasheng"
+        if kind:
+            return kind
+        if "encoder_kwargs" in config or str(config.get("name", "")).startswith("dasheng"):
+            return "Dasheng"
+    names = list(keys)
+    for family, marks in _FAMILY_KEYS.items():
+        if any(m in k for k in names for m in marks):
+            return family
+    return None
+
+
+def require_family(
+    path: Path, expected: str, keys: Iterable[str], config: dict[str, Any] | None = None
+) -> None:
+    """Fail in one line when the checkpoint at ``path`` is of another family than
+    ``expected`` (a WavLM folder given as Dasheng), instead of listing missing weights."""
+    found = checkpoint_family(keys, config)
+    if found is None or found == expected:
+        return
+    where = _FAMILY_OPTION.get(found)
+    raise CheckpointError(
+        f"{str(path)!r} is a {found} checkpoint, not {expected}: give a {expected} checkpoint"
+        + (f", or this one to the {found} teacher ({where})" if where else "")
+    )
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -114,5 +114,9 @@ def load_config(
     return from_dict(SpearConfig, data)
 
 
-def dump_yaml(cfg: SpearConfig) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def dump_yaml(cfg: SpearConfig, *, redacted: bool = False) -> str:
+    """The config as YAML; ``redacted``: credentials masked (:func:`spear.credentials.redact`)."""
+    from spear.credentials import redact
+
+    data = to_dict(cfg)
+    return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)

@@ -27,6 +27,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from spear.credentials import redact
+
 MANIFEST_VERSION = 1
 QUARANTINE_VERSION = 1
 EMBEDDING_SHARD_VERSION = 1
@@ -84,8 +86,9 @@ EMBEDDING_DTYPE = np.dtype("<f2")
 
 
 def with_metadata(schema: pa.Schema, kind: str, version: int, **extra: Any) -> pa.Schema:
-    """Attach spear's JSON metadata (``schema``, ``version`` and ``extra``) to ``schema``."""
-    meta = {"schema": kind, "version": version, **extra}
+    """Attach spear's JSON metadata (``schema``, ``version`` and ``extra``) to ``schema``;
+    credentials in ``extra`` (a checkpoint URL's signature) are masked."""
+    meta = {"schema": kind, "version": version, **redact(extra)}
     return schema.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 

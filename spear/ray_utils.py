@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from spear.credentials import MASK, install_log_redaction, redact_text
 from spear.errors import ConfigError, SpearError
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     # Ray >= 2.45 re-runs workers through `uv run` when the driver runs under it; the driver's
     # environment is already the locked one, and the re-run only adds start-up time and noise.
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    install_log_redaction()  # a job run from Python, not the CLI, logs no credential either
     import ray
 
     from spear.console import route_ray_logs
@@ -77,13 +80,17 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
+    if env:  # names only: the values are credentials
+        log.info("forwarding %s to the Ray workers", ", ".join(f"{k}={MASK}" for k in sorted(env)))
     if address:
-        log.info("connecting to Ray at %s", address)
+        log.info("connecting to Ray at %s", redact_text(address))
+        _check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         except Exception as err:
             raise SpearError(
-                f"cannot connect to the Ray cluster at {address!r} ({_first_line(err)}); check "
+                f"cannot connect to the Ray cluster at {redact_text(address)!r} "
+                f"({_first_line(err)}); check "
                 "--address / RAY_ADDRESS and that the cluster is up (`ray status`)"
             ) from None
     else:
@@ -94,6 +101,22 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     ctx.enable_progress_bars = cfg.progress_bars
     if log_file is not None:
         log.info("Ray's log: %s", log_file)
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in one line when nothing listens at ``host:port`` (Ray itself retries a dead
+    address for minutes). ``auto`` and addresses of other forms are left to Ray."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise SpearError(
+            f"cannot connect to the Ray cluster at {redact_text(address)!r} (nothing answers: "
+            f"{_first_line(err)}); check --address / RAY_ADDRESS and that the cluster is up "
+            "(`ray status`)"
+        ) from None
 
 
 def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:

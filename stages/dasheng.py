@@ -37,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spear.checkpoints import CheckpointError, load_weights, read_json, weights_in_dir
+from spear.checkpoints import (
+    CheckpointError,
+    load_weights,
+    read_json,
+    require_family,
+    weights_in_dir,
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -310,11 +316,16 @@ def read_dasheng_checkpoint(
     if path.is_dir():
         cfg_file = path / "config.json"
         cfg = read_json(cfg_file) if cfg_file.is_file() else {}
+        require_family(path, "Dasheng", (), cfg)
+        weights = weights_in_dir(path)
+        require_family(path, "Dasheng", weights)
         arch = arch_from_config(cfg, _named(cfg.get("name"), default))
-        return arch, package_to_ours(weights_in_dir(path)), "hub"
+        return arch, package_to_ours(weights), "hub"
     obj = load_weights(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict")
+    inner = obj.get("model")
+    require_family(path, "Dasheng", inner if isinstance(inner, dict) else obj)
     if "model" in obj and isinstance(obj["model"], dict):
         cfg = obj.get("config") or {}
         if not isinstance(cfg, dict):

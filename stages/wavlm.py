@@ -30,7 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spear.checkpoints import CheckpointError, load_weights, read_json, weights_in_dir
+from spear.checkpoints import (
+    CheckpointError,
+    load_weights,
+    read_json,
+    require_family,
+    weights_in_dir,
+)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -524,10 +530,16 @@ def read_wavlm_checkpoint(
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
             raise CheckpointError(f"{str(path)!r} is a folder without config.json")
-        return arch_from_hf_config(read_json(cfg_file)), weights_in_dir(path), "transformers"
+        hf_cfg = read_json(cfg_file)
+        require_family(path, "WavLM", (), hf_cfg)
+        weights = weights_in_dir(path)
+        require_family(path, "WavLM", weights)
+        return arch_from_hf_config(hf_cfg), weights, "transformers"
     obj = load_weights(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict")
+    inner = obj.get("model")
+    require_family(path, "WavLM", inner if isinstance(inner, dict) else obj)
     if "model" in obj and "cfg" in obj:
         cfg = obj["cfg"]
         if not isinstance(cfg, dict):

@@ -6,14 +6,22 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
+from spear.cli.common import (
+    AddressOpt,
+    ConfigOpt,
+    EndpointOpt,
+    ManifestOpt,
+    OutOpt,
+    SetOpt,
+    echo,
+    require_urls,
+    resolve,
+)
 
 
 def decode(
-    manifest: Annotated[
-        str, typer.Option("--manifest", "-m", help="Manifest URL (a `spear manifest` --out).")
-    ] = "",
-    out: Annotated[str, typer.Option("--out", "-o", help="Output URL (any fsspec URL).")] = "",
+    manifest: ManifestOpt = "",
+    out: OutOpt = "",
     resampler: Annotated[
         str | None, typer.Option(help="Resampler: soxr or torchaudio (see benchmarks/decode.py).")
     ] = None,
@@ -50,4 +58,4 @@ def decode(
     summary = run_decode(
         manifest, out, cfg.decode, cfg.storage.resolved(), cfg.ray, check_only=check_only
     )
-    typer.echo(summary.line())
+    echo(summary.line())

@@ -6,15 +6,24 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
+from spear.cli.common import (
+    AddressOpt,
+    CheckpointOpt,
+    ConfigOpt,
+    EndpointOpt,
+    ManifestOpt,
+    OutOpt,
+    SetOpt,
+    echo,
+    require_urls,
+    resolve,
+)
 from spear.errors import SpearError
 
 
 def embed(
-    manifest: Annotated[
-        str, typer.Option("--manifest", "-m", help="Manifest URL (a `spear manifest` --out).")
-    ] = "",
-    out: Annotated[str, typer.Option("--out", "-o", help="Output URL (any fsspec URL).")] = "",
+    manifest: ManifestOpt = "",
+    out: OutOpt = "",
     teacher: Annotated[
         str,
         typer.Option(
@@ -26,10 +35,7 @@ def embed(
         str | None,
         typer.Option(help="Registry name of the model, e.g. wavlm, wavlm-tiny, dasheng-base."),
     ] = None,
-    checkpoint: Annotated[
-        str | None,
-        typer.Option(help="Weights: path, fsspec URL or hub id (default: random init)."),
-    ] = None,
+    checkpoint: CheckpointOpt = None,
     layer: Annotated[int | None, typer.Option(help="WavLM layer (1-based; default 21).")] = None,
     hours: Annotated[
         float | None, typer.Option(help="Embed a seeded sample of about this many hours.")
@@ -82,4 +88,4 @@ def embed(
     )
     tcfg = getattr(cfg.teachers, teacher)
     summary = run_embed(manifest, out, tcfg, cfg.embed, cfg.decode, cfg.storage.resolved(), cfg.ray)
-    typer.echo(summary.line())
+    echo(summary.line())

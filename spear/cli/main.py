@@ -1,15 +1,19 @@
 """The ``spear`` command: one sub-command (group) per stage.
 
 Commands only parse options into configs and call library functions. Known errors
-(:class:`spear.errors.SpearError`, bad options) print one line; ``--debug`` or ``SPEAR_DEBUG=1``
-shows the traceback.
+(:class:`spear.errors.SpearError`, bad options) print one ``error:`` line and exit 2, also when
+they arrive wrapped by Ray from a task or an actor's start-up; ``--debug`` or ``SPEAR_DEBUG=1``
+shows the traceback. Credentials are masked in that line and in every log record
+(:mod:`spear.credentials`).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import typer
 
@@ -19,6 +23,7 @@ from typer._click.exceptions import UsageError
 
 from spear import __version__
 from spear.cli import config_cmd
+from spear.credentials import install_log_redaction, redact_text
 from spear.errors import SpearError
 
 app = typer.Typer(
@@ -55,6 +60,7 @@ def _root(
         os.environ["SPEAR_DEBUG"] = "1"
     from spear.console import configure
 
+    install_log_redaction()
     configure("verbose" if verbose else "quiet" if quiet else "normal")
 
 
@@ -94,12 +100,53 @@ def _register() -> None:
 _register()
 
 
+# The last line of a remote traceback that Ray puts in its error's text ("The actor died
+# because of an error raised in its creation task ... spear.checkpoints.CheckpointError: ...").
+_REMOTE = re.compile(r"^(spear(?:\.\w+)+)\.(\w+): (.+)$", re.M)
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [err]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        cause = getattr(e, "cause", None)
+        todo += [cause if isinstance(cause, BaseException) else None, e.__cause__, e.__context__]
+
+
+def user_error(err: BaseException) -> str | None:
+    """The one-line message of the user error behind ``err``: a SpearError itself, or one
+    that Ray wrapped (a task's error carries it as ``cause``; an actor that failed to start
+    only in its text). None for anything else (a bug: its traceback is shown)."""
+    for e in _chain(err):
+        if isinstance(e, SpearError):
+            cause = getattr(e, "cause", None)
+            return str(cause if isinstance(cause, SpearError) else e)
+    for module, name, message in reversed(_REMOTE.findall(str(err))):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and issubclass(cls, SpearError):
+            return str(message)
+    return None
+
+
+def _one_line(message: str) -> str:
+    return redact_text(" ".join(part.strip() for part in message.splitlines() if part.strip()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning known errors into one line on stderr."""
     debug = "--debug" in (argv or sys.argv) or os.environ.get("SPEAR_DEBUG") == "1"
+    install_log_redaction()
     try:
         # Without standalone mode, click returns the code of a `raise typer.Exit(n)`.
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, prog_name="spear", standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except Exit as err:
@@ -109,18 +156,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except UsageError as err:
         cmd = err.ctx.command_path if err.ctx else "spear"
-        typer.echo(f"error: {err.format_message()} (see '{cmd} --help')", err=True)
-        sys.exit(2)
-    except SpearError as err:
-        if debug:
-            raise
-        # Raised inside a Ray task, the error arrives wrapped with the remote traceback.
-        cause = getattr(err, "cause", None)
-        typer.echo(f"error: {cause if isinstance(cause, SpearError) else err}", err=True)
+        typer.echo(f"error: {_one_line(err.format_message())} (see '{cmd} --help')", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as err:
+        message = user_error(err)
+        if message is None or debug:
+            raise
+        typer.echo(f"error: {_one_line(message)}", err=True)
+        sys.exit(2)
 
 
 def run(argv: Sequence[str]) -> int:

@@ -6,8 +6,16 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, resolve
-from spear.errors import SpearError
+from spear.cli.common import (
+    AddressOpt,
+    ConfigOpt,
+    EndpointOpt,
+    OutOpt,
+    SetOpt,
+    echo,
+    require_urls,
+    resolve,
+)
 
 
 def manifest(
@@ -20,7 +28,7 @@ def manifest(
             show_default=False,
         ),
     ] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="Output URL (any fsspec URL).")] = "",
+    out: OutOpt = "",
     domain: Annotated[
         str, typer.Option(help="Domain of sources given without DOMAIN= (speech|audio).")
     ] = "speech",
@@ -48,11 +56,8 @@ def manifest(
     """
     from spear.pipeline.manifest import build_manifest
     from spear.stages.manifest import parse_source
-    from spear.storage import check_url
 
-    if not out:
-        raise SpearError("missing --out URL")
-    check_url(out)
+    require_urls(out=out)
     cfg = resolve(
         config,
         set_,
@@ -67,4 +72,4 @@ def manifest(
     )
     srcs = list(cfg.manifest.sources) + [parse_source(s, domain) for s in sources or []]
     summary = build_manifest(srcs, out, cfg.manifest, cfg.storage.resolved(), cfg.ray)
-    typer.echo(summary.line())
+    echo(summary.line())

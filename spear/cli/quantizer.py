@@ -6,19 +6,25 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.cli.common import (
+    ConfigOpt,
+    EmbeddingsOpt,
+    EndpointOpt,
+    JsonOutOpt,
+    OutOpt,
+    QuantizerOpt,
+    SetOpt,
+    echo,
+    resolve,
+)
 
 app = typer.Typer(help="Train and evaluate MVQ quantisers.", no_args_is_help=True)
-
-EmbOpt = Annotated[
-    str, typer.Option("--embeddings", help="Embedding shards: a Parquet file or folder URL.")
-]
 
 
 @app.command("train")
 def train(
-    embeddings: EmbOpt,
-    out: Annotated[str, typer.Option("--out", help="Output folder URL (checkpoint, quantiser).")],
+    embeddings: EmbeddingsOpt,
+    out: OutOpt,
     codebooks: Annotated[
         int | None, typer.Option(help="Codebooks C (16 WavLM, 8 Dasheng).")
     ] = None,
@@ -50,16 +56,14 @@ def train(
             "quantizer.train.teacher": teacher,
         },
     )
-    train_quantizer(cfg.quantizer, embeddings, out, cfg.storage.resolved(), report=typer.echo)
+    train_quantizer(cfg.quantizer, embeddings, out, cfg.storage.resolved(), report=echo)
 
 
 @app.command("eval")
 def eval_(
-    quantizer: Annotated[str, typer.Option("--quantizer", help="Quantiser folder or file URL.")],
-    embeddings: EmbOpt,
-    json_out: Annotated[
-        str | None, typer.Option("--json", help="Write the report as JSON here.")
-    ] = None,
+    quantizer: QuantizerOpt,
+    embeddings: EmbeddingsOpt,
+    json_out: JsonOutOpt = None,
     rounds: Annotated[int | None, typer.Option(help="Refinement rounds 0..5.")] = None,
     max_frames: Annotated[int, typer.Option(help="Frames to use when not held-out.")] = 10_000,
     config: ConfigOpt = None,
@@ -82,4 +86,4 @@ def eval_(
         max_frames=max_frames,
         json_out=json_out,
     )
-    typer.echo(report.table())
+    echo(report.table())

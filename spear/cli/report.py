@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.cli.common import ConfigOpt, EndpointOpt, ReportOutOpt, SetOpt, echo, resolve
 
 
 def report(
@@ -18,12 +18,7 @@ def report(
             show_default=False,
         ),
     ],
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out", "-o", help="Where the HTML goes (any fsspec URL); default RUN/report.html."
-        ),
-    ] = None,
+    out: ReportOutOpt = None,
     max_shards: Annotated[
         int, typer.Option(help="Token shards read (evenly spread) for codebook usage.")
     ] = 16,
@@ -45,4 +40,4 @@ def report(
     storage = cfg.storage.resolved()
     page, kind = build_report(run, storage, max_shards)
     write_atomic(out, page.encode(), storage)
-    typer.echo(f"{kind} report: {out} ({len(page) / 1e3:,.0f} kB)")
+    echo(f"{kind} report: {out} ({len(page) / 1e3:,.0f} kB)")

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, resolve
+from spear.cli.common import (
+    ConfigOpt,
+    EndpointOpt,
+    JsonOutOpt,
+    LocalOutOpt,
+    RunManifestOpt,
+    SetOpt,
+    echo,
+    resolve,
+)
 from spear.storage import StorageConfig
 
 app = typer.Typer(
@@ -19,10 +28,6 @@ app = typer.Typer(
 
 UrlArg = Annotated[
     str, typer.Argument(help="A tokenize output URL (its index.parquet), or one shard file.")
-]
-JsonOpt = Annotated[
-    str | None,
-    typer.Option("--json", help="Also write the result as JSON to this URL.", show_default=False),
 ]
 
 
@@ -40,7 +45,7 @@ def _write_json(url: str, obj: object, storage: StorageConfig) -> None:
 @app.command("inspect")
 def inspect_(
     url: UrlArg,
-    json_out: JsonOpt = None,
+    json_out: JsonOutOpt = None,
     s3_endpoint: EndpointOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -50,7 +55,7 @@ def inspect_(
 
     storage = _storage(config, set_, s3_endpoint)
     info = inspect(url, storage)
-    typer.echo(info.text())
+    echo(info.text())
     if json_out:
         _write_json(json_out, info.to_dict(), storage)
 
@@ -73,14 +78,14 @@ def validate(
     storage = _storage(config, set_, s3_endpoint)
     problems = validate(url, storage)
     if problems:
-        typer.echo(f"invalid: {len(problems)} problems", err=True)
+        echo(f"invalid: {len(problems)} problems", err=True)
         for p in problems:
-            typer.echo(f"  {p}", err=True)
+            echo(f"  {p}", err=True)
         # SystemExit, not typer.Exit: main() runs the app with standalone_mode=False, where
         # click turns Exit into a return value that main() does not pass on.
         sys.exit(1)
     entries = list_shards(url, storage)
-    typer.echo(f"valid: {len(entries)} shards, {sum(e.rows for e in entries)} rows")
+    echo(f"valid: {len(entries)} shards, {sum(e.rows for e in entries)} rows")
 
 
 @app.command("stats")
@@ -88,7 +93,7 @@ def stats(
     url: Annotated[
         str, typer.Argument(help="A tokenize output URL (the folder with index.parquet).")
     ],
-    json_out: JsonOpt = None,
+    json_out: JsonOutOpt = None,
     s3_endpoint: EndpointOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -99,7 +104,7 @@ def stats(
 
     storage = _storage(config, set_, s3_endpoint)
     result = compute(url, storage)
-    typer.echo(result.table())
+    echo(result.table())
     if json_out:
         _write_json(json_out, result.to_dict(), storage)
 
@@ -109,7 +114,7 @@ def export_lhotse(
     url: Annotated[
         str, typer.Argument(help="A tokenize output URL (the folder with index.parquet).")
     ],
-    out: Annotated[str, typer.Option("--out", "-o", help="Local folder to write the cuts to.")],
+    out: LocalOutOpt,
     shar: Annotated[
         bool,
         typer.Option(
@@ -121,14 +126,7 @@ def export_lhotse(
     audio_format: Annotated[
         str, typer.Option(help="Audio encoding inside Shar: flac or wav (with --shar).")
     ] = "flac",
-    manifest: Annotated[
-        str | None,
-        typer.Option(
-            help="The run's `spear manifest` output: the audio files' sample rates and lengths "
-            "(default: read each file's header; not needed with --shar).",
-            show_default=False,
-        ),
-    ] = None,
+    manifest: RunManifestOpt = None,
     shard_size: Annotated[int, typer.Option(help="Cuts per Shar shard (with --shar).")] = 1000,
     teacher: Annotated[
         list[str] | None,
@@ -157,4 +155,4 @@ def export_lhotse(
         audio_format=audio_format,
         teachers=teacher,
     )
-    typer.echo(summary.text())
+    echo(summary.text())

@@ -6,34 +6,36 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
+from spear.cli.common import (
+    AddressOpt,
+    ConfigOpt,
+    DashengCheckpointOpt,
+    DashengQuantizerOpt,
+    EndpointOpt,
+    ManifestOpt,
+    OutOpt,
+    SetOpt,
+    WavlmCheckpointOpt,
+    WavlmQuantizerOpt,
+    echo,
+    require_urls,
+    resolve,
+)
 
 
 def tokenize(
-    manifest: Annotated[
-        str, typer.Option("--manifest", "-m", help="Manifest URL (a `spear manifest` --out).")
-    ] = "",
-    out: Annotated[str, typer.Option("--out", "-o", help="Output URL (any fsspec URL).")] = "",
-    wavlm_quantizer: Annotated[
-        str | None,
-        typer.Option(help="WavLM quantiser (a `spear quantizer train` --out); tokenize.wavlm."),
-    ] = None,
-    dasheng_quantizer: Annotated[
-        str | None,
-        typer.Option(help="Dasheng quantiser (a `spear quantizer train` --out)."),
-    ] = None,
+    manifest: ManifestOpt = "",
+    out: OutOpt = "",
+    wavlm_quantizer: WavlmQuantizerOpt = None,
+    dasheng_quantizer: DashengQuantizerOpt = None,
     wavlm: Annotated[
         str | None, typer.Option(help="WavLM registry name (teachers.wavlm.name).")
     ] = None,
     dasheng: Annotated[
         str | None, typer.Option(help="Dasheng registry name (teachers.dasheng.name).")
     ] = None,
-    wavlm_checkpoint: Annotated[
-        str | None, typer.Option(help="WavLM weights: path, fsspec URL or hub id.")
-    ] = None,
-    dasheng_checkpoint: Annotated[
-        str | None, typer.Option(help="Dasheng weights: path, fsspec URL or hub id.")
-    ] = None,
+    wavlm_checkpoint: WavlmCheckpointOpt = None,
+    dasheng_checkpoint: DashengCheckpointOpt = None,
     items_per_shard: Annotated[
         int | None, typer.Option(help="Items per token shard (the resume unit).")
     ] = None,
@@ -85,4 +87,4 @@ def tokenize(
         cfg.storage.resolved(),
         cfg.ray,
     )
-    typer.echo(summary.line())
+    echo(summary.line())

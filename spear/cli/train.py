@@ -6,16 +6,24 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import AddressOpt, ConfigOpt, EndpointOpt, SetOpt, require_urls, resolve
+from spear.cli.common import (
+    AddressOpt,
+    ConfigOpt,
+    EndpointOpt,
+    ManifestOpt,
+    OutOpt,
+    SetOpt,
+    ShardsOpt,
+    StudentOpt,
+    echo,
+    require_urls,
+    resolve,
+)
 
 
 def train(
-    shards: Annotated[
-        str, typer.Option("--shards", help="Token shards: a `spear tokenize` --out URL.")
-    ] = "",
-    out: Annotated[
-        str, typer.Option("--out", "-o", help="Output URL: checkpoints, metrics, student.pt.")
-    ] = "",
+    shards: ShardsOpt = "",
+    out: OutOpt = "",
     preset: Annotated[
         str | None, typer.Option(help="Encoder preset: tiny, base, large or xlarge.")
     ] = None,
@@ -67,7 +75,7 @@ def train(
     )
     res = run_train(shards, out, cfg.train, cfg.storage.resolved(), cfg.ray, cfg.decode)
     loss = res.metrics.get("loss")
-    typer.echo(
+    echo(
         f"train: {res.steps} steps"
         + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
         + f"; student {res.student_url}; checkpoint {res.checkpoint}"
@@ -75,13 +83,9 @@ def train(
 
 
 def features(
-    checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="A student.pt (or a training checkpoint folder).")
-    ] = "",
-    manifest: Annotated[
-        str, typer.Option("--manifest", "-m", help="Manifest URL (a `spear manifest` --out).")
-    ] = "",
-    out: Annotated[str, typer.Option("--out", "-o", help="Output URL.")] = "",
+    checkpoint: StudentOpt = "",
+    manifest: ManifestOpt = "",
+    out: OutOpt = "",
     fmt: Annotated[
         str | None,
         typer.Option(
@@ -119,4 +123,4 @@ def features(
     s = run_features(
         manifest, checkpoint, out, cfg.features, cfg.decode, cfg.storage.resolved(), cfg.ray
     )
-    typer.echo(s.line())
+    echo(s.line())

@@ -1,0 +1,402 @@
+"""Every failure a user can cause, walked through the CLI: exit status 2 and exactly one stderr
+line, ``error: ...``, that names the input and says what to do. Bad audio is no such failure:
+it is quarantined and the job succeeds.
+
+The embeddings and quantiser inputs (missing, unfinished, not a quantiser, training checkpoints
+of any kind, wrong dimensions in eval) are walked in ``tests/quantizer/test_quantizer_cli.py``.
+Cases that need Ray (a teacher checkpoint is read in its actor) share the session cluster of
+``tests/conftest.py``; the rest start none.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spear.cli.main import run
+
+
+def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run ``spear ARGV``; assert exit status 2 and one ``error:`` line on stderr; return it."""
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------- no Ray needed
+
+
+def _unfinished_manifest(root: Path) -> str:
+    (root / "m" / "manifest").mkdir(parents=True)
+    (root / "m" / "manifest" / "part-000-00000-00000.parquet").write_bytes(b"")
+    return str(root / "m")
+
+
+def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (argv, phrases the error line must hold)."""
+    yaml_bad = root / "bad.yaml"
+    yaml_bad.write_text("manifest: [unclosed\n")
+    listed = root / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    unfinished = _unfinished_manifest(root)
+    none = str(root / "none")
+    out = str(root / "out")
+    return {
+        "unknown-config-key": (
+            ["tokenize", "--manifest", none, "--out", out, "--set", "tokenize.items_per_shrd=3"],
+            ["'tokenize.items_per_shrd'", "did you mean 'items_per_shard'"],
+        ),
+        "bad-config-value": (
+            ["decode", "--manifest", none, "--out", out, "--set", "decode.resampler=best"],
+            ["decode.resampler", "is not one of"],
+        ),
+        "config-not-yaml": (
+            ["config", "show", "--config", str(yaml_bad)],
+            [str(yaml_bad), "is not valid YAML"],
+        ),
+        "config-not-a-mapping": (
+            ["config", "show", "--config", str(listed)],
+            [str(listed), "must hold a mapping"],
+        ),
+        "missing-config": (["config", "show", "--config", none], [none, "does not exist"]),
+        "bad-url": (
+            ["decode", "--manifest", "nosuch://bucket/m", "--out", out],
+            ["'nosuch://bucket/m'", "unsupported storage URL"],
+        ),
+        "s3-url-without-bucket": (
+            ["tokenize", "--manifest", "s3://", "--out", out],
+            ["'s3://'", "names no bucket"],
+        ),
+        "missing-option": (["train", "--shards", none], ["--out is required"]),
+        "unknown-option": (["manifest", "--bogus"], ["No such option: --bogus", "spear manifest"]),
+        "not-an-integer": (
+            ["config", "show", "--set", "manifest.files_per_task=many"],
+            ["manifest.files_per_task", "expected an integer"],
+        ),
+        "missing-manifest": (
+            ["embed", "--manifest", none, "--out", out],
+            [f"manifest '{none}' does not exist", "run `spear manifest`"],
+        ),
+        "unfinished-manifest": (
+            ["tokenize", "--manifest", unfinished, "--out", out, "--wavlm-quantizer", none],
+            [f"'{unfinished}' is not a finished manifest", "resume `spear manifest`"],
+        ),
+        "missing-source": (
+            ["manifest", none, "--out", out],
+            [f"source '{none}' does not exist"],
+        ),
+        "not-a-token-output": (
+            ["train", "--shards", str(root), "--out", out],
+            [str(root), "not a finished tokenize output"],
+        ),
+    }
+
+
+CASES = [
+    "unknown-config-key",
+    "bad-config-value",
+    "config-not-yaml",
+    "config-not-a-mapping",
+    "missing-config",
+    "bad-url",
+    "s3-url-without-bucket",
+    "missing-option",
+    "unknown-option",
+    "not-an-integer",
+    "missing-manifest",
+    "unfinished-manifest",
+    "missing-source",
+    "not-a-token-output",
+]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_user_errors_are_one_line(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv, phrases = _cases(tmp_path)[name]
+    line = one_error_line(argv, capsys)
+    for phrase in phrases:
+        assert phrase in line, line
+
+
+def test_an_unwritable_output_is_one_clear_error(tmp_path: Path) -> None:
+    from spear.errors import StorageError
+    from spear.storage import StorageConfig, write_atomic
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="cannot write"):
+        write_atomic(str(tmp_path / "file" / "below"), b"data", StorageConfig())
+
+
+def test_a_ray_address_nobody_answers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray
+
+    from spear.synth import write_speech_like
+
+    write_speech_like(str(tmp_path / "a"), 1, seconds=(1, 1))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the session cluster may be up
+    address = f"127.0.0.1:{_free_port()}"
+    argv = ["manifest", str(tmp_path / "a"), "--out", str(tmp_path / "m"), "--address", address]
+    line = one_error_line(argv, capsys)
+    assert f"cannot connect to the Ray cluster at '{address}'" in line
+    assert "--address / RAY_ADDRESS" in line
+
+
+def test_a_local_ray_that_does_not_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's start-up timeout (a bare Exception after its 30 s window), every try."""
+    import ray
+
+    from spear.synth import write_speech_like
+
+    tries: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> None:
+        tries.append(kwargs)
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr("spear.ray_utils.time.sleep", lambda s: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    write_speech_like(str(tmp_path / "a"), 1, seconds=(1, 1))
+    argv = ["manifest", str(tmp_path / "a"), "--out", str(tmp_path / "m")]
+    line = one_error_line([*argv, "--set", "ray.start_attempts=2"], capsys)
+    assert len(tries) == 2 and "address" not in tries[0]
+    assert "a local Ray did not start after 2 tries" in line and "timed out" in line
+    assert "--address" in line
+
+
+# ---------------------------------------------------------------- a job server that fails
+
+
+class _JobServer(BaseHTTPRequestHandler):
+    """Answers the version check like Ray's job server; submitting fails as ``mode`` says."""
+
+    mode = "drop"
+
+    def log_message(self, *args: Any) -> None:  # keep the test's stderr to spear's own
+        pass
+
+    def do_GET(self) -> None:
+        import ray
+
+        body = json.dumps({"ray_version": ray.__version__, "version": "4"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        if self.mode == "drop":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.send_response(500)
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        self.wfile.write(b"boom")
+
+
+@pytest.fixture
+def job_server() -> Iterator[Callable[[str], str]]:
+    servers: list[ThreadingHTTPServer] = []
+
+    def start(mode: str) -> str:
+        handler = type("Handler", (_JobServer,), {"mode": mode})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+SUBMIT = ["submit", "manifest", "s3://bucket/audio", "--out", "s3://bucket/m"]
+
+
+def test_submit_to_a_job_server_that_is_not_there(capsys: pytest.CaptureFixture[str]) -> None:
+    address = f"http://127.0.0.1:{_free_port()}"
+    line = one_error_line([*SUBMIT, "--address", address], capsys)
+    assert f"nothing answers as a Ray job server at {address}" in line
+    assert "RAY_API_SERVER_ADDRESS" in line
+
+
+@pytest.mark.parametrize(
+    ("mode", "phrase"), [("drop", "ConnectionError"), ("error", "status code 500")]
+)
+def test_submit_to_a_job_server_that_fails(
+    mode: str, phrase: str, job_server: Callable[[str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    address = job_server(mode)
+    line = one_error_line([*SUBMIT, "--address", address], capsys)
+    assert f"submitting the job at the Ray job server {address} failed" in line and phrase in line
+
+
+def test_submit_to_a_job_server_that_never_answers(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("spear.submit.ANSWER_TIMEOUT_S", 0.5)
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        address = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        line = one_error_line([*SUBMIT, "--address", address], capsys)
+    assert f"the Ray job server at {address} did not answer in 0.5 s" in line
+
+
+# ---------------------------------------------------------------- inputs of real jobs (Ray)
+
+
+@pytest.fixture(scope="module")
+def manifest(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A finished manifest of three speech files and one that is not audio (quarantined)."""
+    from spear.synth import write_speech_like
+
+    root = tmp_path_factory.mktemp("errors")
+    write_speech_like(str(root / "audio"), 3, seconds=(1, 2), seed=5)
+    (root / "audio" / "broken.flac").write_bytes(b"fLaC" + b"\x00not audio" * 20)
+    out = str(root / "manifest")
+    assert run(["manifest", str(root / "audio"), "--out", out]) == 0
+    return out
+
+
+@pytest.mark.integration
+def test_bad_audio_is_quarantined_not_an_error(manifest: str) -> None:
+    import pyarrow.parquet as pq
+
+    quarantine = pq.read_table(Path(manifest) / "quarantine").to_pylist()
+    assert [Path(r["source"]).name for r in quarantine] == ["broken.flac"]
+    done = json.loads((Path(manifest) / "_SUCCESS.json").read_text())
+    assert done["items"] >= 3
+
+
+def _quantizer(url: str, dim: int, teacher: str) -> str:
+    import torch
+
+    from spear.pipeline.quantize import save_quantizer
+    from spear.quantizer.mvq import Quantizer, QuantizerInfo
+    from spear.storage import StorageConfig
+
+    q = Quantizer(
+        QuantizerInfo(dim=dim, num_codebooks=2, codebook_size=16, teacher=teacher, layer=2)
+    )
+    with torch.no_grad():
+        q.centers.normal_()
+    save_quantizer(q, url, StorageConfig())
+    return url
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("dim", "teacher", "phrase"),
+    [
+        (32, "wavlm-tiny", "is for 32-d embeddings; teacher wavlm-tiny gives 64-d"),
+        (64, "dasheng-tiny", "was trained on dasheng-tiny embeddings, not wavlm-tiny"),
+    ],
+    ids=["wrong-dimension", "wrong-teacher"],
+)
+def test_a_quantiser_that_does_not_fit_the_teacher(
+    manifest: str,
+    dim: int,
+    teacher: str,
+    phrase: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    q = _quantizer(str(tmp_path / "q"), dim, teacher)
+    argv = ["tokenize", "--manifest", manifest, "--out", str(tmp_path / "t")]
+    line = one_error_line([*argv, "--wavlm", "wavlm-tiny", "--wavlm-quantizer", q], capsys)
+    assert q in line and phrase in line, line
+
+
+def _wavlm_folder(path: Path) -> Path:
+    """A transformers WavLM folder (config.json + safetensors), tiny."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.WavLMConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        conv_dim=(32,) * 7,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+    )
+    transformers.WavLMModel(config).save_pretrained(path)
+    return path
+
+
+def _dasheng_pt(path: Path) -> Path:
+    """spear's tiny Dasheng saved in the dasheng package's {'model', 'config'} layout."""
+    import torch
+
+    from spear.stages.dasheng import build_dasheng, dasheng_tiny
+
+    arch = dasheng_tiny()
+    config = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
+    torch.save({"model": build_dasheng(arch).state_dict(), "config": config}, path)
+    return path
+
+
+class _Payload:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("executed",))
+
+
+def _checkpoint(kind: str, root: Path) -> tuple[str, str, list[str]]:
+    """(teacher, checkpoint, phrases) of a checkpoint that is wrong for the teacher."""
+    if kind == "wavlm-folder-as-dasheng":
+        return "dasheng", str(_wavlm_folder(root / "wavlm")), ["is a WavLM checkpoint, not Dasheng"]
+    if kind == "dasheng-as-wavlm":
+        path = str(_dasheng_pt(root / "dasheng.pt"))
+        return "wavlm", path, ["is a Dasheng checkpoint, not WavLM", "--dasheng-checkpoint"]
+    if kind == "garbage":
+        (root / "garbage.pt").write_bytes(b"\x00\x01 not a checkpoint" * 10)
+        return "wavlm", str(root / "garbage.pt"), ["cannot read", "as weights-only"]
+    if kind == "pickle":
+        (root / "pickle.pt").write_bytes(pickle.dumps({"model": _Payload()}))
+        return "wavlm", str(root / "pickle.pt"), ["as weights-only", "re-save the state dict"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "kind", ["wavlm-folder-as-dasheng", "dasheng-as-wavlm", "garbage", "pickle"]
+)
+def test_a_teacher_checkpoint_that_is_wrong(
+    manifest: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Read in the teacher's actor: the error crosses Ray and still arrives as one line."""
+    teacher, ckpt, phrases = _checkpoint(kind, tmp_path)
+    argv = ["embed", "--manifest", manifest, "--out", str(tmp_path / "e"), "--domain", "all"]
+    argv += ["--teacher", teacher, "--name", f"{teacher}-tiny", "--checkpoint", ckpt]
+    line = one_error_line(argv, capsys)
+    assert ckpt in line, line
+    for phrase in phrases:
+        assert phrase in line, line
