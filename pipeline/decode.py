@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spear.credentials import redact
 from spear.errors import SpearError
 from spear.formats import (
     MANIFEST_SCHEMA,
@@ -172,7 +173,7 @@ def run_decode(
     """Decode (or resume decoding) every item of ``manifest`` into ``out``."""
     t0 = time.time()
     mdir, parts = manifest_parts(manifest, storage)
-    plan = {"manifest": mdir, "decode": asdict(cfg), "check_only": check_only}
+    plan = redact({"manifest": mdir, "decode": asdict(cfg), "check_only": check_only})
     plan_url = join(out, "_work/plan.json")
     if exists(plan_url, storage):
         if json.loads(read_bytes(plan_url, storage)) != plan:

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from spear.credentials import redact
 from spear.errors import SpearError
 from spear.formats import table_digest
 from spear.pipeline.commit import (
@@ -162,7 +163,7 @@ def check_plan(out: str, plan: Plan, committed: int, storage: StorageConfig) -> 
 
     With nothing committed yet, the plan is (re)written: a corrected retry may change it."""
     url = join(out, PLAN)
-    new = plan.as_dict()
+    new = redact(plan.as_dict())  # the info may hold a signed URL
     if committed and exists(url, storage):
         old = json.loads(read_bytes(url, storage))
         if old.get("version") != PLAN_VERSION:

@@ -78,6 +78,10 @@ def _not_for_spear_users(record: logging.LogRecord) -> bool:
     return not any(text in record.getMessage() for text in _EXPECTED)
 
 
+def verbosity() -> Verbosity:
+    return _STATE["verbosity"]  # type: ignore[return-value]
+
+
 def log_file_for(out: str | None) -> Path:
     """Where a job's Ray log goes: ``OUT/_logs/`` for a local output, else a local folder
     (``~/.cache/spear/logs``) named after the output."""

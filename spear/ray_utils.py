@@ -22,10 +22,9 @@ _FORWARDED_ENV = (
     "AWS_SESSION_TOKEN",
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_CONFIG_FILE",
-    # The commit protocol's fault hook (pipeline/commit.py), for the fault tests.
-    "SPEAR_FAULTS",
-    "SPEAR_FAULTS_DIR",
 )
+# Forwarded to any cluster: the commit protocol's fault hook (pipeline/commit.py), no secret.
+_TEST_HOOK_ENV = ("SPEAR_FAULTS", "SPEAR_FAULTS_DIR")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -78,15 +77,18 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    # Credentials go only to the workers of a local Ray this process starts (the same
+    # machine); a remote cluster's nodes have their own (a Secret, workload identity).
+    names = _TEST_HOOK_ENV + (() if address else _FORWARDED_ENV)
+    env = {k: os.environ[k] for k in names if k in os.environ}
     runtime_env = {"env_vars": env} if env else None
-    if env:  # names only: the values are credentials
-        log.info("forwarding %s to the Ray workers", ", ".join(f"{k}={MASK}" for k in sorted(env)))
+    if env:  # names only: the values may be credentials
+        log.debug("forwarding %s to the Ray workers", ", ".join(f"{k}={MASK}" for k in sorted(env)))
     if address:
         log.info("connecting to Ray at %s", redact_text(address))
         _check_reachable(address)
         try:
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=_verbose())
         except Exception as err:
             raise SpearError(
                 f"cannot connect to the Ray cluster at {redact_text(address)!r} "
@@ -101,6 +103,14 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     ctx.enable_progress_bars = cfg.progress_bars
     if log_file is not None:
         log.info("Ray's log: %s", log_file)
+
+
+def _verbose() -> bool:
+    """Workers' own output on the driver's console only with ``--verbose``: their errors come
+    back as the job's one error line, their logs stay in Ray's session logs."""
+    from spear.console import verbosity
+
+    return verbosity() == "verbose"
 
 
 def _check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -141,6 +151,7 @@ def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:
                 object_store_memory=cfg.object_store_memory,
                 runtime_env=runtime_env,
                 include_dashboard=False,
+                log_to_driver=_verbose(),
             )
             return
         except Exception as err:  # Ray raises a bare Exception for the start-up timeout

@@ -58,7 +58,13 @@ RULES: dict[str, tuple[str, ...]] = {
     "spear.report": ("ray", "torch", "spear.pipeline", "spear.stages", "spear.student"),
 }
 # Foundations everything imports: light, no torch, no Ray, no spear layer above them.
-FOUNDATIONS = ("spear.errors", "spear.formats", "spear.storage", "spear.configio")
+FOUNDATIONS = (
+    "spear.errors",
+    "spear.formats",
+    "spear.storage",
+    "spear.configio",
+    "spear.credentials",
+)
 FOUNDATION_BANS = (
     "torch",
     "ray",
