@@ -110,7 +110,12 @@ def route_ray_logs(out: str | None) -> Path | None:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in _RAY_LOGGERS:
         for h in logging.getLogger(name).handlers:
-            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+            # Ray's own console handlers only: never another library's (pytest's capture).
+            if (
+                type(h).__module__.startswith("ray.")
+                and isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)
+            ):
                 h.setLevel(logging.WARNING)
                 h.addFilter(_not_for_spear_users)
     file_handler._spear = True  # type: ignore[attr-defined]

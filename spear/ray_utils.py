@@ -85,7 +85,7 @@ def init_ray(cfg: RayConfig, out: str | None = None) -> None:
     if env:  # names only: the values may be credentials
         log.debug("forwarding %s to the Ray workers", ", ".join(f"{k}={MASK}" for k in sorted(env)))
     if address:
-        log.info("connecting to Ray at %s", redact_text(address))
+        log.debug("connecting to Ray at %s", redact_text(address))
         _check_reachable(address)
         try:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=_verbose())
@@ -136,7 +136,7 @@ def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:
     for attempt in range(cfg.start_attempts):
         if attempt:
             wait = 5.0 * attempt
-            log.warning(
+            log.debug(
                 "local Ray did not start (%s); retrying in %.0f s (%d/%d)",
                 _first_line(last),
                 wait,

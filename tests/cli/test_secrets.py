@@ -127,7 +127,7 @@ def test_local_ray_gets_the_credentials_but_the_log_only_their_names(
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    with caplog.at_level(logging.INFO, logger="spear"):
+    with caplog.at_level(logging.DEBUG, logger="spear"):
         init_ray(RayConfig())
     assert calls[0]["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == value  # on-machine
     assert "AWS_SECRET_ACCESS_KEY=***" in caplog.text and value not in caplog.text

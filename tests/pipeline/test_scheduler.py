@@ -1,0 +1,128 @@
+"""The unit scheduler on the session's Ray: every unit once through a stub pipeline, and the
+driver's memory independent of how many items (and bytes) a unit holds."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from ray import cloudpickle
+
+from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
+from spear.ray_utils import RayConfig
+from spear.shards.schema import TokenTeacherInfo
+from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
+from spear.stages.decode import DecodeConfig
+from spear.storage import StorageConfig
+
+pytestmark = pytest.mark.integration
+
+# The stubs below travel to Ray workers by value: the tests folder is not importable there.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+CODE_BYTES = 8000  # 500 frames x 16 codebooks: a 10 s item's WavLM codes
+
+
+def items(n: int, offset: int = 0) -> pa.Table:
+    ids = [f"{i + offset:012d}" for i in range(n)]
+    return pa.table(
+        {
+            "item_id": ids,
+            "source": ["s"] * n,
+            "domain": ["speech"] * n,
+            "url": [f"memory://x/{i}" for i in ids],
+            "start": np.zeros(n),
+            "duration": np.full(n, 10.0),
+        }
+    )
+
+
+def stub_prepare(batch: dict[str, Any], cfg: Any, storage: Any) -> dict[str, Any]:
+    n = len(batch["item_id"])
+    out = dict(batch)
+    out["num_samples"] = np.full(n, 160_000, dtype=np.int64)
+    out["error_type"] = np.array([""] * n, dtype=object)
+    out["error"] = np.array([""] * n, dtype=object)
+    out["decode_seconds"] = np.zeros(n)
+    return out
+
+
+class StubTeacher:
+    """Codes of the right size for the frame formula, derived from the item id."""
+
+    def __init__(self, num_codebooks: int):
+        self.c = num_codebooks
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        n = len(batch["item_id"])
+        codes = np.empty(n, dtype=object)
+        codes[:] = [bytes([int(i) % 256]) * (499 * self.c) for i in batch["item_id"]]
+        return dict(batch) | {
+            "wavlm_codes": codes,
+            "wavlm_frames": np.full(n, 499, dtype=np.int32),
+            "wavlm_seconds": np.zeros(n),
+        }
+
+
+def job(out: str, c: int = 16) -> UnitJob:
+    info = TokenTeacherInfo(
+        "wavlm", "wavlm-test", "wavlm", 21, 50.0, c, 256, "mvq-x", None, ("speech", "audio")
+    )
+    return UnitJob(
+        kind="stub",
+        out=out,
+        unit_prefix="shard",
+        columns=INPUT_COLUMNS,
+        outputs=lambda n: [f"tokens/{n}.parquet"],
+        actors=[
+            ActorStage(
+                name="t",
+                cls=StubTeacher,
+                kwargs={"num_codebooks": c},
+                num_actors=2,
+                device="cpu",
+                num_cpus=0.25,
+            )
+        ],
+        writer=TokenShardWriter((info,)),
+        decode=DecodeConfig(),
+        decode_cpus=0.5,
+        prepare=stub_prepare,
+    )
+
+
+def run(out: Path, shards: int, per_shard: int, offset: int = 0) -> tuple[list[dict], int]:
+    table = cut_units(items(shards * per_shard, offset), items_per_unit=per_shard)
+    plan = make_plan("stub", table, INPUT_COLUMNS, {})
+    gc.collect()
+    tracemalloc.start()
+    result = run_units(job(str(out)), plan, table, StorageConfig(), RayConfig())
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return result.entries, peak
+
+
+def test_every_unit_once_in_order_of_plan(ray_cluster: str, tmp_path: Path) -> None:
+    entries, _ = run(tmp_path / "o", shards=7, per_shard=3)
+    assert [e["unit"] for e in entries] == list(range(7))
+    assert sum(e["rows"] for e in entries) == 21
+    again, _ = run(tmp_path / "o", shards=7, per_shard=3)  # all committed: nothing reruns
+    assert [e["attempt"] for e in again] == [e["attempt"] for e in entries]
+
+
+def test_driver_memory_does_not_grow_with_items_per_shard(ray_cluster: str, tmp_path: Path) -> None:
+    # Same number of shards, 32x the items (and codes) per shard: the driver handles entries,
+    # never rows, so what it allocates stays about the same (a row path would add ~2 MB).
+    _, small = run(tmp_path / "a", shards=6, per_shard=8, offset=0)
+    _, large = run(tmp_path / "b", shards=6, per_shard=256, offset=10**6)
+    rows_bytes = 6 * 256 * 499 * 16
+    assert large < small + rows_bytes / 4, (small, large)
+    # Of the larger run's peak, the items' table and its unit inputs (what the plan holds) are
+    # the only part that grows: far below the rows' bytes.
+    assert large < 2 * small + 1_000_000, (small, large)
