@@ -1,7 +1,7 @@
 # The two commands the README documents: `make demo` and `make test`.
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
-.PHONY: setup demo test test-all lint bench bench-gpu
+.PHONY: setup demo test test-slow test-all lint bench bench-gpu
 
 setup:
 	@command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
@@ -15,10 +15,15 @@ test: setup
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 	$(UV) run --frozen mypy
-	$(UV) run --frozen pytest -q
+	$(UV) run --frozen pytest -q --durations=15
+
+# The tests marked slow (fault injection, job server, two training workers, long fuzzing,
+# learning): CI runs them after `make test`.
+test-slow: setup
+	$(UV) run --frozen pytest -q --durations=15 -m "slow and not gpu"
 
 test-all: setup
-	$(UV) run --frozen pytest -q -m ""
+	$(UV) run --frozen pytest -q --durations=15 -m ""
 
 bench: setup
 	@for b in benchmarks/*.py; do echo "== $$b"; $(UV) run --frozen python $$b; done

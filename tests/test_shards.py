@@ -543,6 +543,7 @@ def test_unknown_teacher_is_a_clear_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~35 s of Ray Data read tasks against the S3 server
 def test_ray_dataset_reads_shards_from_s3(ray_cluster: str, s3_server, tmp_path: Path) -> None:
     from spear.shards import ray_dataset
 

@@ -387,7 +387,14 @@ def _checkpoint(kind: str, root: Path) -> tuple[str, str, list[str]]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "kind", ["wavlm-folder-as-dasheng", "dasheng-as-wavlm", "garbage", "pickle"]
+    "kind",
+    [
+        # One tokenize run each (~10 s): one case in the default run, the others with -m slow.
+        pytest.param("wavlm-folder-as-dasheng", marks=pytest.mark.slow),
+        pytest.param("dasheng-as-wavlm", marks=pytest.mark.slow),
+        pytest.param("garbage", marks=pytest.mark.slow),
+        "pickle",
+    ],
 )
 def test_a_teacher_checkpoint_that_is_wrong(
     manifest: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]

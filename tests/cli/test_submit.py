@@ -325,6 +325,7 @@ def manifest_run(ray_head: Head, tmp_path_factory: pytest.TempPathFactory) -> Ma
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # starts a Ray head with a job server: ~1 min
 def test_submitted_manifest_job_completes(manifest_run: ManifestRun) -> None:
     from spear.pipeline.manifest import read_manifest
     from spear.storage import StorageConfig
@@ -412,6 +413,7 @@ def test_submitted_tokenize_job_validates_and_reports(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_failed_job_status_comes_back(ray_head: Head, tmp_path: Path) -> None:
     # No sources: the stage exits 2 on the cluster, and so does `spear submit --wait`.
     res = submit_cli(ray_head, "manifest", "--out", str(tmp_path / "m"))

@@ -116,6 +116,7 @@ def test_every_unit_once_in_order_of_plan(ray_cluster: str, tmp_path: Path) -> N
     assert [e["attempt"] for e in again] == [e["attempt"] for e in entries]
 
 
+@pytest.mark.slow  # two more runs with fresh actors: ~30 s
 def test_driver_memory_does_not_grow_with_items_per_shard(ray_cluster: str, tmp_path: Path) -> None:
     # Same number of shards, 32x the items (and codes) per shard: the driver handles entries,
     # never rows, so what it allocates stays about the same (a row path would add ~2 MB).

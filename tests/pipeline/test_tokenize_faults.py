@@ -29,7 +29,9 @@ from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.storage import StorageConfig
 from spear.synth import write_speech_like
 
-pytestmark = pytest.mark.integration
+# Slow (~4 min: a reference run and five killed runs); the default run covers the commit
+# protocol's recovery in test_commit.py and the no-rerun of committed units in test_scheduler.py.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PER_SHARD = 2
 

@@ -57,6 +57,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
+@pytest.mark.slow  # ~2.5 min: two gloo workers on 2 cores (the demo trains one in the default run)
 def test_two_workers_to_s3(ray_cluster: str, s3_server: Any, shards: str) -> None:
     # Checkpoints and student.pt go through fsspec to the S3 server; 5 steps cross an epoch.
     out = s3_server.bucket("student-run") + "/run"
