@@ -16,25 +16,35 @@ Two layouts under a local folder ``DEST``:
   length and channels, which token shards do not carry: they come from the run's manifest
   (``manifest=``, a ``spear manifest`` output or its Parquet files), else from each file's
   header. Spear computed the tokens on the mean of a file's channels; such a cut reads
-  channel 0.
+  channel 0. Besides, ``cuts.jsonl.gz`` holds every cut once, in shard order (the single
+  manifest icefall recipes take), written along with the per-shard files (which let readers
+  go in parallel), one shard at a time. All files are written under temporary names and
+  renamed when every one is complete, so a failed (re-)export leaves the earlier one as it
+  was; a re-export then deletes the files of an earlier one that it did not write.
 * Lhotse Shar (``shar=True``): ``cuts.NNNNNN.jsonl.gz``, ``recording.NNNNNN.tar`` and per
   teacher ``{prefix}_codebook_indexes.NNNNNN.tar`` (``.npy`` members), ``shard_size`` cuts per
   shard. Shar stores the data of a cut from its start, so the audio goes in too: each segment
   decoded by spear's decode stage (default settings; 16 kHz mono, cut or padded to exactly
   ``num_samples``; FLAC or WAV), the cut
   starting at 0, the original ``url`` / ``start`` kept as custom ``audio_url`` /
-  ``audio_start``. Read with ``CutSet.from_shar(in_dir=DEST)``.
+  ``audio_start``. Read with ``CutSet.from_shar(in_dir=DEST)``. No single manifest here: Shar
+  cuts carry no data references, and ``from_shar`` would take any ``cuts.*`` file in ``DEST``
+  for a shard.
 
 lhotse is optional: ``pip install 'spear[lhotse]'``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import io
 import json
 import logging
 import os
+import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +73,15 @@ MAX_SAMPLE_SLACK = 320
 edges) before the export refuses it; within that, the audio is cut or zero-padded to fit."""
 
 
+COMBINED_CUTS = "cuts.jsonl.gz"
+"""The one manifest of every cut (cuts layout), at the export's root."""
+
+_CUTS_LAYOUT_FILE = re.compile(
+    r"(\.tmp-[0-9a-f]{32}-)?(cuts(\.\d{5,})?\.jsonl\.gz|\w+_codebook_indexes\.\d{5,}\.h5)"
+)
+"""Names the cuts layout writes (and its temporary files): what a re-export may delete."""
+
+
 @dataclass(frozen=True)
 class AudioFileInfo:
     """What a lhotse Recording needs to know about an audio file."""
@@ -80,10 +99,13 @@ class ExportSummary:
     fields: dict[str, int] = field(default_factory=dict)
     """Cuts carrying each ``{prefix}_codebook_indexes`` field."""
     files: list[str] = field(default_factory=list)
+    combined: str | None = None
+    """The single manifest of all cuts (cuts layout only)."""
 
     def text(self) -> str:
         per = ", ".join(f"{k}: {v}" for k, v in self.fields.items())
-        return f"wrote {self.cuts} cuts as {self.layout} to {self.dest} ({per})"
+        line = f"wrote {self.cuts} cuts as {self.layout} to {self.dest} ({per})"
+        return line + (f"\nall cuts in one manifest: {self.combined}" if self.combined else "")
 
 
 def codebook_field(prefix: str) -> str:
@@ -192,22 +214,49 @@ def export_lhotse(
     columns = ["item_id", "source", "domain", "url", "start", "duration", "num_samples"]
     columns += [f"{t.prefix}_codes" for t in tinfo]
     if shar:
+        _refuse_other_layout(dest, shar)
         _export_shar(out, storage, entries, tinfo, columns, shard_size, audio_format, summary)
     else:
+        _refuse_other_layout(dest, shar)
         infos = read_manifest_info(manifest, storage) if manifest else {}
         _export_cuts(out, storage, entries, tinfo, columns, infos, summary)
     return summary
 
 
-def _codes_field(t: TokenTeacherInfo, raw: bytes, item: str, start: float, writer: Any) -> Any:
-    """One teacher's codes stored by ``writer`` as a ``TemporalArray`` starting at ``start``."""
-    return writer.store_array(
-        key=item,
-        value=np.array(codes_from_bytes(raw, t.num_codebooks)),  # (T, C) uint8
-        frame_shift=1.0 / t.frame_rate,
-        temporal_dim=0,
-        start=start,
+def _refuse_other_layout(dest: str, shar: bool) -> None:
+    """One layout per folder: ``from_shar`` would take a cuts export's manifests for Shar
+    shards, and a cuts re-export deletes ``cuts.*`` files it did not write."""
+    names = os.listdir(dest)
+    if shar:
+        found = [n for n in names if _CUTS_LAYOUT_FILE.fullmatch(n) and n.endswith("h5")]
+        found += [COMBINED_CUTS] if COMBINED_CUTS in names else []
+    else:
+        found = [n for n in names if re.fullmatch(r"recording\.\d+\.tar", n)]
+    if found:
+        other = "a cuts export" if shar else "a Shar export"
+        raise SpearError(f"{dest} holds {other} ({found[0]}); export to another folder")
+
+
+def _codes_field(
+    t: TokenTeacherInfo,
+    raw: bytes,
+    item: str,
+    start: float,
+    writer: Any,
+    storage_path: str | None = None,
+) -> Any:
+    """One teacher's codes stored by ``writer`` as a ``TemporalArray`` starting at ``start``;
+    the manifest names ``storage_path`` (the file's final name) if given, else the writer's."""
+    from lhotse.array import Array, TemporalArray
+
+    value = np.array(codes_from_bytes(raw, t.num_codebooks))  # (T, C) uint8
+    array = Array(
+        storage_type=writer.name,
+        storage_path=storage_path if storage_path is not None else writer.storage_path,
+        storage_key=writer.write(item, value),
+        shape=list(value.shape),
     )
+    return TemporalArray(array=array, temporal_dim=0, frame_shift=1.0 / t.frame_rate, start=start)
 
 
 def _export_cuts(
@@ -219,8 +268,13 @@ def _export_cuts(
     infos: dict[str, AudioFileInfo],
     summary: ExportSummary,
 ) -> None:
-    """Cuts referencing the original files; codes in one HDF5 file per teacher and shard."""
-    from lhotse import CutSet, MonoCut
+    """Cuts referencing the original files; codes in one HDF5 file per teacher and shard. Each
+    cut's line goes to its shard's manifest and to the combined one, one shard at a time.
+
+    Every file is written under a temporary name and renamed once all are complete (the
+    combined manifest last), so a failed export, or a failed re-export, leaves the earlier
+    export as it was."""
+    from lhotse import MonoCut
     from lhotse.features.io import NumpyHdf5Writer
 
     try:
@@ -230,48 +284,78 @@ def _export_cuts(
             "exporting lhotse cuts stores codes in HDF5 and needs h5py (pip install h5py); "
             "--shar needs nothing more"
         ) from None
-    for e in entries:
-        table = read_table(shard_url(out, e), storage, columns)
-        cols = {c: table[c].to_pylist() for c in table.column_names}
-        name = f"{e.shard:05d}"
-        path = os.path.join(summary.dest, f"cuts.{name}.jsonl.gz")
-        writers = {
-            t.prefix: NumpyHdf5Writer(
-                os.path.join(summary.dest, f"{codebook_field(t.prefix)}.{name}.h5")
-            )
-            for t in tinfo
-        }
-        try:
-            with CutSet.open_writer(path) as w:
-                for i in range(table.num_rows):
-                    item, url, start = cols["item_id"][i], cols["url"][i], cols["start"][i]
-                    if url not in infos:
-                        infos[url] = probe_info(url, storage)
-                    custom: dict[str, Any] = {
-                        "domain": cols["domain"][i],
-                        "source": cols["source"][i],
-                    }
-                    for t in tinfo:
-                        raw = cols[f"{t.prefix}_codes"][i]
-                        if raw is not None:
-                            f = codebook_field(t.prefix)
-                            custom[f] = _codes_field(t, raw, item, start, writers[t.prefix])
-                            summary.fields[f] += 1
-                    w.write(
-                        MonoCut(
-                            id=item,
-                            start=start,
-                            duration=cols["duration"][i],
-                            channel=0,
-                            recording=_recording(url, infos[url]),
-                            custom=custom,
-                        )
-                    )
-                    summary.cuts += 1
-        finally:
-            for wr in writers.values():
-                wr.close()
-        summary.files += [path] + [wr.storage_path for wr in writers.values()]
+    token = uuid.uuid4().hex
+
+    def staged(name: str) -> tuple[str, str]:
+        """(temporary path, final path) of one output file."""
+        return os.path.join(summary.dest, f".tmp-{token}-{name}"), os.path.join(summary.dest, name)
+
+    pending: list[tuple[str, str]] = []  # per shard and file: O(shards), never O(cuts)
+    combined = staged(COMBINED_CUTS)
+    try:
+        with gzip.open(combined[0], "wt", encoding="utf-8") as every:
+            for e in entries:
+                table = read_table(shard_url(out, e), storage, columns)
+                cols = {c: table[c].to_pylist() for c in table.column_names}
+                name = f"{e.shard:05d}"
+                part = staged(f"cuts.{name}.jsonl.gz")
+                h5 = {t.prefix: staged(f"{codebook_field(t.prefix)}.{name}.h5") for t in tinfo}
+                pending += [part, *h5.values()]
+                writers = {p: NumpyHdf5Writer(tmp) for p, (tmp, _) in h5.items()}
+                try:
+                    with gzip.open(part[0], "wt", encoding="utf-8") as shard_file:
+                        for i in range(table.num_rows):
+                            item, url, start = (cols[c][i] for c in ("item_id", "url", "start"))
+                            if url not in infos:
+                                infos[url] = probe_info(url, storage)
+                            custom: dict[str, Any] = {
+                                "domain": cols["domain"][i],
+                                "source": cols["source"][i],
+                            }
+                            for t in tinfo:
+                                raw = cols[f"{t.prefix}_codes"][i]
+                                if raw is not None:
+                                    f = codebook_field(t.prefix)
+                                    custom[f] = _codes_field(
+                                        t, raw, item, start, writers[t.prefix], h5[t.prefix][1]
+                                    )
+                                    summary.fields[f] += 1
+                            cut = MonoCut(
+                                id=item,
+                                start=start,
+                                duration=cols["duration"][i],
+                                channel=0,
+                                recording=_recording(url, infos[url]),
+                                custom=custom,
+                            )
+                            # One serialization for both files (what lhotse's writer prints).
+                            line = json.dumps(cut.to_dict(), ensure_ascii=False) + "\n"
+                            shard_file.write(line)
+                            every.write(line)
+                            summary.cuts += 1
+                finally:
+                    for wr in writers.values():
+                        wr.close()
+        for tmp, final in [*pending, combined]:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in [*pending, combined]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    summary.files = [final for _, final in [*pending, combined]]
+    summary.combined = combined[1]
+    _remove_stale(summary.dest, set(summary.files))
+
+
+def _remove_stale(dest: str, written: set[str]) -> None:
+    """Delete the cuts-layout files in ``dest`` that this export did not write (an earlier
+    export's extra shards or teachers, a killed run's temporary files), so that a glob of the
+    per-shard files reads what ``cuts.jsonl.gz`` holds."""
+    for name in sorted(os.listdir(dest)):
+        path = os.path.join(dest, name)
+        if _CUTS_LAYOUT_FILE.fullmatch(name) and path not in written and os.path.isfile(path):
+            os.unlink(path)
+            log.info("removed %s of an earlier export", path)
 
 
 def _export_shar(

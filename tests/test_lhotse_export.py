@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 from test_shards import build_output
 
+from spear.cli.main import run
 from spear.errors import SpearError
 from spear.formats import MANIFEST_SCHEMA, SAMPLE_RATE, parquet_bytes, with_metadata
 from spear.lhotse_export import export_lhotse, recording_id
@@ -109,6 +110,105 @@ def test_cuts_round_trip_with_the_runs_manifest(tmp_path: Path) -> None:
     export_lhotse(out, str(dest), manifest=str(tmp_path / "manifest-out"))
     cuts = [c for p in sorted(dest.glob("cuts.*.jsonl.gz")) for c in lhotse.load_manifest(p)]
     _check_cuts(cuts, written)
+
+
+def _per_shard(dest: Path) -> list:
+    """The cuts of the per-shard manifests, in shard order."""
+    parts = sorted(dest.glob("cuts.*.jsonl.gz"), key=lambda p: int(p.name.split(".")[1]))
+    return [c for p in parts for c in lhotse.load_manifest(p)]
+
+
+def test_one_manifest_holds_every_cut_once_in_shard_order(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    out = str(tmp_path / "out")
+    written = build_output(out, shards=3, rows=4, url_root=str(tmp_path / "audio"))
+    audio_files(written)
+    dest = tmp_path / "cuts"
+    summary = export_lhotse(out, str(dest))
+    combined = dest / "cuts.jsonl.gz"
+    assert summary.combined == str(combined) and str(combined) in summary.files
+    assert f"all cuts in one manifest: {combined}" in summary.text()
+    lazy = lhotse.load_manifest_lazy(combined)
+    assert isinstance(lazy, lhotse.CutSet) and lazy.is_lazy
+    cuts = list(lazy)
+    parts = _per_shard(dest)
+    assert len(parts) == 12 and len({c.id for c in cuts}) == len(cuts) == 12
+    assert [c.to_dict() for c in cuts] == [c.to_dict() for c in parts]
+    assert [c.id for c in lhotse.CutSet.from_jsonl_lazy(combined)] == [c.id for c in parts]
+    assert [c.id for c in cuts] == sorted(written)  # shard order, each shard's row order
+    _check_cuts(cuts, written)  # codes load from the HDF5 files under their final names
+    assert all(".tmp-" not in c.wavlm_codebook_indexes.array.storage_path for c in cuts)
+    assert not [p for p in dest.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_reexport_replaces_everything_with_new_files(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    first = build_output(str(tmp_path / "a"), shards=2, rows=4, url_root=str(tmp_path / "audio"))
+    audio_files(first)
+    dest = tmp_path / "cuts"
+    export_lhotse(str(tmp_path / "a"), str(dest))
+    before = (dest / "cuts.jsonl.gz").stat().st_ino
+    # A smaller export with other codes, one teacher: shard 1 and the Dasheng files go.
+    second = build_output(
+        str(tmp_path / "b"), shards=1, rows=4, seed=1, url_root=str(tmp_path / "b-audio")
+    )
+    audio_files(second)
+    export_lhotse(str(tmp_path / "b"), str(dest), teachers=["wavlm"])
+    assert (dest / "cuts.jsonl.gz").stat().st_ino != before
+    names = sorted(p.name for p in dest.iterdir())
+    assert names == ["cuts.00000.jsonl.gz", "cuts.jsonl.gz", "wavlm_codebook_indexes.00000.h5"]
+    cuts = list(lhotse.load_manifest_lazy(dest / "cuts.jsonl.gz"))
+    assert sorted(c.id for c in cuts) == sorted(second)
+    for cut in cuts:
+        row = second[cut.id]
+        assert cut.recording.sources[0].source == row["url"]
+        assert cut.load_custom("wavlm_codebook_indexes").tobytes() == row["wavlm_codes"]
+        assert not cut.has_custom("dasheng_codebook_indexes")
+    assert any(second[c].get("wavlm_codes") != first[c]["wavlm_codes"] for c in second)
+
+
+def test_failed_reexport_leaves_the_earlier_export_as_it_was(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    first = build_output(str(tmp_path / "a"), shards=2, rows=4, url_root=str(tmp_path / "audio"))
+    audio_files(first)
+    dest = tmp_path / "cuts"
+    export_lhotse(str(tmp_path / "a"), str(dest))
+    snapshot = {p.name: (p.stat().st_ino, p.read_bytes()) for p in dest.iterdir()}
+    second = build_output(
+        str(tmp_path / "b"), shards=2, rows=4, seed=1, url_root=str(tmp_path / "b-audio")
+    )
+    audio_files(second)
+    Path(second["00010003-0000"]["url"]).unlink()  # shard 1's last file: shard 0 is done by then
+    with pytest.raises(SpearError, match="pass the run's manifest"):
+        export_lhotse(str(tmp_path / "b"), str(dest))
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in dest.iterdir()} == snapshot
+    _check_cuts(list(lhotse.load_manifest_lazy(dest / "cuts.jsonl.gz")), first)
+
+
+def test_one_layout_per_folder(tmp_path: Path) -> None:
+    pytest.importorskip("h5py")
+    out = str(tmp_path / "out")
+    audio_files(build_output(out, shards=1, rows=2, url_root=str(tmp_path / "audio")))
+    export_lhotse(out, str(tmp_path / "cuts"))
+    with pytest.raises(SpearError, match="holds a cuts export"):
+        export_lhotse(out, str(tmp_path / "cuts"), shar=True)
+    export_lhotse(out, str(tmp_path / "shar"), shar=True)
+    export_lhotse(out, str(tmp_path / "shar"), shar=True)  # a Shar re-export is fine
+    with pytest.raises(SpearError, match="holds a Shar export"):
+        export_lhotse(out, str(tmp_path / "shar"))
+    assert not (tmp_path / "shar" / "cuts.jsonl.gz").exists()
+
+
+def test_cli_prints_where_the_one_manifest_is(tmp_path: Path, capsys) -> None:
+    pytest.importorskip("h5py")
+    out = str(tmp_path / "out")
+    audio_files(build_output(out, shards=2, rows=2, url_root=str(tmp_path / "audio")))
+    dest = tmp_path / "cuts"
+    assert run(["shards", "export-lhotse", out, "--out", f"file://{dest}"]) == 0
+    text = capsys.readouterr().out
+    assert "wrote 4 cuts as cuts" in text
+    assert f"all cuts in one manifest: {dest / 'cuts.jsonl.gz'}" in text
+    assert len(lhotse.load_manifest(dest / "cuts.jsonl.gz")) == 4
 
 
 def test_shar_round_trip_carries_the_decoded_audio(tmp_path: Path) -> None:

@@ -141,7 +141,8 @@ def export_lhotse(
     set_: SetOpt = None,
 ) -> None:
     """Lhotse cuts for icefall: one MonoCut per item with `{teacher}_codebook_indexes` (uint8
-    (T, C); frame shift 0.02 s WavLM, 0.04 s Dasheng). Needs `pip install 'spear[lhotse]'`."""
+    (T, C); frame shift 0.02 s WavLM, 0.04 s Dasheng), per shard and all in OUT/cuts.jsonl.gz
+    (printed). Needs `pip install 'spear[lhotse]'`."""
     from spear.lhotse_export import export_lhotse as run
 
     storage = _storage(config, set_, s3_endpoint)
