@@ -51,7 +51,7 @@ from spear.pipeline.commit import (
     recover,
 )
 from spear.pipeline.progress import Progress
-from spear.ray_utils import RayConfig, init_ray
+from spear.ray_utils import RayConfig, free_resources, init_ray
 from spear.stages.decode import DecodeConfig, decode_batch
 from spear.storage import StorageConfig, exists, forget_listings, join, read_bytes, write_atomic
 
@@ -298,7 +298,8 @@ class Demand:
 
 
 def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling: bool) -> None:
-    """Fail at once, with a sizing message, when the stages cannot all run on ``cluster``.
+    """Fail at once, with a sizing message, when the stages cannot all run on ``cluster``
+    (the resources free now: :func:`spear.ray_utils.free_resources`).
 
     All of a job's actor pools (and its CPU tasks, given as demands too) must fit at once:
     otherwise Ray waits forever for resources that never come. On an autoscaling cluster the
@@ -316,7 +317,7 @@ def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling:
     )
     if need_gpu > gpus:
         raise SpearError(
-            f"the job needs {need_gpu:g} GPUs ({parts}) but the cluster has {gpus:g}: use a "
+            f"the job needs {need_gpu:g} GPUs ({parts}) but the cluster has {gpus:g} free: use a "
             "cluster with GPUs, device=cpu for the teachers, or set ray.autoscaling=true if "
             "the cluster adds GPU nodes on demand"
         )
@@ -325,13 +326,14 @@ def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling:
         if need > cluster.get(key, 0.0):
             raise SpearError(
                 f"the job needs {need:g} of resource {key!r} but the cluster has "
-                f"{cluster.get(key, 0.0):g}: use fewer actors or a cluster that offers it"
+                f"{cluster.get(key, 0.0):g} free: use fewer actors or a cluster that offers it"
             )
     if need_cpu > cpus:
         raise SpearError(
-            f"the job needs {need_cpu:g} CPUs at once ({parts}) but the cluster has {cpus:g}: "
-            "use fewer actors or workers, fewer CPUs per actor, a larger cluster, or set "
-            "ray.autoscaling=true if the cluster adds nodes on demand"
+            f"the job needs {need_cpu:g} CPUs at once ({parts}) but the cluster has {cpus:g} "
+            "free (a submitted job's driver holds one): use fewer actors or workers, fewer CPUs "
+            "per actor or task, a larger cluster, or set ray.autoscaling=true if the cluster "
+            "adds nodes on demand"
         )
 
 
@@ -450,8 +452,8 @@ def _schedule(
 
     from spear.pipeline.scheduler import run_scheduled
 
-    cluster = ray.cluster_resources()
-    gpus = cluster.get("GPU", 0) > 0
+    cluster = free_resources()
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
     # One decode and one write task must always fit beside the actor pools.
     tasks = job.decode_cpus + job.write_cpus
     share = cpu_share(cluster.get("CPU", 1.0), sum(a.num_actors for a in job.actors), tasks)

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from spear.errors import SpearError
-from spear.ray_utils import RayConfig, init_ray
+from spear.pipeline.job import Demand, check_fits
+from spear.ray_utils import RayConfig, free_resources, init_ray
 from spear.shards.index import open_run
 from spear.shards.schema import TokenTeacherInfo
 from spear.stages.decode import DecodeConfig
@@ -194,19 +195,16 @@ def run_train(
     use_gpu = cfg.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    # The training workers hold their CPUs for the whole run; data preparation needs at least
-    # one more task's worth, or it never runs (a silent hang on a small local Ray).
-    need = cfg.num_workers * cfg.cpus_per_worker + cfg.data.prep_cpus
-    have = ray.cluster_resources().get("CPU", 0)
-    if need > have:
-        msg = (
-            f"train needs {need:g} CPUs ({cfg.num_workers} workers x {cfg.cpus_per_worker:g} "
-            f"+ {cfg.data.prep_cpus:g} for data preparation), the cluster has {have:g}; lower "
-            "train.num_workers, train.cpus_per_worker or train.data.prep_cpus"
-        )
-        if ray_cfg.address is None and "RAY_ADDRESS" not in os.environ:
-            raise SpearError(msg)  # a local Ray will not grow
-        log.warning("%s (waiting for the autoscaler)", msg)
+    # The training workers hold their CPUs (and GPUs) for the whole run; data preparation
+    # needs at least one more task's worth, or it never runs: Ray Data waits forever for it.
+    check_fits(
+        [
+            Demand("train workers", cfg.num_workers, cfg.cpus_per_worker, 1.0 if use_gpu else 0.0),
+            Demand("data preparation", 1, cfg.data.prep_cpus),
+        ],
+        free_resources(),
+        autoscaling=ray_cfg.autoscaling,
+    )
     storage_path, storage_fs = _pyarrow_fs(out_url, storage)
     # preserve_order for this job only: the driver's context is shared with other jobs.
     options = DataContext.get_current().execution_options

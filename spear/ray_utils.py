@@ -167,3 +167,15 @@ def _start_local(cfg: RayConfig, runtime_env: dict[str, Any] | None) -> None:
 def _first_line(err: BaseException | None) -> str:
     text = str(err).strip().splitlines()[0] if err is not None and str(err).strip() else ""
     return f"{type(err).__name__}: {text}" if err is not None else "unknown error"
+
+
+def free_resources() -> dict[str, float]:
+    """What a job started now can use: the cluster's resources less those held. A job sent
+    with ``spear submit`` holds its driver's entrypoint CPU for its whole run, and other jobs
+    hold theirs; sizing against the cluster's total would wait forever on a small cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    free = ray.available_resources()
+    # Resources with nothing free are absent from available_resources(): report them as 0.
+    return {k: float(free.get(k, 0.0)) for k in total}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from spear.errors import SpearError
 from spear.pipeline.train import run_train
 from spear.ray_utils import RayConfig
 from spear.storage import StorageConfig
@@ -79,3 +81,30 @@ def test_resume_matches_uninterrupted(ray_cluster: str, shards: str, tmp_path: P
     )
     assert resumed.steps == 4 and resumed.metrics["start_step"] == 2  # it did resume
     assert resumed.metrics["loss"] == pytest.approx(full.metrics["loss"], rel=1e-5)
+
+
+def test_a_job_that_cannot_fit_beside_its_driver_fails_at_once(
+    ray_cluster: str, shards: str, tmp_path: Path
+) -> None:
+    # What `spear submit train` meets on a 2-CPU cluster: the job's driver holds one CPU (its
+    # entrypoint), so one worker (1 CPU) and data preparation (1 CPU) can never run together.
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Entrypoint:
+        def ready(self) -> bool:
+            return True
+
+    holder = Entrypoint.remote()  # type: ignore[attr-defined]
+    try:
+        ray.get(holder.ready.remote())
+        deadline = time.monotonic() + 10
+        while ray.available_resources().get("CPU", 0.0) > 1.0 and time.monotonic() < deadline:
+            time.sleep(0.1)  # the resource view catches up within a heartbeat
+        cfg = _cfg(cpus_per_worker=1.0, data=dataclasses.replace(_cfg().data, prep_cpus=1.0))
+        t0 = time.monotonic()
+        with pytest.raises(SpearError, match=r"needs 2 CPUs at once .* has 1 free"):
+            run_train(shards, str(tmp_path / "o"), cfg, StorageConfig(), RayConfig())
+        assert time.monotonic() - t0 < 30  # no Ray Train run was started
+    finally:
+        ray.kill(holder)
