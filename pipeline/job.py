@@ -297,9 +297,11 @@ class Demand:
     resources: dict[str, float] = field(default_factory=dict)
 
 
-def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling: bool) -> None:
+def check_fits(
+    demands: list[Demand], cluster: dict[str, float], *, autoscaling: bool, free: bool = False
+) -> None:
     """Fail at once, with a sizing message, when the stages cannot all run on ``cluster``
-    (the resources free now: :func:`spear.ray_utils.free_resources`).
+    (its total resources, or with ``free`` those free now).
 
     All of a job's actor pools (and its CPU tasks, given as demands too) must fit at once:
     otherwise Ray waits forever for resources that never come. On an autoscaling cluster the
@@ -307,6 +309,8 @@ def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling:
     is the guard."""
     if autoscaling:
         return
+    has = "free" if free else "in all"
+    held = " (a submitted job's driver holds one)" if free else ""
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     need_cpu = sum(d.count * d.num_cpus for d in demands)
     need_gpu = sum(d.count * d.num_gpus for d in demands)
@@ -317,7 +321,7 @@ def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling:
     )
     if need_gpu > gpus:
         raise SpearError(
-            f"the job needs {need_gpu:g} GPUs ({parts}) but the cluster has {gpus:g} free: use a "
+            f"the job needs {need_gpu:g} GPUs ({parts}) but the cluster has {gpus:g} {has}: use a "
             "cluster with GPUs, device=cpu for the teachers, or set ray.autoscaling=true if "
             "the cluster adds GPU nodes on demand"
         )
@@ -326,15 +330,40 @@ def check_fits(demands: list[Demand], cluster: dict[str, float], *, autoscaling:
         if need > cluster.get(key, 0.0):
             raise SpearError(
                 f"the job needs {need:g} of resource {key!r} but the cluster has "
-                f"{cluster.get(key, 0.0):g} free: use fewer actors or a cluster that offers it"
+                f"{cluster.get(key, 0.0):g} {has}: use fewer actors or a cluster that offers it"
             )
     if need_cpu > cpus:
         raise SpearError(
             f"the job needs {need_cpu:g} CPUs at once ({parts}) but the cluster has {cpus:g} "
-            "free (a submitted job's driver holds one): use fewer actors or workers, fewer CPUs "
-            "per actor or task, a larger cluster, or set ray.autoscaling=true if the cluster "
-            "adds nodes on demand"
+            f"{has}{held}: use fewer actors or workers, fewer CPUs per actor or task, a larger "
+            "cluster, or set ray.autoscaling=true if the cluster adds nodes on demand"
         )
+
+
+SETTLE_SECONDS = 20.0
+"""How long a job waits for resources that are held now but fit the cluster: the actors of a
+job that just ended (Ray releases them asynchronously) or a neighbour's short task."""
+
+
+def fit_now(demands: list[Demand], *, autoscaling: bool) -> dict[str, float]:
+    """Check ``demands`` against the cluster's resources, then against those free now, waiting
+    up to :data:`SETTLE_SECONDS` for held ones; returns the free resources. A job that can
+    never run (more than the cluster has) or cannot run beside what stays held (a submitted
+    job's own driver) fails with a sizing message instead of waiting forever."""
+    import ray
+
+    total = {k: float(v) for k, v in ray.cluster_resources().items()}
+    check_fits(demands, total, autoscaling=autoscaling)
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while True:
+        free = free_resources()
+        try:
+            check_fits(demands, free, autoscaling=autoscaling, free=True)
+            return free
+        except SpearError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,19 +481,34 @@ def _schedule(
 
     from spear.pipeline.scheduler import run_scheduled
 
-    cluster = free_resources()
-    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    total = ray.cluster_resources()
+    gpus = total.get("GPU", 0) > 0
     # One decode and one write task must always fit beside the actor pools.
     tasks = job.decode_cpus + job.write_cpus
-    share = cpu_share(cluster.get("CPU", 1.0), sum(a.num_actors for a in job.actors), tasks)
-    demands = [Demand("decode", 1, job.decode_cpus), Demand("write", 1, job.write_cpus)]
-    pools = []
-    for a in job.actors:
-        res = actor_resources(a.device, a.num_gpus, gpus, a.num_cpus, share)
-        demands.append(Demand(a.name, a.num_actors, res["num_cpus"], res["num_gpus"], a.resources))
-        options = res | ({"resources": dict(a.resources)} if a.resources else {})
-        pools.append((a.name, unit_actor(a.cls), a.kwargs, a.num_actors, options))
-    check_fits(demands, cluster, autoscaling=ray_cfg.autoscaling)
+
+    def sized(cpus: float) -> tuple[list[Demand], list[Any]]:
+        share = cpu_share(cpus, sum(a.num_actors for a in job.actors), tasks)
+        demands = [Demand("decode", 1, job.decode_cpus), Demand("write", 1, job.write_cpus)]
+        pools = []
+        for a in job.actors:
+            res = actor_resources(a.device, a.num_gpus, gpus, a.num_cpus, share)
+            demands.append(
+                Demand(a.name, a.num_actors, res["num_cpus"], res["num_gpus"], a.resources)
+            )
+            options = res | ({"resources": dict(a.resources)} if a.resources else {})
+            pools.append((a.name, unit_actor(a.cls), a.kwargs, a.num_actors, options))
+        return demands, pools
+
+    demands, pools = sized(total.get("CPU", 1.0))
+    try:
+        cluster = fit_now(demands, autoscaling=ray_cfg.autoscaling)
+    except SpearError:
+        # Some CPUs stay held (a submitted job's driver holds one): share out the rest.
+        cluster = free_resources()
+        if cluster.get("CPU", 0.0) >= total.get("CPU", 0.0):
+            raise
+        demands, pools = sized(cluster.get("CPU", 0.0))
+        check_fits(demands, cluster, autoscaling=ray_cfg.autoscaling, free=True)
     first = job.actors[0].num_actors if job.actors else 1
     decode_slots = max(1, int(cluster.get("CPU", 1.0) // max(job.decode_cpus, 0.01)))
     columns = list(job.columns)

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from spear.errors import SpearError
-from spear.pipeline.job import Demand, check_fits
-from spear.ray_utils import RayConfig, free_resources, init_ray
+from spear.pipeline.job import Demand, fit_now
+from spear.ray_utils import RayConfig, init_ray
 from spear.shards.index import open_run
 from spear.shards.schema import TokenTeacherInfo
 from spear.stages.decode import DecodeConfig
@@ -197,12 +197,11 @@ def run_train(
         use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
     # The training workers hold their CPUs (and GPUs) for the whole run; data preparation
     # needs at least one more task's worth, or it never runs: Ray Data waits forever for it.
-    check_fits(
+    fit_now(
         [
             Demand("train workers", cfg.num_workers, cfg.cpus_per_worker, 1.0 if use_gpu else 0.0),
             Demand("data preparation", 1, cfg.data.prep_cpus),
         ],
-        free_resources(),
         autoscaling=ray_cfg.autoscaling,
     )
     storage_path, storage_fs = _pyarrow_fs(out_url, storage)

@@ -127,3 +127,29 @@ def test_driver_memory_does_not_grow_with_items_per_shard(ray_cluster: str, tmp_
     # Of the larger run's peak, the items' table and its unit inputs (what the plan holds) are
     # the only part that grows: far below the rows' bytes.
     assert large < 2 * small + 1_000_000, (small, large)
+
+
+def test_sizing_waits_for_resources_a_finished_job_still_holds(ray_cluster: str) -> None:
+    # Ray releases a killed actor's resources asynchronously: a job started right after
+    # another must not fail its sizing check on them (the demo runs jobs back to back).
+    import threading
+    import time
+
+    import ray
+
+    from spear.errors import SpearError
+    from spear.pipeline.job import Demand, fit_now
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()  # type: ignore[attr-defined]
+    ray.get(holder.ready.remote())
+    threading.Timer(1.5, ray.kill, args=(holder,)).start()
+    t0 = time.monotonic()
+    free = fit_now([Demand("t", 1, 2.0)], autoscaling=False)
+    assert free["CPU"] >= 2.0 and time.monotonic() - t0 >= 1.0
+    with pytest.raises(SpearError, match=r"needs 3 CPUs at once .* has 2 in all"):
+        fit_now([Demand("t", 1, 3.0)], autoscaling=False)  # never fits: no wait

@@ -84,7 +84,7 @@ def test_resume_matches_uninterrupted(ray_cluster: str, shards: str, tmp_path: P
 
 
 def test_a_job_that_cannot_fit_beside_its_driver_fails_at_once(
-    ray_cluster: str, shards: str, tmp_path: Path
+    ray_cluster: str, shards: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What `spear submit train` meets on a 2-CPU cluster: the job's driver holds one CPU (its
     # entrypoint), so one worker (1 CPU) and data preparation (1 CPU) can never run together.
@@ -101,6 +101,7 @@ def test_a_job_that_cannot_fit_beside_its_driver_fails_at_once(
         deadline = time.monotonic() + 10
         while ray.available_resources().get("CPU", 0.0) > 1.0 and time.monotonic() < deadline:
             time.sleep(0.1)  # the resource view catches up within a heartbeat
+        monkeypatch.setattr("spear.pipeline.job.SETTLE_SECONDS", 2.0)
         cfg = _cfg(cpus_per_worker=1.0, data=dataclasses.replace(_cfg().data, prep_cpus=1.0))
         t0 = time.monotonic()
         with pytest.raises(SpearError, match=r"needs 2 CPUs at once .* has 1 free"):
