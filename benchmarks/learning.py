@@ -93,7 +93,7 @@ class Settings:
     """Segment length in seconds (shorter files are one item each)."""
     hop: float = 0.25
     """Seconds between segment starts: 92 items. With 0.5 s (50 items, 30 epochs in 300
-    steps) the control memorises its random targets and falls as fast as the real run."""
+    steps) the control memorises its random targets and its loss falls too."""
     num_codebooks: int = 4
     """Codebooks of the tiny quantiser (a power of two; the demo's 4 x 64 for the 64-d
     teacher)."""
@@ -141,8 +141,9 @@ def as_wav(path: str, folder: str) -> str:
     import soundfile as sf
 
     samples = np.fromfile(path, dtype="<i2")
-    name = os.path.relpath(path, POCKETSPHINX).replace(os.sep, "_")[: -len(".raw")]
-    out = os.path.join(folder, f"{name}.wav")
+    parent = os.path.basename(os.path.dirname(path))
+    stem = os.path.basename(path)[: -len(".raw")]
+    out = os.path.join(folder, f"{parent}_{stem}.wav")
     sf.write(out, samples, SAMPLE_RATE, subtype="PCM_16")
     return out
 
@@ -268,7 +269,11 @@ def train_quantizer(embs: list[np.ndarray], dim: int, s: Settings) -> Any:
     train = np.concatenate([e for i, e in enumerate(embs) if i % 8])
     torch.manual_seed(s.seed)
     info = QuantizerInfo(
-        dim=dim, num_codebooks=s.num_codebooks, codebook_size=s.codebook_size, teacher="wavlm-tiny"
+        dim=dim,
+        num_codebooks=s.num_codebooks,
+        codebook_size=s.codebook_size,
+        teacher=cfg.teacher,
+        layer=cfg.layer,
     )
     trainer = QuantizerTrainer(cfg, info, torch.device("cpu"))
     trainer.quantizer.set_normalisation(*normalisation_stats(torch.from_numpy(train)))
