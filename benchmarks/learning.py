@@ -82,6 +82,7 @@ from spear.student.recipe import check_heads
 POCKETSPHINX = "/usr/share/pocketsphinx/test/data"
 LOCAL = StorageConfig()
 PREFIX = "wavlm"
+INSTALL = "install Debian's pocketsphinx-testdata (apt-get install pocketsphinx-testdata)"
 
 
 @dataclass(frozen=True)
@@ -457,10 +458,7 @@ def run(
     say = report or (lambda _line: None)
     files = source_files(root)
     if not files:
-        raise SystemExit(
-            f"no recordings under {root}: install Debian's pocketsphinx-testdata "
-            "(apt-get install pocketsphinx-testdata)"
-        )
+        raise SystemExit(f"no recordings under {root}: {INSTALL}")
     with tempfile.TemporaryDirectory(prefix="spear-learning-") as work:
         audio = os.path.join(work, "audio")
         os.makedirs(audio)
@@ -550,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root", default=POCKETSPHINX, help="where the recordings are")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not source_files(args.root):
+        print(f"no recordings under {args.root}: {INSTALL}", file=sys.stderr)
+        return 1
     s = Settings(seed=args.seed, steps=args.steps)
     print(
         f"tiny student, {s.steps} steps, batches of {s.batch_seconds:g} s, seed {s.seed}, "
