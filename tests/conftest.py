@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +79,31 @@ def ray_cluster() -> Iterator[str]:
 @pytest.fixture
 def tmp_url(tmp_path: Path) -> str:
     return str(tmp_path)
+
+
+@pytest.fixture
+def slow_store() -> Any:
+    """``slow_store(protocol, delay)`` registers a local fsspec store under ``protocol`` whose
+    every read sleeps ``delay`` seconds: what a time limit inside libsndfile must cut short."""
+    import time
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    def register(protocol: str, delay: float) -> None:
+        class Slow(LocalFileSystem):
+            def _open(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+                f = super()._open(path, *args, **kwargs)
+                real = f.read
+
+                def read(n: int = -1) -> bytes:
+                    time.sleep(delay)
+                    return bytes(real(n))
+
+                f.read = read
+                return f
+
+        Slow.protocol = protocol
+        fsspec.register_implementation(protocol, Slow, clobber=True)
+
+    return register

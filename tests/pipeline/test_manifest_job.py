@@ -138,6 +138,7 @@ def test_bad_url_fails_fast_without_ray(tmp_path: Path) -> None:
         assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow  # a fresh interpreter imports the whole CLI: ~20 s
 def test_real_cli_binary_on_the_session_cluster(ray_cluster: str, tmp_path: Path) -> None:
     """The installed `spear` script, connected to the running cluster through RAY_ADDRESS."""
     write_corpus(str(tmp_path / "c"), long_minutes=0)

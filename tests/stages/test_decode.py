@@ -459,28 +459,11 @@ def test_memory_limit_bounds_a_file_of_unknown_length(tmp_path: Path) -> None:
     assert err.value.error_type == "too_long"
 
 
-def test_decode_time_limit_holds_inside_libsndfile(tmp_path: Path) -> None:
+def test_decode_time_limit_holds_inside_libsndfile(tmp_path: Path, slow_store: Any) -> None:
     """Every read libsndfile makes sleeps; the segment's budget ends the decode on time."""
     import time
 
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    class Slow(LocalFileSystem):
-        protocol = "slowdecode"
-
-        def _open(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
-            f = super()._open(path, *args, **kwargs)
-            real = f.read
-
-            def read(n: int = -1) -> bytes:
-                time.sleep(0.05)
-                return bytes(real(n))
-
-            f.read = read
-            return f
-
-    fsspec.register_implementation("slowdecode", Slow, clobber=True)
+    slow_store("slowdecode", 0.05)
     path = tmp_path / "a.flac"
     sf.write(path, sine(30.0, 16000, 440.0), 16000, subtype="PCM_16")
     storage = StorageConfig(block_size=4096)

@@ -291,27 +291,10 @@ def test_limits_are_configurable(tmp_path: Path) -> None:
         ManifestConfig(min_sample_rate=48000, max_sample_rate=16000)
 
 
-def test_probe_time_limit_holds_inside_libsndfile(tmp_path: Path) -> None:
+def test_probe_time_limit_holds_inside_libsndfile(tmp_path: Path, slow_store: Any) -> None:
     """A slow store: every read libsndfile makes sleeps. Counting an MP3's length needs many
     reads; the budget ends them, and the file is quarantined as ``timeout`` on time."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    class Slow(LocalFileSystem):
-        protocol = "slowfs"
-
-        def _open(self, path, *args, **kwargs):  # type: ignore[no-untyped-def]
-            f = super()._open(path, *args, **kwargs)
-            real = f.read
-
-            def read(n: int = -1) -> bytes:
-                time.sleep(0.02)
-                return bytes(real(n))
-
-            f.read = read
-            return f
-
-    fsspec.register_implementation("slowfs", Slow, clobber=True)
+    slow_store("slowfs", 0.02)
     path = tmp_path / "long.mp3"
     sf.write(path, sine(60.0, 22050, 440.0), 22050, format="MP3")
     cfg = ManifestConfig(probe_timeout_seconds=0.5, count_block_size=512)

@@ -178,6 +178,7 @@ def test_checkpoint_of_another_size_is_rejected(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the embed and tokenize job tests run the same stage in actors
 def test_ray_actor_stage(ray_cluster: str) -> None:
     import ray
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from spear.student.checkpointing import Progress, load_folder, save_folder
@@ -63,6 +64,7 @@ def _eval_loss(model: Student, batch: Batch, shuffle: bool) -> float:
     return float(parts.per_teacher["wavlm"]) / int(parts.frames["wavlm"])
 
 
+@pytest.mark.slow  # ~20 s; benchmarks/learning.py's slow test shows learning on real recordings
 def test_learns_synthetic_tokens() -> None:
     # AdamW: on 4 items and 50 steps it descends smoothly; ScaledAdam at the paper's 0.045
     # learns too but its eval loss jumps around at this scale (tests/student/test_student_optim.py
