@@ -12,7 +12,7 @@ Everything in one process, no Ray, through spear's own code:
    WavLM teacher (:func:`spear.stages.teachers.load_teacher` / ``run_teacher``), an MVQ
    quantiser trained on its embeddings (:class:`spear.quantizer.train.QuantizerTrainer` /
    ``fit``), :func:`spear.stages.tokenize.tokenize_batch`, and the tokenize job's writer
-   (:class:`spear.shards.writer.TokenShardWriter`, ``commit_unit``, ``write_index``), read
+   and commit as :func:`spear.testing.write_token_batches` runs them, read
    back through :func:`spear.shards.index.open_run`. WavLM only: the corpus is speech, and
    speech items carry WavLM tokens only (SPEC section 4), so a Dasheng head would get no loss.
 3. **Training** - the ``tiny`` student as :func:`spear.student.recipe.train_loop` trains it,
@@ -51,14 +51,12 @@ import numpy as np
 import torch
 
 from spear.formats import SAMPLE_RATE
-from spear.pipeline.commit import commit_unit
 from spear.quantizer.config import QuantizerTrainConfig
 from spear.quantizer.data import shuffled_batches
 from spear.quantizer.mvq import QuantizerInfo
 from spear.quantizer.train import QuantizerTrainer, fit, normalisation_stats
 from spear.shards.index import open_run, read_table
 from spear.shards.schema import TokenTeacherInfo
-from spear.shards.writer import TokenShardWriter, write_index
 from spear.stages.decode import DecodeConfig, decode_batch
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
 from spear.stages.tokenize import teacher_info, tokenize_batch
@@ -77,7 +75,7 @@ from spear.student.config import (
 from spear.student.data import bucket_batches, collate_rows, iter_rows, prepare_batch
 from spear.student.model import Student, train_step
 from spear.student.optim import build_optimizer
-from spear.student.recipe import check_heads
+from spear.testing import write_token_batches
 
 POCKETSPHINX = "/usr/share/pocketsphinx/test/data"
 LOCAL = StorageConfig()
@@ -224,11 +222,8 @@ def write_shards(rows: dict[str, np.ndarray], out: str, s: Settings) -> ShardRun
         keep_audio=(),
     )
     info = teacher_info(PREFIX, cfg, q, ("speech", "audio"), None)
-    writer = TokenShardWriter((info,), run_id=f"learning-{s.seed}")
-    files, entry = writer(0, tokens)
-    name = entry.pop("name")
-    committed = commit_unit(out, name, files, entry | {"unit": 0}, LOCAL)
-    write_index(out, [committed], LOCAL)
+    run_id = f"learning-{s.seed}"
+    (entry,) = write_token_batches(out, [tokens], (info,), run_id=run_id, storage=LOCAL)
     codes = np.concatenate(
         [np.frombuffer(c, np.uint8).reshape(-1, s.num_codebooks) for c in tokens[f"{PREFIX}_codes"]]
     )
@@ -373,7 +368,6 @@ def train(
     teachers: list[TokenTeacherInfo],
     s: Settings,
     machinery: ZipformerMachinery | None = None,
-    report: Any = None,
 ) -> Curve:
     """``s.steps`` steps of the tiny student on ``rows``, epoch after epoch, as the recipe's
     ``train_loop`` runs them on one worker."""
@@ -388,7 +382,6 @@ def train(
         frame_rate=t.frame_rate,
     )
     student_cfg = StudentConfig(encoder=enc, heads=(head,))
-    check_heads(student_cfg, teachers)  # what the job's driver checks before training
     heads = {h.name: h.num_codebooks for h in student_cfg.heads}
     optim = OptimConfig(lr=s.lr, warmup_batches=s.warmup_batches)
     data = data_config(s)
@@ -418,8 +411,6 @@ def train(
             losses.append(stats.loss)
             step += 1
             hours += batch.seconds / 3600.0
-            if report and step % 25 == 0:
-                report(f"step {step} loss {stats.loss:.4f}")
             if step >= s.steps:
                 break
     return Curve(losses, times, epochs)
@@ -470,7 +461,7 @@ def run(
             f"RRL {shards.rrl:.3f}; codes' marginal entropy {shards.marginal_entropy:.3f} "
             f"nats), {shards.seconds:.1f} s"
         )
-        real, teachers = training_rows(os.path.join(work, "tokens"), s)
+        real, teachers = training_rows(shards.out, s)
     control = permuted(real, teachers[0].num_codebooks, s.seed)
     curves = {}
     for name, (shuffled, machinery) in run_names(s, machinery_table).items():
@@ -518,14 +509,9 @@ def machinery_table(r: Result) -> str:
         f"| machinery | {head} | control @{steps} | gap @{steps} | step CPU s (median) |",
         "|---|" + "---|" * (len(marks) + 3),
     ]
-    flipped = "on" if not r.settings.machinery else "off"
-    mine = "on" if r.settings.machinery else "off"
-    variants = {
-        mine: ("real", "control"),
-        flipped: (f"real, machinery {flipped}", f"control, machinery {flipped}"),
-    }
+    by_kind = {kind: name for name, kind in run_names(r.settings).items()}
     for label in ("on", "off"):
-        real, control = variants[label]
+        real, control = by_kind[(False, label == "on")], by_kind[(True, label == "on")]
         c = r.curves[real]
         at = " | ".join(f"{window_mean(c.losses, m, 20):.3f}" for m in marks)
         lines.append(

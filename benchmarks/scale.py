@@ -232,7 +232,7 @@ def _rd_write(batch: dict[str, Any], writer: Any, out: str) -> dict[str, Any]:
 def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
     import ray
 
-    from spear.pipeline.job import cut_units
+    from spear.pipeline.job import cut_units, unit_inputs
     from spear.pipeline.progress import Progress, set_live
     from spear.pipeline.scheduler import run_scheduled
     from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
@@ -270,20 +270,10 @@ def sink(shards: int, items: int, tmp: str) -> list[dict[str, Any]]:
         _rd_units(table, list(range(n_shards))).write_datasink(_CommitSink(out, writer))
 
     def scheduled(table: pa.Table, n_shards: int, out: str) -> None:
-        cols = list(INPUT_COLUMNS)
-        unit = table["unit"].to_numpy()
-
-        def unit_input(u: int) -> bytes:
-            a, b = np.searchsorted(unit, [u, u + 1])
-            part = table.slice(int(a), int(b - a)).select(cols)
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, part.schema) as w:
-                w.write_table(part)
-            return bytes(sink.getvalue().to_pybytes())
-
+        units = list(range(n_shards))
         run_scheduled(
-            list(range(n_shards)),
-            unit_input,
+            units,
+            unit_inputs(table, INPUT_COLUMNS, units),
             prepare=_fake_prepare,
             prepare_kwargs={"cfg": None, "storage": None},
             prepare_options={"num_cpus": 1},

@@ -40,7 +40,7 @@ from spear.student.data import collate_rows, iter_rows, prepare_batch
 from spear.student.model import Batch, Student, compute_loss, train_step
 from spear.student.optim import build_optimizer
 from spear.student.synthetic import collate, synth_items
-from spear.testing import write_synthetic_output as write_token_output
+from spear.testing import write_synthetic_output
 
 
 def _batch(seconds: float, seed: int) -> Batch:
@@ -111,7 +111,7 @@ def bench_train(
 
 def bench_prep(rows_per_call: int = 16, calls: int = 3) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as d:
-        write_token_output(
+        write_synthetic_output(
             d,
             rows_per_call * calls,
             (8.0, 12.0),

@@ -101,7 +101,6 @@ def run_features(
     table = sorted_units(
         table,
         items_per_unit=cfg.items_per_part,
-        max_unit_seconds=None,
         what=f"the manifest at {manifest!r}",
     )
     decides = {

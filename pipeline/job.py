@@ -33,7 +33,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,7 +138,7 @@ def make_plan(
 
 
 def sorted_units(
-    table: pa.Table, *, items_per_unit: int, max_unit_seconds: float | None, what: str
+    table: pa.Table, *, items_per_unit: int, what: str, max_unit_seconds: float | None = None
 ) -> pa.Table:
     """``table`` sorted by ``item_id`` and cut into units (:func:`cut_units`); a repeated item
     id (two rows that would be one item twice) is an error naming ``what``."""
@@ -205,11 +205,14 @@ def pack(batch: dict[str, Any]) -> bytes:
             cols[k] = pa.array([str(x) for x in v], type=pa.string())
         else:
             cols[k] = pa.array(v)
-    table = pa.table(cols)
+    return _ipc(pa.table(cols))
+
+
+def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as w:
         w.write_table(table)
-    return bytes(sink.getvalue())
+    return bytes(sink.getvalue().to_pybytes())
 
 
 def unpack(data: bytes) -> dict[str, np.ndarray]:
@@ -218,21 +221,25 @@ def unpack(data: bytes) -> dict[str, np.ndarray]:
     return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
 
 
-def unit_rows(table: pa.Table, columns: tuple[str, ...], units: list[int]) -> Iterator[pa.Table]:
-    """One single-row table (``unit``, ``data``) per unit of ``units``, in order."""
+def unit_inputs(
+    table: pa.Table, columns: Sequence[str], units: list[int]
+) -> Callable[[int], bytes]:
+    """unit -> its items' ``columns`` as Arrow IPC bytes (what :func:`unpack` reads); ``table``
+    is sorted by unit (:func:`cut_units`)."""
     unit_col = table["unit"].to_numpy()
     starts = np.searchsorted(unit_col, units, side="left")
     stops = np.searchsorted(unit_col, units, side="right")
-    for u, a, b in zip(units, starts, stops, strict=True):
-        part = table.slice(int(a), int(b - a)).select(list(columns))
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, part.schema) as w:
-            w.write_table(part)
+    bounds = {u: (int(a), int(b - a)) for u, a, b in zip(units, starts, stops, strict=True)}
+    cols = list(columns)
+    return lambda u: _ipc(table.slice(*bounds[u]).select(cols))
+
+
+def unit_rows(table: pa.Table, columns: Sequence[str], units: list[int]) -> Iterator[pa.Table]:
+    """One single-row table (``unit``, ``data``) per unit of ``units``, in order."""
+    data = unit_inputs(table, columns, units)
+    for u in units:
         yield pa.table(
-            {
-                "unit": pa.array([u], pa.int32()),
-                "data": pa.array([sink.getvalue().to_pybytes()], pa.large_binary()),
-            }
+            {"unit": pa.array([u], pa.int32()), "data": pa.array([data(u)], pa.large_binary())}
         )
 
 
@@ -345,25 +352,35 @@ SETTLE_SECONDS = 20.0
 job that just ended (Ray releases them asynchronously) or a neighbour's short task."""
 
 
-def fit_now(demands: list[Demand], *, autoscaling: bool) -> dict[str, float]:
-    """Check ``demands`` against the cluster's resources, then against those free now, waiting
-    up to :data:`SETTLE_SECONDS` for held ones; returns the free resources. A job that can
-    never run (more than the cluster has) or cannot run beside what stays held (a submitted
-    job's own driver) fails with a sizing message instead of waiting forever."""
+def fit_now(
+    size: Callable[[float], list[Demand]], *, autoscaling: bool
+) -> tuple[dict[str, float], float]:
+    """Size a job against the cluster: ``size(cpus)`` gives its demands when it may use
+    ``cpus`` CPUs. Checks them against the cluster's resources, then against those free now,
+    waiting up to :data:`SETTLE_SECONDS` for held ones; CPUs that stay held (a submitted job's
+    driver holds one) are left out and the rest shared. Returns the free resources and the CPUs
+    the job was sized for. A job that can never run fails with a sizing message instead of
+    waiting forever."""
     import ray
 
     total = {k: float(v) for k, v in ray.cluster_resources().items()}
-    check_fits(demands, total, autoscaling=autoscaling)
+    cpus = total.get("CPU", 0.0)
+    check_fits(size(cpus), total, autoscaling=autoscaling)
     deadline = time.monotonic() + SETTLE_SECONDS
     while True:
         free = free_resources()
         try:
-            check_fits(demands, free, autoscaling=autoscaling, free=True)
-            return free
+            check_fits(size(cpus), free, autoscaling=autoscaling, free=True)
+            return free, cpus
         except SpearError:
-            if time.monotonic() >= deadline:
+            if time.monotonic() < deadline:
+                time.sleep(0.5)
+                continue
+            if free.get("CPU", 0.0) >= cpus:
                 raise
-            time.sleep(0.5)
+        cpus = free.get("CPU", 0.0)
+        check_fits(size(cpus), free, autoscaling=autoscaling, free=True)
+        return free, cpus
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,10 +496,9 @@ def _schedule(
     init_ray(ray_cfg, job.out)
     import ray
 
-    from spear.pipeline.scheduler import run_scheduled
+    from spear.pipeline.scheduler import DEPTH, run_scheduled
 
-    total = ray.cluster_resources()
-    gpus = total.get("GPU", 0) > 0
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
     # One decode and one write task must always fit beside the actor pools.
     tasks = job.decode_cpus + job.write_cpus
 
@@ -499,37 +515,15 @@ def _schedule(
             pools.append((a.name, unit_actor(a.cls), a.kwargs, a.num_actors, options))
         return demands, pools
 
-    demands, pools = sized(total.get("CPU", 1.0))
-    try:
-        cluster = fit_now(demands, autoscaling=ray_cfg.autoscaling)
-    except SpearError:
-        # Some CPUs stay held (a submitted job's driver holds one): share out the rest.
-        cluster = free_resources()
-        if cluster.get("CPU", 0.0) >= total.get("CPU", 0.0):
-            raise
-        demands, pools = sized(cluster.get("CPU", 0.0))
-        check_fits(demands, cluster, autoscaling=ray_cfg.autoscaling, free=True)
+    cluster, cpus = fit_now(lambda c: sized(c)[0], autoscaling=ray_cfg.autoscaling)
+    _, pools = sized(cpus)
     first = job.actors[0].num_actors if job.actors else 1
     decode_slots = max(1, int(cluster.get("CPU", 1.0) // max(job.decode_cpus, 0.01)))
-    columns = list(job.columns)
-    unit_col = table["unit"].to_numpy()
-    starts = np.searchsorted(unit_col, todo, side="left")
-    stops = np.searchsorted(unit_col, todo, side="right")
-    bounds = {u: (int(a), int(b)) for u, a, b in zip(todo, starts, stops, strict=True)}
-
-    def unit_input(u: int) -> bytes:
-        a, b = bounds[u]
-        part = table.slice(a, b - a).select(columns)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, part.schema) as w:
-            w.write_table(part)
-        return bytes(sink.getvalue().to_pybytes())
-
     progress = Progress(job.kind, *_pending(table, todo), len(todo), job.progress_seconds)
     try:
         entries = run_scheduled(
             todo,
-            unit_input,
+            unit_inputs(table, job.columns, todo),
             prepare=job.prepare,
             prepare_kwargs={"cfg": job.decode, "storage": storage.resolved()},
             prepare_options={
@@ -545,7 +539,7 @@ def _schedule(
             progress=progress,
             stall_seconds=ray_cfg.stall_seconds,
             # Enough prepared units to keep the first pool's queues full, and every CPU busy.
-            prepare_slots=max(decode_slots, 2 * first) + 1,
+            prepare_slots=max(decode_slots, DEPTH * first) + 1,
         )
     finally:
         forget_listings(job.out, storage)  # the workers wrote there

@@ -33,6 +33,7 @@ from typing import Any
 
 from spear.errors import SpearError
 from spear.pipeline.commit import commit_unit
+from spear.pipeline.job import pack, unpack
 from spear.pipeline.progress import Progress
 from spear.storage import StorageConfig
 
@@ -44,8 +45,6 @@ DEPTH = 2
 
 def prepare_unit(data: bytes, fn: Callable[..., dict[str, Any]], kwargs: dict[str, Any]) -> bytes:
     """The prepare task: ``fn(items, **kwargs)`` on one unit (decode, by default)."""
-    from spear.pipeline.job import pack, unpack
-
     return pack(fn(unpack(data), **kwargs))
 
 
@@ -58,8 +57,6 @@ def write_unit(
 ) -> dict[str, Any]:
     """The write task: ``writer`` builds the unit's files and entry; the commit protocol makes
     them final. Returns the committed entry (all the driver ever receives of a unit)."""
-    from spear.pipeline.job import unpack
-
     t0 = time.perf_counter()
     files, entry = writer(unit, unpack(data))
     name = entry.pop("name")
@@ -130,6 +127,7 @@ def run_scheduled(
     prepare_ref = ray.put(prepare)
     writer_ref = ray.put(writer)
     last = time.monotonic()
+    in_prep = 0  # prepare tasks in flight
 
     def submit() -> None:
         # Downstream first: finishing units frees memory before new ones enter.
@@ -139,7 +137,7 @@ def run_scheduled(
                 unit, ref = pool.ready.popleft()
                 pool.busy[i] += 1
                 pending[pool.actors[i].run.remote(ref)] = _Step(unit, k, i)
-        in_prep = sum(1 for s in pending.values() if s.stage == -1)
+        nonlocal in_prep
         waiting = len(actor_pools[0].ready) if actor_pools else 0
         while todo and in_prep + waiting < prepare_slots:
             unit = todo.popleft()
@@ -147,36 +145,46 @@ def run_scheduled(
             pending[ref] = _Step(unit, -1)
             in_prep += 1
 
-    with progress:
-        submit()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=min(stall_seconds, 10.0))
-            if not done:
-                if time.monotonic() - last > stall_seconds:
-                    raise SpearError(
-                        f"{progress.job}: no unit finished in {stall_seconds:g} s; the "
-                        "cluster may lack the resources the job asks for (see `ray status`), "
-                        "or raise the stall limit (ray.stall_seconds)"
-                    )
-                continue
-            for ref in done:
-                step = pending.pop(ref)
-                if step.stage >= 0 and step.stage < len(actor_pools):
-                    actor_pools[step.stage].busy[step.actor] -= 1
-                nxt = step.stage + 1
-                if step.stage == len(actor_pools):  # the write finished: the unit is done
-                    entry = ray.get(ref)
-                    entries.append(entry)
-                    progress.add(entry)
-                    last = time.monotonic()
-                elif nxt < len(actor_pools):
-                    actor_pools[nxt].ready.append((step.unit, ref))
-                else:
-                    pending[write.remote(step.unit, ref, writer_ref, out, storage)] = _Step(
-                        step.unit, len(actor_pools)
-                    )
+    try:
+        with progress:
             submit()
-    for pool in actor_pools:
-        for a in pool.actors:
-            ray.kill(a)
+            while pending:
+                done, _ = ray.wait(
+                    list(pending),
+                    num_returns=1,
+                    timeout=min(stall_seconds, 10.0),
+                    fetch_local=False,  # a unit's data stays with the workers
+                )
+                if not done:
+                    if time.monotonic() - last > stall_seconds:
+                        raise SpearError(
+                            f"{progress.job}: no unit finished in {stall_seconds:g} s; the "
+                            "cluster may lack the resources the job asks for (see `ray "
+                            "status`), or raise the stall limit (ray.stall_seconds)"
+                        )
+                    continue
+                for ref in done:
+                    step = pending.pop(ref)
+                    if step.stage == -1:
+                        in_prep -= 1
+                    elif step.stage < len(actor_pools):
+                        actor_pools[step.stage].busy[step.actor] -= 1
+                    nxt = step.stage + 1
+                    if step.stage == len(actor_pools):  # the write finished: the unit is done
+                        entry = ray.get(ref)
+                        entries.append(entry)
+                        progress.add(entry)
+                        last = time.monotonic()
+                    elif nxt < len(actor_pools):
+                        actor_pools[nxt].ready.append((step.unit, ref))
+                    else:
+                        pending[write.remote(step.unit, ref, writer_ref, out, storage)] = _Step(
+                            step.unit, len(actor_pools)
+                        )
+                submit()
+    finally:
+        # On failure too: a later job of this process (the demo runs several) gets the resources.
+        for pool in actor_pools:
+            for a in pool.actors:
+                ray.kill(a)
     return entries

@@ -198,7 +198,7 @@ def run_train(
     # The training workers hold their CPUs (and GPUs) for the whole run; data preparation
     # needs at least one more task's worth, or it never runs: Ray Data waits forever for it.
     fit_now(
-        [
+        lambda _: [
             Demand("train workers", cfg.num_workers, cfg.cpus_per_worker, 1.0 if use_gpu else 0.0),
             Demand("data preparation", 1, cfg.data.prep_cpus),
         ],

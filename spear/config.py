@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
@@ -30,8 +30,6 @@ from spear.stages.teachers import TeachersConfig
 from spear.stages.tokenize import TokenizeConfig
 from spear.storage import StorageConfig
 from spear.student.config import TrainConfig
-
-T = TypeVar("T")
 
 
 @dataclass(kw_only=True)
@@ -114,9 +112,8 @@ def load_config(
     return from_dict(SpearConfig, data)
 
 
-def dump_yaml(cfg: SpearConfig, *, redacted: bool = False) -> str:
-    """The config as YAML; ``redacted``: credentials masked (:func:`spear.credentials.redact`)."""
+def dump_yaml(cfg: SpearConfig) -> str:
+    """The config as YAML, credentials masked (:func:`spear.credentials.redact`)."""
     from spear.credentials import redact
 
-    data = to_dict(cfg)
-    return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)

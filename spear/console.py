@@ -19,7 +19,7 @@ from typing import Literal
 
 Verbosity = Literal["quiet", "normal", "verbose"]
 
-_STATE: dict[str, object] = {"verbosity": "normal", "log_file": None}
+_STATE: dict[str, object] = {"verbosity": "normal"}
 _RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune")
 
 
@@ -102,8 +102,6 @@ def route_ray_logs(out: str | None) -> Path | None:
     import ray.data  # noqa: F401  # configures Ray Data's loggers, which this adjusts
 
     path = log_file_for(out)
-    if _STATE["log_file"] == path:
-        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     file_handler = logging.FileHandler(path)
     file_handler.setLevel(logging.INFO)
@@ -127,5 +125,4 @@ def route_ray_logs(out: str | None) -> Path | None:
             logger.removeHandler(h)
             h.close()
         logger.addHandler(file_handler)
-    _STATE["log_file"] = path
     return path

@@ -21,6 +21,7 @@ variables), :func:`install_log_redaction` every log record of the process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -65,6 +66,7 @@ _PLAIN = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=4096)  # every log record asks it of every variable's name
 def is_credential_name(name: str) -> bool:
     """Whether ``name`` (a variable, key, option or query parameter) names a credential."""
     if name.lower() in _QUERY_NAMES:

@@ -55,15 +55,8 @@ import soundfile as sf
 
 from spear.errors import SpearError
 from spear.formats import SAMPLE_RATE
-from spear.shards import (
-    ShardEntry,
-    ShardError,
-    list_shards,
-    read_table,
-    shard_teachers,
-    shard_url,
-)
-from spear.shards.schema import TokenTeacherInfo, codes_from_bytes
+from spear.shards import ShardEntry, open_run, read_table, shard_url
+from spear.shards.schema import ITEM_COLUMNS, TokenTeacherInfo, codes_from_bytes
 from spear.storage import StorageConfig, filesystem, join, protocol_of, unstrip
 
 log = logging.getLogger(__name__)
@@ -200,24 +193,17 @@ def export_lhotse(
         raise SpearError(f"lhotse export writes to a local folder, got {dest!r}")
     if audio_format not in ("flac", "wav"):
         raise SpearError(f"Shar audio format must be flac or wav, got {audio_format!r}")
-    entries = list_shards(out, storage)
-    known = {t.prefix: t for t in (shard_teachers(out, storage) if entries else [])}
-    chosen = list(teachers) if teachers is not None else list(known)
-    unknown = [p for p in chosen if p not in known]
-    if unknown:
-        raise ShardError(f"teachers {unknown} are not in {out!r} (it has {list(known)})")
-    tinfo = [known[p] for p in chosen]
+    run = open_run(out, storage)
+    entries, tinfo = run.entries, run.select(teachers)
     dest = os.path.abspath(dest.removeprefix("file://"))
     os.makedirs(dest, exist_ok=True)
     summary = ExportSummary(dest=dest, layout="shar" if shar else "cuts")
     summary.fields = {codebook_field(t.prefix): 0 for t in tinfo}
-    columns = ["item_id", "source", "domain", "url", "start", "duration", "num_samples"]
-    columns += [f"{t.prefix}_codes" for t in tinfo]
+    columns = [*ITEM_COLUMNS, *(f"{t.prefix}_codes" for t in tinfo)]
+    _refuse_other_layout(dest, shar)
     if shar:
-        _refuse_other_layout(dest, shar)
         _export_shar(out, storage, entries, tinfo, columns, shard_size, audio_format, summary)
     else:
-        _refuse_other_layout(dest, shar)
         infos = read_manifest_info(manifest, storage) if manifest else {}
         _export_cuts(out, storage, entries, tinfo, columns, infos, summary)
     return summary
@@ -235,6 +221,30 @@ def _refuse_other_layout(dest: str, shar: bool) -> None:
     if found:
         other = "a cuts export" if shar else "a Shar export"
         raise SpearError(f"{dest} holds {other} ({found[0]}); export to another folder")
+
+
+def _custom_fields(
+    cols: dict[str, list[Any]],
+    i: int,
+    tinfo: list[TokenTeacherInfo],
+    start: float,
+    writers: dict[str, Any],
+    summary: ExportSummary,
+    final_paths: dict[str, str] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Row ``i``'s cut fields: domain, source, ``extra``, then the codes of each teacher that
+    ran on it (stored by ``writers[prefix]``, starting at ``start``; the manifest names
+    ``final_paths[prefix]`` when given)."""
+    custom: dict[str, Any] = {"domain": cols["domain"][i], "source": cols["source"][i], **extra}
+    for t in tinfo:
+        raw = cols[f"{t.prefix}_codes"][i]
+        if raw is not None:
+            f = codebook_field(t.prefix)
+            path = final_paths[t.prefix] if final_paths else None
+            custom[f] = _codes_field(t, raw, cols["item_id"][i], start, writers[t.prefix], path)
+            summary.fields[f] += 1
+    return custom
 
 
 def _codes_field(
@@ -302,24 +312,16 @@ def _export_cuts(
                 h5 = {t.prefix: staged(f"{codebook_field(t.prefix)}.{name}.h5") for t in tinfo}
                 pending += [part, *h5.values()]
                 writers = {p: NumpyHdf5Writer(tmp) for p, (tmp, _) in h5.items()}
+                final_h5 = {p: final for p, (_, final) in h5.items()}
                 try:
                     with gzip.open(part[0], "wt", encoding="utf-8") as shard_file:
                         for i in range(table.num_rows):
                             item, url, start = (cols[c][i] for c in ("item_id", "url", "start"))
                             if url not in infos:
                                 infos[url] = probe_info(url, storage)
-                            custom: dict[str, Any] = {
-                                "domain": cols["domain"][i],
-                                "source": cols["source"][i],
-                            }
-                            for t in tinfo:
-                                raw = cols[f"{t.prefix}_codes"][i]
-                                if raw is not None:
-                                    f = codebook_field(t.prefix)
-                                    custom[f] = _codes_field(
-                                        t, raw, item, start, writers[t.prefix], h5[t.prefix][1]
-                                    )
-                                    summary.fields[f] += 1
+                            custom = _custom_fields(
+                                cols, i, tinfo, start, writers, summary, final_h5
+                            )
                             cut = MonoCut(
                                 id=item,
                                 start=start,
@@ -379,6 +381,7 @@ def _export_shar(
 
     decode = _run_decode_config(out, storage, DecodeConfig)
     memory = MemoryRawWriter()
+    in_memory = {t.prefix: memory for t in tinfo}
     fields = {"recording": audio_format} | {codebook_field(t.prefix): "numpy" for t in tinfo}
     with SharWriter(summary.dest, fields=fields, shard_size=shard_size) as w:
         for e in entries:
@@ -407,18 +410,16 @@ def _export_shar(
                     num_samples=n,
                     duration=n / SAMPLE_RATE,
                 )
-                custom: dict[str, Any] = {
-                    "domain": cols["domain"][i],
-                    "source": cols["source"][i],
-                    "audio_url": cols["url"][i],
-                    "audio_start": cols["start"][i],
-                }
-                for t in tinfo:
-                    raw = cols[f"{t.prefix}_codes"][i]
-                    if raw is not None:
-                        f = codebook_field(t.prefix)
-                        custom[f] = _codes_field(t, raw, item, 0.0, memory)
-                        summary.fields[f] += 1
+                custom = _custom_fields(
+                    cols,
+                    i,
+                    tinfo,
+                    0.0,
+                    in_memory,
+                    summary,
+                    audio_url=cols["url"][i],
+                    audio_start=cols["start"][i],
+                )
                 cut = MonoCut(
                     id=item,
                     start=0.0,

@@ -226,14 +226,14 @@ def job_env(
     return env, sent, notes
 
 
-def default_resources(path: list[str], args: list[str]) -> tuple[float, float | None]:
-    """Entrypoint CPUs and GPUs by stage: drivers of Ray stages need one CPU; ``quantizer train``
-    trains in the driver itself, on a GPU unless ``--device cpu``."""
+def default_gpus(path: list[str], args: list[str]) -> float | None:
+    """Entrypoint GPUs by stage (every driver takes one CPU): ``quantizer train`` trains in the
+    driver itself, on a GPU unless ``--device cpu``."""
     if path == ["quantizer", "train"]:
         devices = [v for _, v in option_values(args, ("--device",))]
         if "cpu" not in devices:
-            return 1.0, 1.0
-    return 1.0, None
+            return 1.0
+    return None
 
 
 def parse_resources(text: str | None) -> dict[str, float] | None:
@@ -291,7 +291,6 @@ def prepare_job(
     for _, value in option_values(stage_args, url_options):
         if "://" not in value and not value.startswith("memory:") and not is_hub_id(value):
             notes.append(f"note: {value} is a local path: the job sees the head node's disk")
-    cpus, gpus = default_resources(path, stage_args)
     runtime_env: dict[str, Any] = {"env_vars": variables}
     if wdir:
         runtime_env["working_dir"] = wdir
@@ -303,8 +302,10 @@ def prepare_job(
         entrypoint=" ".join([spear_command, shlex.join([*path, *stage_args])]),
         submission_id=submission_id or f"spear-{'-'.join(path)}-{stamp}-{secrets.token_hex(2)}",
         runtime_env=runtime_env,
-        entrypoint_num_cpus=cpus if entrypoint_num_cpus is None else entrypoint_num_cpus,
-        entrypoint_num_gpus=gpus if entrypoint_num_gpus is None else entrypoint_num_gpus,
+        entrypoint_num_cpus=1.0 if entrypoint_num_cpus is None else entrypoint_num_cpus,
+        entrypoint_num_gpus=(
+            default_gpus(path, stage_args) if entrypoint_num_gpus is None else entrypoint_num_gpus
+        ),
         entrypoint_resources=resources,
         metadata={"spear_stage": " ".join(path), "spear_version": __version__},
         sent_secrets=sent,

@@ -83,18 +83,33 @@ def write_token_output(
 ) -> list[dict[str, Any]]:
     """A finished tokenize output at ``out`` whose shard N holds the items ``shards[N]``;
     returns the shards' commit entries. :func:`cut` makes the shards from a list of items."""
+    batches = [_batch(items, teachers) for items in shards]
+    return write_token_batches(out, batches, teachers, run_id=run_id, storage=storage)
+
+
+def write_token_batches(
+    out: str,
+    batches: Sequence[dict[str, Any]],
+    teachers: Sequence[TokenTeacherInfo],
+    *,
+    run_id: str = "test-run",
+    storage: StorageConfig | None = None,
+) -> list[dict[str, Any]]:
+    """A finished tokenize output at ``out`` whose shard N holds the rows of ``batches[N]``
+    (the tokenize actors' output columns), written and committed as the job's write tasks
+    do; returns the shards' commit entries."""
     from spear.pipeline.commit import commit_unit
     from spear.shards.writer import TokenShardWriter, write_index
 
     storage = storage or StorageConfig()
     writer = TokenShardWriter(tuple(teachers), run_id)
     entries = []
-    for shard, items in enumerate(shards):
-        files, entry = writer(shard, _batch(items, teachers))
+    for shard, batch in enumerate(batches):
+        files, entry = writer(shard, batch)
         name = entry.pop("name")
         entries.append(commit_unit(out, name, files, entry | {"unit": shard}, storage))
     write_index(out, entries, storage)
-    n = sum(len(items) for items in shards)
+    n = sum(len(b["item_id"]) for b in batches)
     plan = {"version": 2, "kind": "tokenize", "items": n, "units": len(entries), "digest": run_id}
     write_atomic(join(out, PLAN_FILE), json.dumps(plan).encode(), storage)
     summary = {"items": n, "shards": len(entries)}

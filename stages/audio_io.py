@@ -303,6 +303,19 @@ def raise_guard_error(f: GuardedFile, budget: Budget) -> None:
         raise StorageFailed(f.error)
 
 
+def open_guarded(raw: Any, budget: Budget, prefix: str = "") -> tuple[sf.SoundFile, GuardedFile]:
+    """libsndfile over the file object ``raw``, every read under ``budget``; a file it cannot
+    open is ``unreadable`` (the reason after ``prefix``) unless storage or the budget failed."""
+    f = GuardedFile(raw, budget)
+    try:
+        snd = sf.SoundFile(f, "r")
+    except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
+        raise_guard_error(f, budget)  # storage or the budget, not the bytes
+        reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
+        raise BadAudio("unreadable", prefix + reason) from err
+    return snd, f
+
+
 def seek_or_skip(
     snd: sf.SoundFile,
     f: GuardedFile,

@@ -326,11 +326,11 @@ def read_dasheng_checkpoint(
         raise CheckpointError(f"{str(path)!r} does not hold a state dict")
     inner = obj.get("model")
     require_family(path, "Dasheng", inner if isinstance(inner, dict) else obj)
-    if "model" in obj and isinstance(obj["model"], dict):
+    if isinstance(inner, dict):
         cfg = obj.get("config") or {}
         if not isinstance(cfg, dict):
             raise CheckpointError("Dasheng checkpoint's 'config' is not a plain dict")
-        return arch_from_config(cfg, default), package_to_ours(obj["model"]), "dasheng"
+        return arch_from_config(cfg, default), package_to_ours(inner), "dasheng"
     if any(k.startswith(("blocks.", "encoder.blocks.")) for k in obj):
         return default, package_to_ours(obj), "state_dict"
     raise CheckpointError(

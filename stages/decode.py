@@ -44,6 +44,7 @@ from spear.stages.audio_io import (
     check_format,
     chunk_frames,
     header_frames,
+    open_guarded,
     raise_guard_error,
     read_into,
     seek_or_skip,
@@ -209,13 +210,7 @@ def decode_segment(
                 raise _io_error(url, err) from err
 
         def open_sound(raw: Any = None) -> tuple[sf.SoundFile, GuardedFile]:
-            f = GuardedFile(raw if raw is not None else open_raw(), budget)
-            try:
-                snd = sf.SoundFile(f, "r")
-            except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
-                raise_guard_error(f, budget)
-                reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
-                raise BadAudio("unreadable", reason) from err
+            snd, f = open_guarded(raw if raw is not None else open_raw(), budget)
             return stack.enter_context(snd), f
 
         try:
@@ -229,8 +224,6 @@ def decode_segment(
             raise DecodeError(err.error_type, f"{url}: {err.message}") from None
         except StorageFailed as err:
             raise _io_error(url, err.error) from err
-        except DecodeError:
-            raise
         except sf.LibsndfileError as err:  # corrupt frames mid-stream
             raise DecodeError("unreadable", f"{url}: decoding failed: {err.error_string}") from err
 

@@ -33,7 +33,7 @@ from spear.stages.audio_io import (
     GuardedFile,
     StorageFailed,
     check_format,
-    raise_guard_error,
+    open_guarded,
     true_length,
 )
 from spear.storage import StorageConfig, canonical_url, check_url, filesystem, unstrip
@@ -268,13 +268,7 @@ def _probe(
             raw = stack.enter_context(
                 fs.open(path, "rb", block_size=block_size, cache_type="readahead")
             )
-            f = GuardedFile(raw, budget)
-            try:
-                snd = sf.SoundFile(f)
-            except Exception as err:  # LibsndfileError, or TypeError/ValueError on odd headers
-                raise_guard_error(f, budget)  # storage or the budget, not the bytes
-                reason = getattr(err, "error_string", None) or f"{type(err).__name__}: {err}"
-                raise BadAudio("unreadable", f"not readable as audio: {reason}") from err
+            snd, f = open_guarded(raw, budget, "not readable as audio: ")
             return stack.enter_context(snd), f
 
         snd, _ = open_sound(cfg.probe_block_size)

@@ -14,4 +14,4 @@ app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 def show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults <- --config file <- --set overrides) as YAML;
     credentials (URL user info, signatures) are shown as ***."""
-    typer.echo(dump_yaml(resolve(config, set_), redacted=True), nl=False)
+    typer.echo(dump_yaml(resolve(config, set_)), nl=False)

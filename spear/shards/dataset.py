@@ -100,12 +100,7 @@ class TokenShardDataset(IterableDataset[dict[str, Any]]):
         run = open_run(out, storage)
         self.storage = run.storage
         self.entries = run.entries
-        known = {t.prefix: t for t in run.teachers}
-        if teachers is not None:
-            unknown = [p for p in teachers if p not in known]
-            if unknown:
-                raise ShardError(f"teachers {unknown} are not in {out!r} (it has {list(known)})")
-        self.teachers = [known[p] for p in (teachers if teachers is not None else known)]
+        self.teachers = run.select(teachers)
         self.shuffle = shuffle
         self.seed = seed
         self.rank = rank

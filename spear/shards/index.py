@@ -141,6 +141,17 @@ class TokenRun:
     def num_rows(self) -> int:
         return sum(e.rows for e in self.entries)
 
+    def select(self, prefixes: Sequence[str] | None) -> list[TokenTeacherInfo]:
+        """The teachers named by ``prefixes`` in that order (all when None); a name the output
+        lacks is an error."""
+        known = {t.prefix: t for t in self.teachers}
+        if prefixes is None:
+            return list(self.teachers)
+        unknown = [p for p in prefixes if p not in known]
+        if unknown:
+            raise ShardError(f"teachers {unknown} are not in {self.out!r} (it has {list(known)})")
+        return [known[p] for p in prefixes]
+
 
 def open_run(out: str, storage: StorageConfig | None = None) -> TokenRun:
     """The indexed shards of ``out`` with their teachers, every shard's metadata checked.

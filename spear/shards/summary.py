@@ -66,7 +66,7 @@ class Inspection:
             "schema": self.metadata.get("schema"),
             "version": self.version,
             "run_id": self.metadata.get("run_id"),
-            "teachers": [_teacher_dict(t) for t in self.teachers],
+            "teachers": [t.as_dict() for t in self.teachers],
             "columns": {f.name: str(f.type) for f in self.schema},
             "shards": self.shards,
             "rows": self.rows,
@@ -101,12 +101,6 @@ class Inspection:
             )
         lines.append("columns: " + ", ".join(f"{f.name}:{f.type}" for f in self.schema))
         return "\n".join(lines)
-
-
-def _teacher_dict(t: TokenTeacherInfo) -> dict[str, Any]:
-    d = dict(t.__dict__)
-    d["domains"] = list(t.domains)
-    return d
 
 
 def inspect(url: str, storage: StorageConfig | None = None) -> Inspection:

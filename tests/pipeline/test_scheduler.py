@@ -149,7 +149,7 @@ def test_sizing_waits_for_resources_a_finished_job_still_holds(ray_cluster: str)
     ray.get(holder.ready.remote())
     threading.Timer(1.5, ray.kill, args=(holder,)).start()
     t0 = time.monotonic()
-    free = fit_now([Demand("t", 1, 2.0)], autoscaling=False)
+    free, _ = fit_now(lambda _: [Demand("t", 1, 2.0)], autoscaling=False)
     assert free["CPU"] >= 2.0 and time.monotonic() - t0 >= 1.0
     with pytest.raises(SpearError, match=r"needs 3 CPUs at once .* has 2 in all"):
-        fit_now([Demand("t", 1, 3.0)], autoscaling=False)  # never fits: no wait
+        fit_now(lambda _: [Demand("t", 1, 3.0)], autoscaling=False)  # never fits: no wait

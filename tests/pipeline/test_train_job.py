@@ -23,7 +23,7 @@ from spear.student.config import (
     TrainDataConfig,
 )
 from spear.student.model import Student
-from spear.testing import write_synthetic_output as write_token_output
+from spear.testing import write_synthetic_output
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def _cfg(**kw: object) -> TrainConfig:
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     out = tmp_path_factory.mktemp("tokens")
-    write_token_output(str(out), 12, (1.0, 1.8), seed=0, items_per_shard=6)
+    write_synthetic_output(str(out), 12, (1.0, 1.8), seed=0, items_per_shard=6)
     return str(out)
 
 

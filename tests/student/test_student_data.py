@@ -21,11 +21,11 @@ from spear.student.data import (
     prepare_batch,
 )
 from spear.student.recipe import check_heads
-from spear.testing import write_synthetic_output as write_token_output
+from spear.testing import write_synthetic_output
 
 
 def test_prepare_and_collate(tmp_path: Path) -> None:
-    teachers = write_token_output(str(tmp_path), 6, (0.5, 2.0), seed=0)
+    teachers = write_synthetic_output(str(tmp_path), 6, (0.5, 2.0), seed=0)
     run = open_run(str(tmp_path), StorageConfig())
     files, found = run.urls(), run.teachers
     assert found == teachers and len(files) == 1
@@ -68,7 +68,7 @@ def test_bucketer_bounds_seconds_and_groups_lengths() -> None:
 
 
 def test_heads_must_match_shards(tmp_path: Path) -> None:
-    teachers = write_token_output(str(tmp_path), 2, (1.0, 1.5))
+    teachers = write_synthetic_output(str(tmp_path), 2, (1.0, 1.5))
     ok = StudentConfig(
         preset="tiny",
         heads=(
@@ -86,7 +86,7 @@ def test_heads_must_match_shards(tmp_path: Path) -> None:
 def test_heads_take_their_shapes_from_the_shards(tmp_path: Path) -> None:
     from spear.student.recipe import heads_from_shards
 
-    teachers = write_token_output(str(tmp_path), 2, (1.0, 1.5))
+    teachers = write_synthetic_output(str(tmp_path), 2, (1.0, 1.5))
     heads = heads_from_shards(StudentConfig(preset="tiny"), teachers)  # default 16x256 heads
     check_heads(StudentConfig(preset="tiny", heads=heads), teachers)
     shapes = {h.name: (h.num_codebooks, h.frame_rate, h.weight_audio) for h in heads}
@@ -101,17 +101,16 @@ def test_the_student_reads_through_the_shard_contract(tmp_path: Path) -> None:
     import shutil
 
     out = tmp_path / "run"
-    write_token_output(str(out), 12, (1.0, 1.5), seed=0, items_per_shard=4)
+    write_synthetic_output(str(out), 12, (1.0, 1.5), seed=0, items_per_shard=4)
     shutil.copy(out / "tokens/shard-00000.parquet", out / "tokens/shard-00000 (copy).parquet")
     run = open_run(str(out), StorageConfig())
     assert len(run.urls()) == 3 and run.num_rows == 12  # the copy is not read twice
-    from spear.testing import TokenItem, teacher
-    from spear.testing import write_token_output as write_items
+    from spear.testing import TokenItem, teacher, write_token_output
 
     other = tmp_path / "other"
     mixed = [teacher("wavlm", 2, quantizer_id="mvq-another"), teacher("dasheng", 1)]
     item = TokenItem("x", 16000, codes={"wavlm": np.zeros((49, 2), np.uint8)})
-    write_items(str(other), [[item]], mixed)
+    write_token_output(str(other), [[item]], mixed)
     shutil.copy(other / "tokens/shard-00000.parquet", out / "tokens/shard-00001.parquet")
     with pytest.raises(SpearError, match="mvq-another"):
         open_run(str(out), StorageConfig())
