@@ -148,13 +148,30 @@ def _write_atomic(url: str, data: bytes, storage: StorageConfig) -> None:
     proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     if proto in ("file", "local"):
         parent = posixpath.dirname(path)
-        fs.makedirs(parent, exist_ok=True)
+        _makedirs_racing(parent)
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
         with fs.open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
+
+
+def _makedirs_racing(path: str, tries: int = 8) -> None:
+    """``makedirs`` that survives a concurrent writer removing an empty ancestor.
+
+    Attempts of one unit stage under a shared ``_work/attempts/NAME/``, which a losing attempt
+    removes once empty (``spear.pipeline.commit``). ``os.makedirs`` checks that ancestor, then
+    creates the child: an ``rmdir`` between the two fails the ``mkdir`` with FileNotFoundError.
+    Once the child exists the ancestor is not empty, so creating the whole chain again wins.
+    """
+    for i in range(tries):
+        try:
+            os.makedirs(path, exist_ok=True)
+            return
+        except FileNotFoundError:
+            if i == tries - 1:
+                raise
 
 
 def create_exclusive(url: str, data: bytes, storage: StorageConfig) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from spear.errors import StorageError
@@ -40,3 +43,26 @@ def test_s3_options_carry_the_endpoint_explicitly() -> None:
 def test_bad_urls_fail_with_a_clear_error(url: str) -> None:
     with pytest.raises(StorageError):
         check_url(url)
+
+
+def test_local_write_survives_a_concurrent_cleanup_of_an_empty_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race CI hit: another attempt removes the shared, empty ``attempts/NAME`` folder after
+    # makedirs checked it and before it created the attempt folder inside it.
+    shared = tmp_path / "attempts" / "shard-00000"
+    shared.mkdir(parents=True)
+    target = shared / "a1" / "tokens" / "x.parquet"
+    real_mkdir = os.mkdir
+    fired: list[str] = []
+
+    def mkdir_after_a_cleanup(path: str, *args: object, **kwargs: object) -> None:
+        if str(path) == str(shared / "a1") and not fired:
+            fired.append(str(path))
+            os.rmdir(shared)  # the loser's _remove_if_empty, at the worst moment
+        real_mkdir(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "mkdir", mkdir_after_a_cleanup)
+    write_atomic(str(target), b"payload", MEM)
+    assert fired, "the race was not staged"
+    assert target.read_bytes() == b"payload"
