@@ -158,7 +158,8 @@ def _write_atomic(url: str, data: bytes, storage: StorageConfig) -> None:
 
 
 def _makedirs_racing(path: str, tries: int = 8) -> None:
-    """``makedirs`` that survives a concurrent writer removing an empty ancestor.
+    """``makedirs`` that survives a concurrent writer removing an empty ancestor; every local
+    write, create and move here makes its folders with it.
 
     Attempts of one unit stage under a shared ``_work/attempts/NAME/``, which a losing attempt
     removes once empty (``spear.pipeline.commit``). ``os.makedirs`` checks that ancestor, then
@@ -188,7 +189,7 @@ def create_exclusive(url: str, data: bytes, storage: StorageConfig) -> bool:
     try:
         if proto in ("file", "local"):
             parent = posixpath.dirname(path)
-            fs.makedirs(parent, exist_ok=True)
+            _makedirs_racing(parent)
             tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -232,7 +233,7 @@ def move(src: str, dst: str, storage: StorageConfig) -> None:
     try:
         proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         if proto in ("file", "local"):
-            fs.makedirs(posixpath.dirname(dpath), exist_ok=True)
+            _makedirs_racing(posixpath.dirname(dpath))
             os.replace(spath, dpath)
         else:
             fs.mv(spath, dpath)
