@@ -10,7 +10,13 @@
 
 Reads are range reads: the file is opened through fsspec with the storage's block size and
 libsndfile seeks to the segment, so a 5 s segment of a 10-minute file on S3 fetches a few
-blocks, not the file.
+blocks, not the file. That holds for PCM, FLAC and Ogg by themselves; an MP3 (whose seek reads
+every frame before the position) needs the manifest row's seek point (:class:`SeekPoint`, from
+the probe's frame index), which :func:`decode_batch` takes from the row.
+
+The file is opened by :func:`spear.stages.audio_io.open_source`, which refuses special files
+and, given the row's ``file_version``, a file changed since the manifest (``changed``); every
+decoded chunk is checked for NaN/Inf (``non_finite``) before downmix and resampling.
 
 Bounds (:mod:`spear.stages.audio_io`): the header is checked before anything is read (sample
 rate, channels, a length its bytes can hold); the memory a segment needs is computed and

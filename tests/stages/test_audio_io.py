@@ -333,3 +333,34 @@ def test_mp3_segments_from_the_manifest_match_and_read_little(tmp_path: Path) ->
         assert np.abs(y.astype(np.int32) - ref).max() <= 1
     out = decode_rows(res.rows)
     assert list(out["error_type"]) == [""] * 5
+
+
+@pytest.mark.integration
+def test_mp3_segment_on_s3_reads_its_own_length(s3_server: Any, monkeypatch) -> None:
+    """The last 30 s of a 5-minute MP3 on S3: the seek point's decode fetches a few blocks, the
+    decode from the top fetches the file (benchmarks/decode.py --mp3-reads measures 20 min)."""
+    import s3fs.core
+
+    data, _ = _mp3(300.0)
+    url = s3_server.bucket("mp3seek") + "/five.mp3"
+    write_atomic(url, data, s3_server.storage)
+    res = probe_files([(url, -1, "speech")], "t", ManifestConfig(), s3_server.storage)
+    r = res.rows[-1]
+    fetched: list[int] = []
+    real = s3fs.core.S3File._fetch_range
+
+    def counting(self: Any, start: int, end: int) -> bytes:
+        fetched.append(end - start)
+        return bytes(real(self, start, end))
+
+    monkeypatch.setattr(s3fs.core.S3File, "_fetch_range", counting)
+    header = (r["seek_header_offset"], r["seek_header_bytes"])
+    seek = SeekPoint(r["seek_offset"], r["seek_sample"], header)
+    args = (r["url"], r["start"], r["duration"], DECODE, s3_server.storage)
+    y = decode_segment(*args, version=r["file_version"], seek=seek)
+    after = sum(fetched)
+    fetched.clear()
+    y0 = decode_segment(*args)
+    before = sum(fetched)
+    np.testing.assert_array_equal(y, y0)
+    assert before >= len(data) * 0.9 and after <= 2 << 20 and after < before / 3, (after, before)

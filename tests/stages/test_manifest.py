@@ -63,6 +63,11 @@ def test_item_ids_are_stable_and_distinct() -> None:
     a = item_id("s3://b/x.flac", 0)
     assert a == item_id("s3://b/x.flac", 0)
     assert a != item_id("s3://b/x.flac", 1) != item_id("s3://b/y.flac", 1)
+    # Another content version of the same file: other ids; "" keeps version 1's ids.
+    v = item_id("s3://b/x.flac", 0, "size=5,etag=a")
+    assert v == item_id("s3://b/x.flac", 0, "size=5,etag=a") != a
+    assert v != item_id("s3://b/x.flac", 0, "size=5,etag=b")
+    assert a == item_id("s3://b/x.flac", 0, "")
     assert a.endswith("-0000") and len(a) == 21
 
 
