@@ -437,7 +437,7 @@ def row_checks(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
             check["version"] = str(v["file_version"])
         elif "file_size" in v:
             check["expect_size"] = int(v["file_size"])
-        if int(v.get("seek_offset", 0)) > 0:
+        if int(v.get("seek_offset", 0)) > 0 and "seek_sample" in v:
             header = (int(v.get("seek_header_offset", 0)), int(v.get("seek_header_bytes", 0)))
             check["seek"] = SeekPoint(int(v["seek_offset"]), int(v["seek_sample"]), header)
         out.append(check)
