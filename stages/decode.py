@@ -249,7 +249,10 @@ def decode_segment(
         def open_sound(raw: Any = None) -> tuple[sf.SoundFile, GuardedFile]:
             raw = raw if raw is not None else open_raw()
             if splice is not None:
-                raw = SpliceFile(raw, splice.header, splice.offset, size)
+                try:  # reads the tag frame
+                    raw = SpliceFile(raw, splice.header, splice.offset, size)
+                except Exception as err:
+                    raise _io_error(url, err) from err
             snd, f = open_guarded(raw, budget)
             return stack.enter_context(snd), f
 
