@@ -12,6 +12,14 @@ is the best of ``--repeats`` runs of :func:`spear.stages.decode.decode_segment` 
 Quality: a 1 kHz sine's SNR after resampling to 16 kHz, the level of a 7 kHz tone (passband
 droop) and of 8.5 kHz and 10 kHz tones (aliases: above 16 kHz's Nyquist, they must vanish).
 
+MP3 range reads (``--mp3-reads``, nothing else runs): bytes fetched from an S3 API server (moto,
+on loopback) per decoded second, for every 30 s segment of a ``--mp3-minutes`` MP3, decoded from
+the top of the file (before: libsndfile's seek reads every frame up to the position) and from
+the manifest's seek point (after: a frame index built at probe time). Bytes are counted where
+s3fs fetches a range (``S3File._fetch_range``), with the storage's default 1 MiB blocks.
+
+    uv run python benchmarks/decode.py --mp3-reads [--mp3-minutes 20]
+
 The manifest probe rate (files/s against the S3 server) is its own claim: benchmarks/probe.py.
 """
 
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import os
 import sys
 import tempfile
@@ -30,8 +39,15 @@ import soundfile as sf
 import torch
 from rates import device_name, record  # benchmarks/rates.py
 
-from spear.stages.decode import RESAMPLERS, DecodeConfig, decode_segment, resample
-from spear.storage import StorageConfig
+from spear.stages.decode import (
+    RESAMPLERS,
+    DecodeConfig,
+    SeekPoint,
+    decode_segment,
+    resample,
+)
+from spear.stages.manifest import ManifestConfig, probe_files
+from spear.storage import StorageConfig, write_atomic
 
 # (label, sample rate, channels, soundfile format, subtype)
 SOURCES: list[tuple[str, int, int, str, str | None]] = [
@@ -151,12 +167,116 @@ def bench_quality() -> list[tuple[str, str, float, float, float, float]]:
     return rows
 
 
+def bench_mp3_reads(minutes: float) -> None:
+    """Print bytes fetched per decoded second for each segment of a long MP3 on S3, before
+    (from the top) and after (from the manifest's seek point)."""
+    import logging
+
+    import boto3
+    import s3fs.core
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
+            Bucket="bench"
+        )
+        storage = StorageConfig(endpoint_url=endpoint, region="us-east-1")
+        sr = 44100
+        buf = io.BytesIO()  # a minute at a time: the whole signal in float64 would be GBs
+        with sf.SoundFile(buf, "w", sr, 1, "MPEG_LAYER_III", format="MP3") as f:
+            for minute in range(math.ceil(minutes)):
+                f.write(speech_like(min(60.0, minutes * 60 - 60 * minute), sr, 1, seed=minute))
+        data = buf.getvalue()
+        url = "s3://bench/long.mp3"
+        write_atomic(url, data, storage)
+
+        fetched = [0]
+        real_fetch = s3fs.core.S3File._fetch_range
+
+        def counting(self: object, start: int, end: int) -> bytes:
+            fetched[0] += end - start
+            return bytes(real_fetch(self, start, end))
+
+        s3fs.core.S3File._fetch_range = counting  # type: ignore[method-assign]
+        t0 = time.perf_counter()
+        res = probe_files([(url, -1, "speech")], "bench", ManifestConfig(), storage)
+        probe_bytes, probe_s = fetched[0], time.perf_counter() - t0
+        assert not res.quarantine, res.quarantine
+        cfg = DecodeConfig(io_threads=1)
+        print(
+            f"MP3 {minutes:g} min, 44.1 kHz mono VBR, {len(data) / 1e6:.1f} MB on S3 (moto), "
+            f"{len(res.rows)} segments of {res.rows[0]['duration']:.0f} s; 1 MiB blocks"
+        )
+        print(
+            f"probe (length count + frame index): {probe_bytes / 1e6:.1f} MB read "
+            f"({probe_bytes / len(data):.1f}x the file), {probe_s:.1f} s"
+        )
+        print(
+            f"{'segment start':>14}{'before MB':>11}{'B/s before':>12}{'after MB':>10}"
+            f"{'B/s after':>11}{'s before':>10}{'s after':>9}"
+        )
+        totals = {"before": [0, 0.0], "after": [0, 0.0]}
+        decoded = 0.0
+        for r in res.rows:
+            line = []
+            for how in ("before", "after"):
+                seek = None
+                if how == "after":
+                    header = (r["seek_header_offset"], r["seek_header_bytes"])
+                    seek = SeekPoint(r["seek_offset"], r["seek_sample"], header)
+                fetched[0] = 0
+                t0 = time.perf_counter()
+                y = decode_segment(
+                    url,
+                    r["start"],
+                    r["duration"],
+                    cfg,
+                    storage,
+                    version=r["file_version"],
+                    seek=seek,
+                )
+                took = time.perf_counter() - t0
+                line.append((fetched[0], took, len(y)))
+                totals[how][0] += fetched[0]
+                totals[how][1] += took
+            assert line[0][2] == line[1][2]
+            decoded += r["duration"]
+            (b0, t_0, _), (b1, t_1, _) = line
+            print(
+                f"{r['start']:>13.0f}s{b0 / 1e6:>11.2f}{b0 / r['duration']:>12,.0f}"
+                f"{b1 / 1e6:>10.2f}{b1 / r['duration']:>11,.0f}{t_0:>10.2f}{t_1:>9.2f}"
+            )
+        (b0, t_0), (b1, t_1) = totals["before"], totals["after"]
+        print(
+            f"{'all':>14}{b0 / 1e6:>11.1f}{b0 / decoded:>12,.0f}{b1 / 1e6:>10.1f}"
+            f"{b1 / decoded:>11,.0f}{t_0:>10.1f}{t_1:>9.1f}"
+        )
+        print(
+            f"reads over the whole file: before {b0 / len(data):.1f}x its size, after "
+            f"{b1 / len(data):.2f}x; file bytes per audio second {len(data) / decoded:,.0f}"
+        )
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="segment length decoded")
     ap.add_argument("--repeats", type=int, default=5, help="timings per cell (best is kept)")
+    ap.add_argument("--mp3-reads", action="store_true", help="only the MP3 range-read table")
+    ap.add_argument("--mp3-minutes", type=float, default=20.0, help="length of that MP3")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.mp3_reads:
+        bench_mp3_reads(args.mp3_minutes)
+        return
 
     print(
         f"decode + resample to 16 kHz mono int16, {args.seconds:g} s segments, x real time / core"

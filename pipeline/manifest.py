@@ -14,6 +14,7 @@ Output layout under ``--out``::
 
     manifest/part-SSS-LLLLL-CCCCC.parquet    # MANIFEST_SCHEMA; the directory is the dataset
     quarantine/part-SSS-LLLLL-CCCCC.parquet  # QUARANTINE_SCHEMA
+    skipped/part-SSS-LLLLL.parquet           # SKIPPED_SCHEMA: listed paths that are no item
     _work/plan.json, _work/listing/...       # resume state
     _SUCCESS.json                            # summary of a finished run
 """
@@ -38,10 +39,11 @@ from spear.configio import to_dict
 from spear.credentials import redact
 from spear.errors import SpearError
 from spear.formats import (
-    MANIFEST_SCHEMA,
     MANIFEST_VERSION,
+    MANIFEST_WRITE_SCHEMA,
     parquet_bytes,
     quarantine_table,
+    skipped_table,
     with_metadata,
 )
 from spear.ray_utils import RayConfig, init_ray
@@ -49,7 +51,9 @@ from spear.stages.manifest import (
     ManifestConfig,
     SourceConfig,
     _is_list_file,
+    _is_local,
     list_source,
+    local_subfolders,
     probe_files,
 )
 from spear.storage import (
@@ -76,6 +80,8 @@ class ManifestSummary:
     hours: float = 0.0
     dropped_hours: float = 0.0
     quarantined: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Listed paths that became no item and no quarantine row, by reason (``skipped/``)."""
     duplicate_files: int = 0
     chunks: int = 0
     chunks_done_before: int = 0
@@ -88,9 +94,12 @@ class ManifestSummary:
             f", {self.chunks_done_before} chunks already done" if self.chunks_done_before else ""
         )
         dup = f"; WARNING {self.duplicate_files} files listed twice" if self.duplicate_files else ""
+        n_skip = sum(self.skipped.values())
+        skip = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items()))
         return (
             f"manifest: {self.files} files -> {self.items} items, {self.hours:.3f} h; "
-            f"{q} quarantined{' (' + reasons + ')' if q else ''}{resumed}{dup}; "
+            f"{q} quarantined{' (' + reasons + ')' if q else ''}; "
+            f"{n_skip} paths skipped{' (' + skip + ')' if n_skip else ''}{resumed}{dup}; "
             f"{self.wall_seconds:.1f} s -> {self.out}"
         )
 
@@ -101,8 +110,11 @@ def _listing_tasks(src: SourceConfig, storage: StorageConfig) -> list[tuple[Sour
     fs, path = filesystem(src.url, storage)
     if _is_list_file(src.url) or fs.isfile(path):
         return [(src, True)]
-    entries = fs.ls(path, detail=True)
-    subdirs = sorted(e["name"] for e in entries if e.get("type") == "directory")
+    if _is_local(fs):  # folder links followed, a link to a folder above left to the walk
+        subdirs = local_subfolders(path)
+    else:
+        entries = fs.ls(path, detail=True)
+        subdirs = sorted(e["name"] for e in entries if e.get("type") == "directory")
     if not subdirs:
         return [(src, True)]
     parts = [
@@ -114,14 +126,22 @@ def _listing_tasks(src: SourceConfig, storage: StorageConfig) -> list[tuple[Sour
 
 def _list_task(
     src: SourceConfig,
-    recursive: bool,
+    walk: tuple[bool, str],
     prefix: str,
     out: str,
     cfg: ManifestConfig,
     storage: StorageConfig,
 ) -> int:
-    """Ray task: list one source (or one folder of it) into listing chunks; returns #chunks."""
-    files = list_source(src, cfg, storage, recursive=recursive)
+    """Ray task: list one source (or one folder of it) into listing chunks and its skipped
+    paths; returns #chunks. ``walk``: (recursive, the URL of the source the folder is of)."""
+    recursive, root = walk
+    skipped: list[dict[str, str]] = []
+    files = list_source(src, cfg, storage, recursive=recursive, skipped=skipped, root=root)
+    write_atomic(
+        join(out, "skipped", f"part-{prefix}.parquet"),
+        parquet_bytes(skipped_table(sorted(skipped, key=lambda r: r["url"]))),
+        storage,
+    )
     n = cfg.files_per_task
     chunks = [files[i : i + n] for i in range(0, len(files), n)]
     for c, chunk in enumerate(chunks):
@@ -166,7 +186,7 @@ def _probe_batch(
             parquet_bytes(quarantine_table(res.quarantine)),
             storage,
         )
-        schema = with_metadata(MANIFEST_SCHEMA, "manifest", MANIFEST_VERSION)
+        schema = with_metadata(MANIFEST_WRITE_SCHEMA, "manifest", MANIFEST_VERSION)
         table = pa.Table.from_pylist(res.rows, schema=schema)
         # Written last: its presence marks the chunk done.
         write_atomic(join(out, "manifest", f"part-{part}.parquet"), parquet_bytes(table), storage)
@@ -219,6 +239,12 @@ def build_manifest(
     plan_url = join(out, PLAN)
     if exists(plan_url, storage):
         old = json.loads(read_bytes(plan_url, storage))
+        if old.get("version") != plan["version"]:
+            raise SpearError(
+                f"{out!r} holds a manifest of format version {old.get('version')}, this spear "
+                f"writes version {plan['version']}; it stays readable, but to build or resume "
+                "one here use another --out (or delete it)"
+            )
         if old != plan:
             raise SpearError(
                 f"{out!r} holds a manifest built from other sources or settings; "
@@ -245,7 +271,8 @@ def build_manifest(
             labels[prefix] = src.label()
             if exists(join(out, "_work/listing", f"{prefix}.done.json"), storage):
                 continue
-            pending.append(list_remote.remote(task_src, recursive, prefix, out, cfg, storage))
+            walk = (recursive, src.url)
+            pending.append(list_remote.remote(task_src, walk, prefix, out, cfg, storage))
     ray.get(pending)
 
     # 3. Probe chunks whose manifest part is missing.
@@ -300,6 +327,13 @@ def _summarise(out: str, storage: StorageConfig, summary: ManifestSummary) -> Ma
         q = pq.read_table(qpath, filesystem=fs_q, columns=["error_type"])
         reasons.update(q["error_type"].to_pylist())
         qfiles = q.num_rows
+    fs_s, spath = filesystem(join(out, "skipped"), storage)
+    skipped: Counter[str] = Counter()
+    if fs_s.exists(spath):
+        skipped.update(
+            pq.read_table(spath, filesystem=fs_s, columns=["reason"])["reason"].to_pylist()
+        )
+    summary.skipped = dict(skipped)
     summary.files = len(files) + qfiles
     summary.items = items
     summary.hours = seconds / 3600
@@ -327,7 +361,8 @@ def read_manifest(out: str, storage: StorageConfig, columns: list[str] | None = 
     fs, mpath = filesystem(join(out, "manifest"), storage)
     if not fs.exists(mpath):
         raise SpearError(f"no manifest at {out!r} (expected {join(out, 'manifest')})")
-    return pq.read_table(mpath, filesystem=fs, schema=MANIFEST_SCHEMA, columns=columns)
+    # Version 1 parts lack MANIFEST_V2_FIELDS: read as nulls (no provenance check, no seek).
+    return pq.read_table(mpath, filesystem=fs, schema=MANIFEST_WRITE_SCHEMA, columns=columns)
 
 
 def read_quarantine(out: str, storage: StorageConfig) -> pa.Table:

@@ -29,7 +29,10 @@ import pyarrow.parquet as pq
 
 from spear.credentials import redact
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2 added the provenance and seek columns (:data:`MANIFEST_V2_FIELDS`) and ids that hash the
+file's version; version 1 manifests are still read (those columns null)."""
+SKIPPED_VERSION = 1
 QUARANTINE_VERSION = 1
 EMBEDDING_SHARD_VERSION = 1
 
@@ -55,6 +58,32 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("format", pa.string(), nullable=False),  # soundfile's major format: WAV, FLAC, ...
         pa.field("subtype", pa.string(), nullable=False),  # PCM_16, FLOAT, VORBIS, ...
         pa.field("file_size", pa.int64(), nullable=False),  # bytes
+    ]
+)
+
+MANIFEST_V2_FIELDS = (
+    # What identifies the file's content: "size=N,mtime_ns=T" locally, "size=N,etag=E" (and
+    # ",versionid=V" in a versioned bucket) on S3. Decode compares it: a mismatch is `changed`.
+    pa.field("file_version", pa.string()),
+    # Where this segment's decode may start (MP3, from the frame index; 0: at the top): the
+    # byte offset, and the sample (at the file's rate) that decoding from there yields first.
+    pa.field("seek_offset", pa.int64()),
+    pa.field("seek_sample", pa.int64()),
+    # The Xing/Info frame to read before seek_offset (offset, bytes; 0 bytes: none).
+    pa.field("seek_header_offset", pa.int64()),
+    pa.field("seek_header_bytes", pa.int64()),
+)
+"""Columns version 2 manifests add; absent (null when read) in version 1 ones."""
+
+MANIFEST_WRITE_SCHEMA = pa.schema([*MANIFEST_SCHEMA, *MANIFEST_V2_FIELDS])
+"""What ``spear manifest`` writes: :data:`MANIFEST_SCHEMA` (every manifest's columns) plus
+:data:`MANIFEST_V2_FIELDS`."""
+
+SKIPPED_SCHEMA = pa.schema(
+    [
+        pa.field("url", pa.string(), nullable=False),  # the path or object
+        pa.field("reason", pa.string(), nullable=False),  # spear.stages.manifest.SKIP_REASONS
+        pa.field("message", pa.string(), nullable=False),  # what a person reads
     ]
 )
 
@@ -118,6 +147,11 @@ def quarantine_row(
         "error_type": error_type,
         "message": message,
     }
+
+
+def skipped_table(rows: list[dict[str, str]]) -> pa.Table:
+    schema = with_metadata(SKIPPED_SCHEMA, "skipped", SKIPPED_VERSION)
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 def quarantine_table(rows: list[dict[str, str]]) -> pa.Table:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from fsspec.core import url_to_fs
 
 from spear.errors import StorageError
 
@@ -97,10 +96,19 @@ def check_url(url: str) -> None:
 
 
 def filesystem(url: str, storage: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Resolve ``url`` to ``(filesystem, path)``; the path is what that filesystem expects."""
+    """Resolve ``url`` to ``(filesystem, path)``; the path is what that filesystem expects.
+
+    The URL is split once, at its ``proto://``, and the rest is a name: fsspec's own parser
+    (``url_to_fs``) reads ``a::b.wav`` as a chain of two URLs and ``?versionId=`` as an S3
+    option, so a file named that way would open another file or fail. Chained URLs
+    (``simplecache::s3://...``) are therefore not supported; every character a filesystem or
+    S3 allows in a name is.
+    """
     check_url(url)
+    proto = protocol_of(url)
     try:
-        fs, path = url_to_fs(url, **storage.options_for(protocol_of(url)))
+        fs = fsspec.filesystem(proto, **storage.options_for(proto))
+        path = fs._strip_protocol(url)
     except Exception as err:  # fsspec raises many types; the user needs the message
         raise StorageError(f"cannot open {url!r}: {err}") from None
     return fs, path

@@ -20,9 +20,12 @@ them into its own error with the file's URL in the message.
 from __future__ import annotations
 
 import errno
+import os
 import re
+import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,11 @@ ERROR_TYPES = (
     "timeout",
     "io",
     "internal",
+    "non_finite",
+    "changed",
+    "unsupported",
+    "dangling_link",
+    "special_file",
 )
 """Reasons a file or a segment is quarantined: ``empty`` (0 bytes or 0 frames), ``truncated``
 (less audio than the header or the manifest promised), ``unreadable`` (libsndfile cannot open or
@@ -45,7 +53,11 @@ decode it: random bytes, text, unsupported containers), ``bad_header`` (a sample
 count outside the configured bounds, or a length the file's bytes cannot hold), ``too_short``
 (below ``min_seconds``), ``too_long`` (over the configured longest file, or a segment needing more
 memory than allowed), ``timeout`` (over the per-file or per-segment time limit), ``io`` (storage
-failed), ``internal`` (a bug in spear; logged with its traceback)."""
+failed), ``internal`` (a bug in spear; logged with its traceback), ``non_finite`` (a NaN or
+infinite sample: a float file's bytes that are no audio), ``changed`` (the file's size, mtime,
+ETag or version differs from the manifest's: it was rewritten since), ``unsupported`` (audio
+libsndfile would decode only in part: a chained or multiplexed Ogg), ``dangling_link`` (a
+symbolic link to nothing), ``special_file`` (a named pipe, socket or device, not a file)."""
 
 SF_COUNT_MAX = 2**63 - 1
 """libsndfile's frame count for "unknown length" (e.g. a FLAC whose STREAMINFO says 0)."""
@@ -449,3 +461,354 @@ def _approximate_length(claim: int, sr: int, reopen: Reopen, cap: int, budget: B
             "decodes no further (a VBR MP3 without a Xing/Info tag); re-encode it with a tag",
         )
     return n
+
+
+# ---------------------------------------------------------------- the source file itself
+
+
+def content_version(size: int, info: dict[str, Any]) -> str:
+    """What identifies a file's content cheaply, from its listing/``info`` entry: the size plus
+    the store's own identity (S3's ETag and, in a versioned bucket, VersionId; a generation,
+    else a modification time). Two different versions of a file differ here; the same bytes
+    re-uploaded may not (an ETag is a content hash), which is what matters."""
+    parts = [f"size={size}"]
+    for key in ("ETag", "etag", "VersionId", "generation"):
+        value = info.get(key)
+        if value:
+            parts.append(f"{key.lower()}={str(value).strip(chr(34))}")
+    if len(parts) == 1:  # no content identity: the time it was written
+        for key in ("mtime_ns", "mtime", "LastModified", "last_modified", "updated", "created"):
+            value = info.get(key)
+            if value:
+                parts.append(f"{key.lower()}={value}")
+                break
+    return ",".join(parts)
+
+
+def _local_kind(mode: int) -> str | None:
+    for test, kind in (
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a directory"),
+    ):
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_local(path: str) -> os.stat_result:
+    """``os.stat`` of a local audio path, refusing what is no regular file before anything
+    opens it (opening a named pipe would wait for a writer forever): ``dangling_link``,
+    ``special_file``. A missing path raises FileNotFoundError (an ``io`` failure)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise BadAudio(
+                "dangling_link", f"a symbolic link to {os.readlink(path)!r}, which does not exist"
+            ) from None
+        raise
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise BadAudio("dangling_link", "a symbolic link that loops on itself") from None
+        raise
+    kind = _local_kind(st.st_mode)
+    if kind is not None:
+        raise BadAudio("special_file", f"{kind}, not a regular file")
+    return st
+
+
+def local_version(st: os.stat_result) -> str:
+    return content_version(st.st_size, {"mtime_ns": st.st_mtime_ns})
+
+
+def open_source(
+    fs: Any,
+    path: str,
+    *,
+    block_size: int,
+    cache_type: str,
+    expect_version: str | None = None,
+    expect_size: int | None = None,
+) -> tuple[Any, int, str]:
+    """Open an audio file for range reads: ``(file, size, content version)``. The one place
+    the manifest's probe and every decode (tokenize, ``spear decode``, the student's reader)
+    open a source, so all of them refuse the same things:
+
+    * a local path that is no regular file (:func:`check_local`);
+    * with ``expect_version`` (the manifest's ``file_version``), a file whose version now
+      differs; without it, with ``expect_size`` (an old manifest's ``file_size``), a file of
+      another size: ``changed``. The version is taken from the opened file (``fstat`` of the
+      open descriptor; s3fs's HEAD at open), so no extra request is made.
+
+    The caller closes the file. Storage errors propagate as they are."""
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if proto in ("file", "local"):
+        check_local(path)
+        raw = fs.open(path, "rb")
+        try:
+            st = os.fstat(getattr(raw, "f", raw).fileno())
+            size, version = st.st_size, local_version(st)
+            _check_version(version, size, expect_version, expect_size)
+        except BaseException:
+            raw.close()
+            raise
+        return raw, size, version
+    # A listing cached in this worker (the manifest's probe) may hold an older entry of an
+    # object rewritten since.
+    fs.invalidate_cache(path)
+    raw = fs.open(path, "rb", block_size=block_size, cache_type=cache_type)
+    try:
+        details = getattr(raw, "details", None) or fs.info(path)
+        size = int(details.get("size") or getattr(raw, "size", 0) or 0)
+        version = content_version(size, details)
+        _check_version(version, size, expect_version, expect_size)
+    except BaseException:
+        raw.close()
+        raise
+    return raw, size, version
+
+
+def _check_version(
+    version: str, size: int, expect_version: str | None, expect_size: int | None
+) -> None:
+    if expect_version:
+        if version != expect_version:
+            raise BadAudio(
+                "changed",
+                f"the file changed since the manifest was built ({expect_version} then, "
+                f"{version} now); build the manifest again to use its new content",
+            )
+    elif expect_size is not None and expect_size >= 0 and size != expect_size:
+        raise BadAudio(
+            "changed",
+            f"the file holds {size} bytes, the manifest recorded {expect_size}: it changed "
+            "since; build the manifest again to use its new content",
+        )
+
+
+def check_finite(block: np.ndarray, offset: int, sample_rate: int) -> None:
+    """Refuse a NaN or infinite sample (``non_finite``): a float file's bytes that are no
+    audio. Left alone, NaN becomes 0 and Inf a full-scale click in int16, and one such sample
+    through the resampler spoils its whole filter length. ``offset``: frames before ``block``."""
+    if block.dtype.kind != "f":
+        return
+    bad = ~np.isfinite(block)
+    if bad.any():
+        i = int(np.flatnonzero(bad.reshape(len(block), -1).any(axis=1))[0])
+        v = block.reshape(len(block), -1)[i][bad.reshape(len(block), -1)[i]][0]
+        raise BadAudio(
+            "non_finite",
+            f"sample {offset + i} ({(offset + i) / sample_rate:.3f} s) is {v}: "
+            f"{int(bad.sum())} non-finite values in this block",
+        )
+
+
+# ---------------------------------------------------------------- Ogg: one logical stream
+
+_OGG_MAX_PAGE = 27 + 255 + 255 * 255
+
+
+def _ogg_page(data: bytes, at: int) -> tuple[int, int, int] | None:
+    """``(serial, header_type, page bytes)`` of the Ogg page at ``at``; None if there is none."""
+    if data[at : at + 4] != b"OggS" or len(data) < at + 27 or data[at + 4] != 0:
+        return None
+    nsegs = data[at + 26]
+    if len(data) < at + 27 + nsegs:
+        return None
+    body = sum(data[at + 27 : at + 27 + nsegs])
+    serial = int.from_bytes(data[at + 14 : at + 18], "little")
+    return serial, data[at + 5], 27 + nsegs + body
+
+
+def _read_at(raw: Any, offset: int, n: int) -> bytes:
+    raw.seek(offset)
+    return bytes(raw.read(n))
+
+
+def check_single_ogg_stream(raw: Any, size: int) -> None:
+    """Refuse an Ogg file of several logical streams (``unsupported``): libsndfile decodes only
+    the first, so a chained file (streams one after another: concatenated recordings, a radio
+    capture) would silently lose the rest, and a multiplexed one (streams side by side) be
+    read in part. Three reads: the first page, the page after it (a second beginning-of-stream
+    page: multiplexed) and the last page (another serial number: chained). ``raw``'s position
+    is kept."""
+    pos = raw.tell()
+    try:
+        head = _read_at(raw, 0, 27 + 255)
+        first = _ogg_page(head, 0)
+        if first is None:
+            return
+        serial, _, length = first
+        second = _ogg_page(_read_at(raw, length, 27 + 255), 0)
+        if second is not None and second[1] & 0x02 and second[0] != serial:
+            raise BadAudio(
+                "unsupported",
+                "a multiplexed Ogg (several logical streams side by side); libsndfile would "
+                "decode only the first: demultiplex it",
+            )
+        start = max(0, size - _OGG_MAX_PAGE)
+        tail = _read_at(raw, start, size - start)
+        at = tail.rfind(b"OggS")
+        while at >= 0:
+            page = _ogg_page(tail, at)
+            if page is not None and at + page[2] == len(tail):
+                if page[0] != serial:
+                    raise BadAudio(
+                        "unsupported",
+                        "a chained Ogg (several logical streams one after another); libsndfile "
+                        "would decode only the first: split it or re-encode it as one stream",
+                    )
+                return
+            at = tail.rfind(b"OggS", 0, at)
+    finally:
+        raw.seek(pos)
+
+
+# ---------------------------------------------------------------- MP3: a seek index
+
+MP3_PREROLL_FRAMES = 12
+"""Frames decoded and dropped before a segment that starts mid-file: a Layer III frame may take
+its data from up to 511 bytes of earlier frames (the bit reservoir: 8 frames at the smallest
+bitrate) and overlaps its predecessor by one granule; after these the output is the same as a
+decode from the top."""
+
+
+def _mp3_frame(header: bytes) -> tuple[int, int, int] | None:
+    """``(bytes, samples per frame, side-info bytes)`` of a Layer III frame header, or None."""
+    length = mp3_frame_length(header)
+    if length is None:
+        return None
+    mpeg1 = (header[1] >> 3) & 3 == 3
+    mono = header[3] >> 6 == 3
+    side = (17 if mono else 32) if mpeg1 else (9 if mono else 17)
+    return length, 1152 if mpeg1 else 576, side
+
+
+@dataclass(frozen=True)
+class Mp3Index:
+    """Where a Layer III stream's audio frames start: frame ``k`` starts at byte
+    ``offsets[k]`` and decodes to samples ``k * samples_per_frame`` onwards (of libsndfile's
+    output for the whole file, encoder delay removed alike in both). ``header`` is the
+    ``(offset, bytes)`` of the Xing/Info frame: a decode from frame ``k`` reads that frame
+    first, so the decoder trims the same encoder delay as for the whole file."""
+
+    offsets: np.ndarray
+    samples_per_frame: int
+    header: tuple[int, int]
+
+
+def mp3_index(data: Callable[[int, int], bytes], size: int, decoded_frames: int) -> Mp3Index | None:
+    """The frame index of an MP3 of ``size`` bytes (``data(offset, n)`` reads it), or None
+    where there is no Xing/Info tag frame (libsndfile's length of a decode from mid-file would
+    be an estimate), the frames cannot be followed to the end (junk between frames, free
+    format, a VBRI header, Layer I/II) or their count does not match the ``decoded_frames``
+    libsndfile decoded: segments of such a file are decoded from the top."""
+    at = 0
+    head = data(0, 10)
+    if head[:3] == b"ID3" and len(head) == 10:  # an ID3v2 tag: a syncsafe size, and a footer
+        at = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+        at += 10 if head[5] & 0x10 else 0
+    window = data(at, 1 << 16)
+    first = window.find(b"\xff")
+    while 0 <= first < len(window) - 4 and not mp3_frames_follow(window[first : first + 8192]):
+        first = window.find(b"\xff", first + 1)
+    if first < 0 or first >= len(window) - 4:
+        return None
+    at += first
+    frame = _mp3_frame(window[first : first + 4])
+    if frame is None:
+        return None
+    length, spf, side = frame
+    tag = window[first + 4 + side : first + 8 + side]
+    if window[first + 36 : first + 40] == b"VBRI":
+        return None  # mpg123 does not read a VBRI frame as a tag: which frame is first is unsure
+    if tag not in (b"Xing", b"Info"):
+        # Without the tag libsndfile's length of a decode from frame k is an estimate from the
+        # bytes left, which may stop short of the whole file's decode.
+        return None
+    header = (at, length)
+    at += length
+    offsets: list[int] = []
+    block_at, block = at, b""
+    while at + 4 <= size:
+        if at + 4 > block_at + len(block):
+            block_at, block = at, data(at, 1 << 22)
+        f = _mp3_frame(block[at - block_at : at - block_at + 4])
+        if f is None or f[1] != spf:
+            break
+        offsets.append(at)
+        at += f[0]
+    rest = size - at
+    # What may follow the last frame: an ID3v1 tag (128 bytes), an APE tag, a Lyrics3 block.
+    if rest > 64 << 10 or not offsets:
+        return None
+    total = len(offsets) * spf
+    # The whole file's decode is the frames less the encoder delay and padding (12 bits each in
+    # the LAME tag) and the decoder's delay; a larger gap means frames the scan did not see.
+    if not 0 <= total - decoded_frames <= 2 * 4096 + 529 + spf:
+        return None
+    return Mp3Index(np.asarray(offsets, np.int64), spf, header)
+
+
+def mp3_seek_point(index: Mp3Index, first: int) -> tuple[int, int]:
+    """``(byte offset, sample)`` to decode from for a segment starting at sample ``first``:
+    the frame holding ``first`` less :data:`MP3_PREROLL_FRAMES`; ``(0, 0)`` near the top."""
+    k = first // index.samples_per_frame - MP3_PREROLL_FRAMES
+    if k <= 0 or k >= len(index.offsets):
+        return 0, 0
+    return int(index.offsets[k]), k * index.samples_per_frame
+
+
+class SpliceFile:
+    """A read-only file of the Xing/Info frame ``header`` (``(offset, bytes)`` of ``raw``)
+    followed by ``raw``'s bytes ``[start, size)``: an MP3 decoder given it sees the file's tag
+    (so it trims the same encoder delay), then the audio frames from ``start``. The tag's byte
+    count is set to this file's size: mpg123 warns on stderr where the two differ."""
+
+    def __init__(self, raw: Any, header: tuple[int, int], start: int, size: int) -> None:
+        self._raw = raw
+        self._head = _xing_with_bytes(_read_at(raw, *header), header[1] + size - start)
+        self._start = start
+        self._size = len(self._head) + size - start
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = self._size if n < 0 else min(self._size, self._pos + n)
+        out = b""
+        if self._pos < min(end, len(self._head)):
+            out = self._head[self._pos : min(end, len(self._head))]
+            self._pos += len(out)
+        if self._pos < end:
+            self._raw.seek(self._start + self._pos - len(self._head))
+            got = bytes(self._raw.read(end - self._pos))
+            out += got
+            self._pos += len(got)
+        return out
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        if base + offset < 0:
+            raise ValueError("seek before the start")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def _xing_with_bytes(frame: bytes, size: int) -> bytes:
+    """The Xing/Info frame ``frame`` with its stream byte count (when it has one) set to
+    ``size``."""
+    out = bytearray(frame)
+    for tag in (b"Xing", b"Info"):
+        at = out.find(tag)
+        if at >= 0 and len(out) >= at + 16:
+            flags = int.from_bytes(out[at + 4 : at + 8], "big")
+            if flags & 2:
+                q = at + 8 + (4 if flags & 1 else 0)
+                out[q : q + 4] = size.to_bytes(4, "big")
+            break
+    return bytes(out)

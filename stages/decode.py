@@ -10,7 +10,13 @@
 
 Reads are range reads: the file is opened through fsspec with the storage's block size and
 libsndfile seeks to the segment, so a 5 s segment of a 10-minute file on S3 fetches a few
-blocks, not the file.
+blocks, not the file. That holds for PCM, FLAC and Ogg by themselves; an MP3 (whose seek reads
+every frame before the position) needs the manifest row's seek point (:class:`SeekPoint`, from
+the probe's frame index), which :func:`decode_batch` takes from the row.
+
+The file is opened by :func:`spear.stages.audio_io.open_source`, which refuses special files
+and, given the row's ``file_version``, a file changed since the manifest (``changed``); every
+decoded chunk is checked for NaN/Inf (``non_finite``) before downmix and resampling.
 
 Bounds (:mod:`spear.stages.audio_io`): the header is checked before anything is read (sample
 rate, channels, a length its bytes can hold); the memory a segment needs is computed and
@@ -40,11 +46,15 @@ from spear.stages.audio_io import (
     Budget,
     GuardedFile,
     Reopen,
+    SpliceFile,
     StorageFailed,
+    check_finite,
     check_format,
+    check_single_ogg_stream,
     chunk_frames,
     header_frames,
     open_guarded,
+    open_source,
     raise_guard_error,
     read_into,
     seek_or_skip,
@@ -178,64 +188,107 @@ def to_int16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x * 32768.0), -32768, 32767).astype(AUDIO_DTYPE)
 
 
+@dataclass(frozen=True)
+class SeekPoint:
+    """Where a segment's decode starts, from the manifest (an MP3's frame index): the byte
+    ``offset`` and the ``sample`` (at the file's rate) decoding from there yields first, after
+    the Xing/Info frame ``header`` (``(offset, bytes)``; 0 bytes: none)."""
+
+    offset: int
+    sample: int
+    header: tuple[int, int] = (0, 0)
+
+
+SEEK_BLOCK_SIZE = 64 << 10
+"""Range-read block of a decode that starts at a :class:`SeekPoint`: it reads the tag frame
+at the top, the segment's frames and the decoder's look at the file's end, each a block, so a
+30 s segment of a 70 kbit/s MP3 costs ~7 requests and ~450 KB where 1 MiB blocks would fetch
+3-4 MiB (measured by benchmarks/decode.py --mp3-reads)."""
+
+
 def decode_segment(
     url: str,
     start: float,
     duration: float | None,
     cfg: DecodeConfig,
     storage: StorageConfig,
+    *,
+    version: str | None = None,
+    expect_size: int | None = None,
+    seek: SeekPoint | None = None,
 ) -> np.ndarray:
     """Decode ``duration`` seconds from ``start`` (``None``: to the end) of ``url`` to mono
     int16 at ``cfg.sample_rate``. Raises :class:`DecodeError`.
 
-    Only the bytes libsndfile asks for are fetched: the header, a seek (FLAC's seek search or
-    WAV's arithmetic) and the segment's blocks.
+    ``version`` (the manifest's ``file_version``) or, for manifests before version 2,
+    ``expect_size`` (its ``file_size``) are checked against the file opened: a file rewritten
+    since is ``changed`` (:func:`spear.stages.audio_io.open_source`). ``seek`` (an MP3 row's
+    seek point) starts the decode at that frame instead of the top.
+
+    Only the bytes libsndfile asks for are fetched: the header, a seek (FLAC's seek search,
+    WAV's arithmetic, an MP3's frame from the manifest) and the segment's blocks.
     """
     budget = Budget(cfg.timeout_seconds, "decode")
+    splice = seek if seek is not None and seek.offset > 0 else None
+    block_size = min(storage.block_size, SEEK_BLOCK_SIZE) if splice else storage.block_size
     try:
         fs, path = filesystem(url, storage)
-        # A listing cached in this worker (the manifest's probe) may hold an older size of an
-        # object rewritten since; reads past the real end would then fail as I/O errors.
-        fs.invalidate_cache(path)
     except Exception as err:  # storage layers raise many types; all are I/O failures here
         raise _io_error(url, err) from err
     with contextlib.ExitStack() as stack:
+        size = 0
 
         def open_raw() -> Any:
             try:
                 return stack.enter_context(
-                    fs.open(path, "rb", block_size=storage.block_size, cache_type=_CACHE_TYPE)
+                    fs.open(path, "rb", block_size=block_size, cache_type=_CACHE_TYPE)
                 )
             except Exception as err:
                 raise _io_error(url, err) from err
 
         def open_sound(raw: Any = None) -> tuple[sf.SoundFile, GuardedFile]:
-            snd, f = open_guarded(raw if raw is not None else open_raw(), budget)
+            raw = raw if raw is not None else open_raw()
+            if splice is not None:
+                try:  # reads the tag frame
+                    raw = SpliceFile(raw, splice.header, splice.offset, size)
+                except Exception as err:
+                    raise _io_error(url, err) from err
+            snd, f = open_guarded(raw, budget)
             return stack.enter_context(snd), f
 
         try:
-            raw = open_raw()
-            size = _size(raw)
+            try:
+                raw, size, _ = open_source(
+                    fs,
+                    path,
+                    block_size=block_size,
+                    cache_type=_CACHE_TYPE,
+                    expect_version=version,
+                    expect_size=expect_size,
+                )
+            except BadAudio:
+                raise
+            except Exception as err:
+                raise _io_error(url, err) from err
+            stack.enter_context(raw)
             if not size:
                 raise BadAudio("empty", "0 bytes")
             snd, f = open_sound(raw)
-            return _decode_open(snd, f, open_sound, size, start, duration, cfg, budget)
+            if splice is not None and snd.format != "MP3":
+                raise BadAudio(
+                    "unreadable", f"the manifest gives an MP3 seek point, the file is {snd.format}"
+                )
+            if snd.format == "OGG" and not version:
+                # No manifest's probe vouches for this file: refuse what would decode in part.
+                check_single_ogg_stream(raw, size)
+            origin = splice.sample if splice is not None else 0
+            return _decode_open(snd, f, open_sound, size, start, duration, cfg, budget, origin)
         except BadAudio as err:
             raise DecodeError(err.error_type, f"{url}: {err.message}") from None
         except StorageFailed as err:
             raise _io_error(url, err.error) from err
         except sf.LibsndfileError as err:  # corrupt frames mid-stream
             raise DecodeError("unreadable", f"{url}: decoding failed: {err.error_string}") from err
-
-
-def _size(raw: Any) -> int:
-    try:
-        raw.seek(0, 2)
-        size = int(raw.tell())
-        raw.seek(0)
-    except Exception as err:
-        raise StorageFailed(err) from err
-    return size
 
 
 def decode_bytes(frames: int, sample_rate: int, out_rate: int) -> int:
@@ -252,15 +305,17 @@ def _decode_open(
     duration: float | None,
     cfg: DecodeConfig,
     budget: Budget,
+    origin: int = 0,
 ) -> np.ndarray:
+    """``origin``: the sample of the file that ``snd``'s first frame is (a seek point's)."""
     check_format(snd, cfg.min_sample_rate, cfg.max_sample_rate, cfg.max_channels)
     sr = snd.samplerate
     if snd.frames == 0:
         raise BadAudio("empty", f"no audio frames ({snd.format}/{snd.subtype})")
     known = header_frames(snd, size)  # None: unknown or approximate, decoding tells
-    first = round(start * sr)
+    first = round(start * sr) - origin
     # The end is rounded on its own (not the length), so neighbouring segments tile the file.
-    want = None if duration is None else round((start + duration) * sr) - first
+    want = None if duration is None else round((start + duration) * sr) - origin - first
     if first < 0 or (known is not None and first > known) or (want is not None and want < 0):
         held = f"{known / sr:.3f} s" if known is not None else "an unknown length"
         raise BadAudio("truncated", f"segment starts at {start:.3f} s, file holds {held}")
@@ -271,13 +326,13 @@ def _decode_open(
     fast = snd.subtype == "PCM_16" and snd.channels == 1 and sr == cfg.sample_rate
     if want is None:  # to the end: stop one chunk past the memory limit
         limit = cfg.max_memory_bytes // decode_bytes(1, sr, cfg.sample_rate) + 1
-        mono = _read_mono(snd, f, limit, fast, budget)
+        mono = _read_mono(snd, f, limit, fast, budget, first + origin)
         if len(mono) >= limit:
             raise _too_long(len(mono), sr, cfg)
     else:
-        mono = _read_mono(snd, f, want, fast, budget)
+        mono = _read_mono(snd, f, want, fast, budget, first + origin)
     got = len(mono)
-    if got == 0 and first == 0:
+    if got == 0 and first + origin == 0:
         raise BadAudio("empty", f"decoding yields no audio frames ({snd.format}/{snd.subtype})")
     if want is not None and want - got > cfg.truncation_tolerance * sr:
         raise BadAudio(
@@ -301,9 +356,12 @@ def _too_long(frames: int, sr: int, cfg: DecodeConfig) -> BadAudio:
     )
 
 
-def _read_mono(snd: sf.SoundFile, f: GuardedFile, n: int, fast: bool, budget: Budget) -> np.ndarray:
-    """Up to ``n`` frames from the current position, downmixed chunk by chunk: int16 when
-    ``fast`` (16 kHz mono PCM_16, bit-exact), else float32."""
+def _read_mono(
+    snd: sf.SoundFile, f: GuardedFile, n: int, fast: bool, budget: Budget, offset: int = 0
+) -> np.ndarray:
+    """Up to ``n`` frames from the current position (frame ``offset`` of the file), downmixed
+    chunk by chunk: int16 when ``fast`` (16 kHz mono PCM_16, bit-exact), else float32, every
+    chunk checked for NaN and infinite samples (``non_finite``) before anything else sees it."""
     step = min(chunk_frames(snd.channels), max(1, n))
     buf = np.empty((step, snd.channels), np.int16 if fast else np.float32)
     parts: list[np.ndarray] = []
@@ -314,6 +372,7 @@ def _read_mono(snd: sf.SoundFile, f: GuardedFile, n: int, fast: bool, budget: Bu
         got = read_into(snd, buf[:want])
         raise_guard_error(f, budget)
         block = buf[:got]
+        check_finite(block, offset + total, snd.samplerate)
         if snd.channels > 1:
             parts.append(block.mean(axis=1, dtype=np.float32))
         else:
@@ -327,12 +386,18 @@ def _read_mono(snd: sf.SoundFile, f: GuardedFile, n: int, fast: bool, budget: Bu
 
 
 def _decode_row(
-    url: str, start: float, duration: float | None, cfg: DecodeConfig, storage: StorageConfig
+    url: str,
+    start: float,
+    duration: float | None,
+    cfg: DecodeConfig,
+    storage: StorageConfig,
+    check: dict[str, Any] | None = None,
 ) -> tuple[bytes, int, str, str]:
-    """(audio bytes, num_samples, error_type, error) for one row; never raises."""
+    """(audio bytes, num_samples, error_type, error) for one row; never raises. ``check``:
+    :func:`decode_segment`'s ``version``/``expect_size``/``seek``."""
     for attempt in range(cfg.io_retries + 1):
         try:
-            samples = decode_segment(url, start, duration, cfg, storage)
+            samples = decode_segment(url, start, duration, cfg, storage, **(check or {}))
             break
         except DecodeError as err:
             if err.transient and attempt < cfg.io_retries:
@@ -346,13 +411,49 @@ def _decode_row(
     return audio_to_bytes(samples), len(samples), "", ""
 
 
+PROVENANCE_COLUMNS = (
+    "file_version",
+    "file_size",
+    "seek_offset",
+    "seek_sample",
+    "seek_header_offset",
+    "seek_header_bytes",
+)
+"""Manifest columns :func:`decode_batch` uses where a batch carries them: the file's identity
+(checked: ``changed``) and an MP3 segment's seek point. A caller that decodes manifest items
+should carry them (``file_version`` at least); without them a changed file is not noticed."""
+
+
+def _present(v: Any) -> bool:
+    return v is not None and v == v and v != ""  # None, NaN (a null in numpy) and "" are absent
+
+
+def row_checks(batch: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Per row, :func:`decode_segment`'s keyword arguments from the batch's
+    :data:`PROVENANCE_COLUMNS` (those it has; nulls from a version 1 manifest are skipped)."""
+    cols = {c: list(batch[c]) for c in PROVENANCE_COLUMNS if c in batch}
+    out: list[dict[str, Any]] = []
+    for i in range(n):
+        v = {c: vals[i] for c, vals in cols.items() if _present(vals[i])}
+        check: dict[str, Any] = {}
+        if "file_version" in v:
+            check["version"] = str(v["file_version"])
+        elif "file_size" in v:
+            check["expect_size"] = int(v["file_size"])
+        if int(v.get("seek_offset", 0)) > 0 and "seek_sample" in v:
+            header = (int(v.get("seek_header_offset", 0)), int(v.get("seek_header_bytes", 0)))
+            check["seek"] = SeekPoint(int(v["seek_offset"]), int(v["seek_sample"]), header)
+        out.append(check)
+    return out
+
+
 def decode_batch(
     batch: dict[str, np.ndarray], cfg: DecodeConfig, storage: StorageConfig
 ) -> dict[str, np.ndarray]:
-    """Manifest rows -> audio batch. Needs ``url``; uses ``start`` (default 0) and ``duration``
-    (default: to the end). Every input column is carried; added: ``num_samples`` (int64),
-    ``audio`` (int16 LE bytes), ``error_type`` and ``error`` ("" for rows that decoded; failed
-    rows have empty audio and 0 samples)."""
+    """Manifest rows -> audio batch. Needs ``url``; uses ``start`` (default 0), ``duration``
+    (default: to the end) and the :data:`PROVENANCE_COLUMNS` it has. Every input column is
+    carried; added: ``num_samples`` (int64), ``audio`` (int16 LE bytes), ``error_type`` and
+    ``error`` ("" for rows that decoded; failed rows have empty audio and 0 samples)."""
     if "url" not in batch:
         raise ValueError(f"decode_batch needs a 'url' column, got {sorted(batch)}")
     urls = [str(u) for u in batch["url"]]
@@ -361,9 +462,10 @@ def decode_batch(
     durations: list[float | None] = (
         [float(d) for d in batch["duration"]] if "duration" in batch else [None] * n
     )
+    checks = row_checks(batch, n)
 
     def one(i: int) -> tuple[bytes, int, str, str]:
-        return _decode_row(urls[i], starts[i], durations[i], cfg, storage)
+        return _decode_row(urls[i], starts[i], durations[i], cfg, storage, checks[i])
 
     if cfg.io_threads > 1 and n > 1:
         with ThreadPoolExecutor(min(cfg.io_threads, n), thread_name_prefix="decode") as pool:

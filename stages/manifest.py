@@ -7,8 +7,15 @@ FLAC) or an approximate one (MP3) is counted by decoding the file, in bounded ch
 ``probe_timeout_seconds``. Files that cannot become an item (empty, truncated, not audio, a
 lying header, too short, too long, too slow to read) become quarantine rows with their reason.
 
-Item ids are ``<16 hex digits of blake2b(url)>-<segment index, 4 digits>``: the same inputs give
-the same ids, whichever machine lists them.
+Item ids are ``<16 hex digits of blake2b(url, file version)>-<segment index, 4 digits>``: the
+same file with the same content gives the same ids, whichever machine lists it; a file rewritten
+since the last manifest gets new ids. Every row records the file's version (size plus mtime
+locally, ETag/VersionId on S3), which every decode checks (``changed``). An MP3's rows also say
+where in the file each segment's decode may start (a frame index built at probe time), so a
+segment costs reads of its own length, not of its position.
+
+Listing turns every path into an item, a quarantine row, or a ``skipped`` row with its reason
+(:data:`SKIP_REASONS`); local folder links are followed, loops are skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import posixpath
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,9 +39,15 @@ from spear.stages.audio_io import (
     BadAudio,
     Budget,
     GuardedFile,
+    Mp3Index,
     StorageFailed,
     check_format,
+    check_single_ogg_stream,
+    mp3_index,
+    mp3_seek_point,
     open_guarded,
+    open_source,
+    raise_guard_error,
     true_length,
 )
 from spear.storage import StorageConfig, canonical_url, check_url, filesystem, unstrip
@@ -156,8 +170,12 @@ def parse_source(text: str, default_domain: str = "speech") -> SourceConfig:
     return SourceConfig(url=url, domain=domain, name=name)  # type: ignore[arg-type]
 
 
-def item_id(url: str, segment: int) -> str:
-    return f"{hashlib.blake2b(url.encode(), digest_size=8).hexdigest()}-{segment:04d}"
+def item_id(url: str, segment: int, version: str = "") -> str:
+    """``<16 hex digits of blake2b(url, version)>-<segment>``: the same file's same content
+    gets the same id on every machine; content rewritten since (another ``version``) a new one.
+    ``version=""`` gives the ids of manifests before version 2 (url only)."""
+    key = url if not version else f"{url}\0{version}"
+    return f"{hashlib.blake2b(key.encode(), digest_size=8).hexdigest()}-{segment:04d}"
 
 
 # ---------------------------------------------------------------- listing
@@ -167,11 +185,35 @@ def _is_list_file(url: str) -> bool:
     return url.lower().endswith(LIST_FILE_EXTENSIONS)
 
 
+SKIP_REASONS = ("not_audio", "spear_temporary", "symlink_loop", "unlistable_folder")
+"""Why a listed path is not probed (the manifest's ``skipped`` table): its extension is not in
+``extensions``; it is named like spear's own temporary files (``.tmp-*``, written beside a
+target and renamed); it is a folder link back to a folder above it; or its folder cannot be
+listed (permissions)."""
+
+
+def skipped_row(url: str, reason: str, message: str) -> dict[str, str]:
+    return {"url": url, "reason": reason, "message": message}
+
+
 def list_source(
-    src: SourceConfig, cfg: ManifestConfig, storage: StorageConfig, recursive: bool = True
+    src: SourceConfig,
+    cfg: ManifestConfig,
+    storage: StorageConfig,
+    recursive: bool = True,
+    *,
+    skipped: list[dict[str, str]] | None = None,
+    root: str | None = None,
 ) -> list[tuple[str, int, str]]:
     """All audio files of one source as sorted ``(url, size, domain)``; ``recursive=False``
-    lists only the files directly under a directory source."""
+    lists only the files directly under a directory source.
+
+    Every other path found is appended to ``skipped`` with its reason (:data:`SKIP_REASONS`).
+    Local folders reached through symbolic links are followed; a link back to a folder above it
+    (up to the filesystem root, through ``root``: the source this folder belongs to) is a
+    ``symlink_loop``. Links to nothing and special files (pipes, devices) are listed: the probe
+    quarantines them as ``dangling_link`` / ``special_file``."""
+    skipped = skipped if skipped is not None else []
     fs, path = filesystem(src.url, storage)
     exts = tuple("." + e.lower().lstrip(".") for e in cfg.extensions)
     out: list[tuple[str, int, str]] = []
@@ -189,6 +231,13 @@ def list_source(
             url = line if ("://" in line or line.startswith("/")) else _join_relative(base, line)
             out.append((canonical_url(url, storage), -1, domain))  # size probed later
         return sorted(set(out))
+    if _is_local(fs):
+        if not os.path.isdir(path):
+            return [(canonical_url(src.url, storage), -1, src.domain)]
+        _, root_path = filesystem(root or src.url, storage)
+        for p, size in walk_local(path, recursive, exts, skipped, above=root_path):
+            out.append((p, size, src.domain))
+        return sorted(out)
     if fs.isfile(path):
         return [(canonical_url(src.url, storage), int(fs.size(path)), src.domain)]
     if recursive:
@@ -196,9 +245,109 @@ def list_source(
     else:
         found = {e["name"]: e for e in fs.ls(path, detail=True) if e.get("type") == "file"}
     for p, info in found.items():
-        if p.lower().endswith(exts) and not posixpath.basename(p).startswith(".tmp-"):
+        reason = _skip_reason(posixpath.basename(p), exts)
+        if reason:
+            skipped.append(skipped_row(unstrip(fs, p), *reason))
+        else:
             out.append((unstrip(fs, p), int(info.get("size") or 0), src.domain))
     return sorted(out)
+
+
+def _is_local(fs: Any) -> bool:
+    proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return proto in ("file", "local")
+
+
+def _skip_reason(name: str, exts: tuple[str, ...]) -> tuple[str, str] | None:
+    if name.startswith(".tmp-"):
+        return "spear_temporary", "named like spear's temporary files (.tmp-*), which are not read"
+    if not name.lower().endswith(exts):
+        return "not_audio", f"its extension is not one of manifest.extensions {list(exts)}"
+    return None
+
+
+def _dir_key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def folder_keys_above(path: str) -> set[tuple[int, int]]:
+    """(device, inode) of ``path``'s real folder and every folder above it."""
+    keys = set()
+    real = os.path.realpath(path)
+    while True:
+        with contextlib.suppress(OSError):
+            keys.add(_dir_key(real))
+        parent = os.path.dirname(real)
+        if parent == real:
+            return keys
+        real = parent
+
+
+def walk_local(
+    path: str,
+    recursive: bool,
+    exts: tuple[str, ...],
+    skipped: list[dict[str, str]],
+    above: str | None = None,
+) -> Iterator[tuple[str, int]]:
+    """Files under the local folder ``path`` as ``(path, size)`` (size -1 where ``stat`` fails:
+    a dangling link, which the probe names), following folder links. A folder whose (device,
+    inode) is ``path``'s, one of its real parents, or one of ``above``'s and its parents, or a
+    folder already entered on the way down, would be listed again forever: ``symlink_loop``."""
+    seed = folder_keys_above(path) | (folder_keys_above(above) if above else set())
+    stack = [(path, frozenset(seed))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            skipped.append(skipped_row(folder, "unlistable_folder", f"{type(err).__name__}: {err}"))
+            continue
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                try:
+                    key = _dir_key(e.path)
+                except OSError as err:
+                    skipped.append(
+                        skipped_row(e.path, "unlistable_folder", f"{type(err).__name__}: {err}")
+                    )
+                    continue
+                if key in ancestors:
+                    target = os.path.realpath(e.path)
+                    msg = f"leads to {target}, a folder above it: following it never ends"
+                    skipped.append(skipped_row(e.path, "symlink_loop", msg))
+                    continue
+                if recursive:
+                    stack.append((e.path, ancestors | {key}))
+                continue
+            reason = _skip_reason(e.name, exts)
+            if reason:
+                skipped.append(skipped_row(e.path, *reason))
+                continue
+            try:
+                size = e.stat(follow_symlinks=True).st_size
+            except OSError:
+                size = -1
+            yield e.path, int(size)
+
+
+def local_subfolders(path: str) -> list[str]:
+    """The folders directly under local ``path`` (links to folders included) that are no link
+    back to ``path`` or a folder above it, sorted."""
+    above = folder_keys_above(path)
+    out = []
+    for e in sorted(os.scandir(path), key=lambda e: e.name):
+        try:
+            if e.is_dir(follow_symlinks=True) and _dir_key(e.path) not in above:
+                out.append(e.path)
+        except OSError:
+            continue
+    return out
 
 
 def _join_relative(base: str, rel: str) -> str:
@@ -221,6 +370,10 @@ class FileInfo:
     channels: int
     format: str
     subtype: str
+    version: str = ""
+    """What identifies this content (:func:`spear.stages.audio_io.content_version`)."""
+    mp3: Mp3Index | None = field(default=None, compare=False)
+    """An MP3's frame index: where each segment's decode may start."""
 
     @property
     def duration(self) -> float:
@@ -258,11 +411,13 @@ def _probe(
     url: str, size: int, storage: StorageConfig, cfg: ManifestConfig, budget: Budget
 ) -> FileInfo:
     fs, path = filesystem(url, storage)
-    if size < 0:
-        size = int(fs.size(path))
-    if size == 0:
-        raise BadAudio("empty", "file is empty (0 bytes)")
     with contextlib.ExitStack() as stack:
+        raw, size, version = open_source(
+            fs, path, block_size=cfg.probe_block_size, cache_type="readahead"
+        )
+        stack.enter_context(raw)
+        if size == 0:
+            raise BadAudio("empty", "file is empty (0 bytes)")
 
         def open_sound(block_size: int) -> tuple[sf.SoundFile, GuardedFile]:
             raw = stack.enter_context(
@@ -271,12 +426,20 @@ def _probe(
             snd, f = open_guarded(raw, budget, "not readable as audio: ")
             return stack.enter_context(snd), f
 
-        snd, _ = open_sound(cfg.probe_block_size)
+        snd, _ = open_guarded(raw, budget, "not readable as audio: ")
+        stack.enter_context(snd)
         check_format(snd, cfg.min_sample_rate, cfg.max_sample_rate, cfg.max_channels)
+        if snd.format == "OGG":
+            check_single_ogg_stream(raw, size)
         sr = snd.samplerate
         longest = math.ceil(cfg.max_file_seconds * sr)
         frames = true_length(snd, size, lambda: open_sound(cfg.count_block_size), longest, budget)
-        info = FileInfo(url, size, frames, sr, snd.channels, snd.format, snd.subtype)
+        index = None
+        if snd.format == "MP3" and frames > 0:
+            index = _mp3_index(fs, path, size, frames, cfg, budget, stack)
+        info = FileInfo(
+            url, size, frames, sr, snd.channels, snd.format, snd.subtype, version, index
+        )
     if info.frames <= 0:
         raise BadAudio("empty", f"no audio frames in {size} bytes of {info.format}/{info.subtype}")
     if info.duration > cfg.max_file_seconds:
@@ -284,6 +447,39 @@ def _probe(
             "too_long", f"{info.duration:.1f} s is over max_file_seconds {cfg.max_file_seconds:g}"
         )
     return info
+
+
+def _mp3_index(
+    fs: Any,
+    path: str,
+    size: int,
+    frames: int,
+    cfg: ManifestConfig,
+    budget: Budget,
+    stack: contextlib.ExitStack,
+) -> Mp3Index | None:
+    """The MP3's frame index (one more sequential read of the file, in ``count_block_size``
+    range reads), or None with a warning: its segments then decode from the top."""
+    raw = stack.enter_context(
+        fs.open(path, "rb", block_size=cfg.count_block_size, cache_type="readahead")
+    )
+    guarded = GuardedFile(raw, budget)
+
+    def data(offset: int, n: int) -> bytes:
+        guarded.seek(offset)
+        out = guarded.read(n)
+        raise_guard_error(guarded, budget)
+        return out
+
+    index = mp3_index(data, size, frames)
+    if index is None:
+        log.warning(
+            "%s: its MPEG frames cannot be indexed (no Xing/Info tag, junk between frames, free "
+            "format, a VBRI header or Layer I/II); each of its segments is decoded from the "
+            "top of the file",
+            fs.unstrip_protocol(path),
+        )
+    return index
 
 
 def segments(duration: float, domain: str, cfg: ManifestConfig) -> list[tuple[float, float]]:
@@ -313,10 +509,14 @@ def manifest_rows(
     """The items of one probed file, and the seconds dropped (a short audio tail)."""
     rows = []
     segs = segments(info.duration, domain, cfg)
+    header = info.mp3.header if info.mp3 is not None else (0, 0)
     for i, (start, dur) in enumerate(segs):
+        seek = (0, 0)
+        if info.mp3 is not None:
+            seek = mp3_seek_point(info.mp3, round(start * info.sample_rate))
         rows.append(
             {
-                "item_id": item_id(info.url, i),
+                "item_id": item_id(info.url, i, info.version),
                 "source": source,
                 "domain": domain,
                 "url": info.url,
@@ -329,6 +529,11 @@ def manifest_rows(
                 "format": info.format,
                 "subtype": info.subtype,
                 "file_size": info.size,
+                "file_version": info.version,
+                "seek_offset": seek[0],
+                "seek_sample": seek[1],
+                "seek_header_offset": header[0] if seek[0] else 0,
+                "seek_header_bytes": header[1] if seek[0] else 0,
             }
         )
     dropped = info.duration - sum(d for _, d in segs)

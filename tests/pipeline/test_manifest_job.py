@@ -153,3 +153,108 @@ def test_real_cli_binary_on_the_session_cluster(ray_cluster: str, tmp_path: Path
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("manifest: 15 files -> 8 items")
+
+
+def test_manifest_names_every_path_it_skips(ray_cluster: str, tmp_path: Path, capsys) -> None:
+    """Folder links are followed (the first level too), loops and temporaries and other
+    extensions are in the skipped table and the summary, dangling links and pipes in the
+    quarantine with their reasons, odd names are items."""
+    from spear.synth import encode, sine
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    wav = encode(sine(1.0, 16000, 440), 16000, "WAV", "PCM_16")
+    for path in (src / "a::b#c?.wav", src / "sub" / "-d[1].wav", elsewhere / "e%20.wav"):
+        path.write_bytes(wav)
+    (src / "sub" / ".tmp-0-x.wav").write_bytes(wav)
+    (src / "notes.txt").write_text("x")
+    os.symlink(elsewhere, src / "linked")
+    os.symlink(src, src / "sub" / "loop")
+    os.symlink(src, src / "top-loop")
+    os.symlink(tmp_path / "gone.wav", src / "dangling.wav")
+    os.mkfifo(src / "pipe.wav")
+    out = str(tmp_path / "m")
+    cli_ok("manifest", str(src), "--out", out)
+    line = capsys.readouterr().out
+    table = read_manifest(out, StorageConfig())
+    assert sorted(u.removeprefix(str(src) + "/") for u in table["url"].to_pylist()) == [
+        "a::b#c?.wav",
+        "linked/e%20.wav",
+        "sub/-d[1].wav",
+    ]
+    assert all(v.startswith("size=") for v in table["file_version"].to_pylist())
+    q = read_quarantine(out, StorageConfig())
+    assert sorted(zip(q["source"].to_pylist(), q["error_type"].to_pylist(), strict=True)) == [
+        (str(src / "dangling.wav"), "dangling_link"),
+        (str(src / "pipe.wav"), "special_file"),
+    ]
+    skipped = pq.read_table(str(tmp_path / "m" / "skipped"))
+    assert sorted(zip(skipped["url"].to_pylist(), skipped["reason"].to_pylist(), strict=True)) == [
+        (str(src / "notes.txt"), "not_audio"),
+        (str(src / "sub" / ".tmp-0-x.wav"), "spear_temporary"),
+        (str(src / "sub" / "loop"), "symlink_loop"),
+        (str(src / "top-loop"), "symlink_loop"),
+    ]
+    summary = json.loads((tmp_path / "m" / "_SUCCESS.json").read_text())
+    assert summary["skipped"] == {"not_audio": 1, "spear_temporary": 1, "symlink_loop": 2}
+    assert "4 paths skipped (not_audio 1, spear_temporary 1, symlink_loop 2)" in line
+
+
+def test_version_1_manifests_stay_readable(tmp_path: Path) -> None:
+    """A manifest written before the provenance columns reads with them null."""
+    from spear.formats import MANIFEST_SCHEMA, parquet_bytes, with_metadata
+
+    row = {
+        "item_id": "x-0000",
+        "source": "s",
+        "domain": "speech",
+        "url": "/a.wav",
+        "segment": 0,
+        "start": 0.0,
+        "duration": 1.0,
+        "file_duration": 1.0,
+        "sample_rate": 16000,
+        "channels": 1,
+        "format": "WAV",
+        "subtype": "PCM_16",
+        "file_size": 44,
+    }
+    import pyarrow as pa
+
+    (tmp_path / "manifest").mkdir()
+    table = pa.Table.from_pylist([row], schema=with_metadata(MANIFEST_SCHEMA, "manifest", 1))
+    (tmp_path / "manifest" / "part-0.parquet").write_bytes(parquet_bytes(table))
+    (tmp_path / "_SUCCESS.json").write_text("{}")
+    got = read_manifest(str(tmp_path), StorageConfig())
+    assert got.num_rows == 1 and got["file_version"].to_pylist() == [None]
+    assert got["file_size"].to_pylist() == [44]
+    cols = read_manifest(str(tmp_path), StorageConfig(), columns=["item_id", "file_version"])
+    assert cols.column_names == ["item_id", "file_version"]
+
+
+def test_manifest_of_odd_names_on_s3(ray_cluster: str, s3_server) -> None:
+    """Names fsspec reads as syntax, through the CLI on S3: items whose rows decode."""
+    import numpy as np
+
+    from spear.stages.decode import DecodeConfig, decode_batch
+    from spear.synth import encode, sine
+
+    bucket = s3_server.bucket("manifest-odd")
+    names = ["a::b.wav", "c#d?e.wav", "f%2Fg[1].wav", "-h.wav", ".tmp-1-i.wav"]
+    fs, _ = filesystem(bucket, s3_server.storage)
+    for name in names:
+        fs.pipe_file(
+            f"manifest-odd/src/{name}", encode(sine(1.0, 16000, 440), 16000, "WAV", "PCM_16")
+        )
+    out = f"{bucket}/out"
+    cli_ok("manifest", f"{bucket}/src", "--out", out, "--s3-endpoint", s3_server.endpoint)
+    table = read_manifest(out, s3_server.storage)
+    assert sorted(u.rsplit("/", 1)[1] for u in table["url"].to_pylist()) == sorted(names[:4])
+    assert all("etag=" in v for v in table["file_version"].to_pylist())
+    batch = {c: np.asarray(table[c].to_pylist(), dtype=object) for c in table.column_names}
+    decoded = decode_batch(batch, DecodeConfig(), s3_server.storage)
+    assert list(decoded["num_samples"]) == [16000] * 4, list(decoded["error"])
+    summary = json.loads(fs.cat_file("manifest-odd/out/_SUCCESS.json"))
+    assert summary["skipped"] == {"spear_temporary": 1}

@@ -26,6 +26,7 @@ import tracemalloc
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -44,7 +45,12 @@ PROBE = ManifestConfig(probe_timeout_seconds=5.0, audio_window_seconds=0.2)
 DECODE = DecodeConfig(timeout_seconds=5.0, io_threads=1, io_retries=0, min_seconds=0.0)
 # Files on local disk: ``io`` would be a misread header taken for a storage failure (and retried
 # in a job), ``internal`` a bug.
-REASONS = tuple(r for r in ERROR_TYPES if r not in ("io", "internal"))
+# ``changed``, ``dangling_link`` and ``special_file`` would be the harness's own doing.
+REASONS = tuple(
+    r
+    for r in ERROR_TYPES
+    if r not in ("io", "internal", "changed", "dangling_link", "special_file")
+)
 CASE_SECONDS = 10.0  # per case, probe and every decode together
 CASE_BYTES = 64 << 20  # peak traced Python allocation per case (numpy buffers included)
 CASE_RSS = 256 << 20  # peak resident memory per case over the one before it (C libraries too)
@@ -319,3 +325,182 @@ def test_values_cover_signed_and_past_end() -> None:
     assert _value("half", 4, 100, 0) == 2**31
     assert struct.unpack("<i", _value("minus_one", 4, 100, 0).to_bytes(4, "little"))[0] == -1
     assert _value("past_end", 4, 100, 7) == 108
+
+
+# ---------------------------------------------------------------- the input checks, fuzzed
+#
+# Derandomised like the mutation search; ``-m slow`` runs each 10x larger with random draws.
+
+FLOAT_FILES = [("WAV", "FLOAT"), ("WAV", "DOUBLE"), ("AIFF", "FLOAT"), ("CAF", "FLOAT")]
+FLOAT_FILES += [("AU", "DOUBLE"), ("W64", "FLOAT"), ("FLAC", "PCM_16")]
+NON_FINITE = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+@st.composite
+def float_file(draw: st.DrawFn) -> tuple[bytes, int, list[int]]:
+    """A float file with NaN/Inf at drawn frames; returns (bytes, rate, bad frames)."""
+    fmt, subtype = draw(st.sampled_from(FLOAT_FILES))
+    sr = draw(st.sampled_from([8000, 16000, 22050, 44100]))
+    channels = draw(st.integers(1, 4))
+    n = round(draw(st.floats(0.3, 1.5)) * sr)
+    x = sine(n / sr, sr, 440.0, channels).astype(np.float64).reshape(n, channels)
+    bad = (
+        []
+        if subtype.startswith("PCM")  # integer formats cannot hold them: decode must pass
+        else draw(st.lists(st.integers(0, n - 1), max_size=3, unique=True))
+    )
+    for frame in bad:
+        x[frame, draw(st.integers(0, channels - 1))] = draw(NON_FINITE)
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format=fmt, subtype=subtype)
+    return buf.getvalue(), sr, sorted(bad)
+
+
+def _fuzz_settings(examples: int, derandomize: bool) -> Any:
+    return settings(
+        max_examples=examples,
+        derandomize=derandomize,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+def _non_finite_search(tmp_path: Path, examples: int, derandomize: bool) -> Counter[str]:
+    seen: Counter[str] = Counter()
+
+    @_fuzz_settings(examples, derandomize)
+    @given(float_file())
+    def case(c: tuple[bytes, int, list[int]]) -> None:
+        data, sr, bad = c
+        path = tmp_path / "f.bin"
+        path.write_bytes(data)
+        res = probe_files([(str(path), -1, "audio")], "fuzz", PROBE, LOCAL)
+        assert res.rows and not res.quarantine, res.quarantine  # headers are fine
+        batch = {k: np.array([r[k] for r in res.rows], dtype=object) for k in res.rows[0]}
+        out = decode_batch(batch, DECODE, LOCAL)
+        for row, err in zip(res.rows, out["error_type"], strict=True):
+            lo = round(row["start"] * sr)
+            hi = round((row["start"] + row["duration"]) * sr)
+            want = "non_finite" if any(lo <= b < hi for b in bad) else ""
+            assert err == want, (row["start"], bad, err)
+            seen[err or "ok"] += 1
+        try:
+            decode_segment(str(path), 0.0, None, DECODE, LOCAL)
+            assert not bad
+        except DecodeError as err:
+            assert bad and err.error_type == "non_finite", err
+
+    case()
+    return seen
+
+
+def test_non_finite_samples_fuzzed(tmp_path: Path) -> None:
+    """Any NaN/Inf, anywhere, in any channel of any float format: exactly the windows holding
+    one are ``non_finite``; all others decode."""
+    seen = _non_finite_search(tmp_path, 300, derandomize=True)
+    assert seen["non_finite"] and seen["ok"], seen
+
+
+CHANGES = st.sampled_from(["append", "truncate", "same_bytes", "other_file", "flip_and_touch"])
+
+
+def _changed_search(tmp_path: Path, examples: int, derandomize: bool) -> None:
+    @_fuzz_settings(examples, derandomize)
+    @given(st.sampled_from(SEEDS), CHANGES, st.integers(1, 4096), st.sampled_from(SEEDS))
+    def case(seed: Seed, change: str, k: int, other: Seed) -> None:
+        path = tmp_path / seed.name
+        path.write_bytes(seed.data)
+        res = probe_files([(str(path), -1, "audio")], "fuzz", PROBE, LOCAL)
+        assert res.rows
+        st0 = path.stat()
+        data = seed.data
+        if change == "append":
+            data = data + bytes(k)
+        elif change == "truncate":
+            data = data[: max(1, len(data) - k)]
+        elif change == "other_file":
+            data = other.data if other.data != seed.data else seed.data + b"\0"
+        elif change == "flip_and_touch":
+            flipped = bytearray(data)
+            flipped[k % len(flipped)] ^= 0xFF
+            data = bytes(flipped)
+        path.write_bytes(data)
+        # Whatever the clock's resolution: the rewrite is later than the probe.
+        os.utime(path, ns=(st0.st_atime_ns, st0.st_mtime_ns + k))
+        batch = {k: np.array([r[k] for r in res.rows], dtype=object) for k in res.rows[0]}
+        out = decode_batch(batch, DECODE, LOCAL)
+        assert set(out["error_type"]) == {"changed"}, (change, list(out["error"]))
+        assert not any(out["audio"])
+
+    case()
+
+
+def test_changed_files_fuzzed(tmp_path: Path) -> None:
+    """A file rewritten after the probe in any way (longer, shorter, same bytes, another file,
+    one byte) decodes to no audio: every row of it is ``changed``."""
+    _changed_search(tmp_path, 300, derandomize=True)
+
+
+# Half the characters are ones fsspec, URLs or shells read as syntax ("::" chains URLs).
+SYNTAX = [*":#?%[]{}*-!~ &=+;,@$'\"\\.^`|<>", "::", "%2F", "%20", "?versionId"]
+NAME = (
+    st.lists(
+        st.one_of(
+            st.sampled_from(SYNTAX),
+            st.characters(blacklist_categories=("Cs", "Cc"), blacklist_characters="/"),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+    .map("".join)
+    .filter(lambda s: not s.startswith(".tmp-") and "?versionId=" not in s)
+)
+"""A file name: any character but ``/`` (NUL and controls left out: S3 APIs refuse them in
+XML listings). ``?versionId=`` is s3fs's own syntax, which it strips from any key."""
+
+
+def _names_search(root: str, storage: StorageConfig, examples: int, derandomize: bool) -> None:
+    from spear.stages.manifest import SourceConfig, list_source
+    from spear.storage import remove_tree, write_atomic
+
+    wav = _encode("WAV", "PCM_16", 16000, 1, 0.2)
+    counter = [0]
+
+    @_fuzz_settings(examples, derandomize)
+    @given(st.lists(NAME, min_size=1, max_size=3, unique=True))
+    def case(names: list[str]) -> None:
+        counter[0] += 1
+        folder = f"{root}/case{counter[0]}"
+        for name in names:
+            write_atomic(f"{folder}/{name}.wav", wav, storage)
+        listed = list_source(SourceConfig(url=folder), ManifestConfig(), storage)
+        found = sorted(u.rsplit("/", 1)[1] for u, _, _ in listed)
+        assert found == sorted(n + ".wav" for n in names)
+        res = probe_files(listed, "fuzz", PROBE, storage)
+        assert len(res.rows) == len(names) and not res.quarantine, res.quarantine
+        batch = {k: np.array([r[k] for r in res.rows], dtype=object) for k in res.rows[0]}
+        out = decode_batch(batch, DECODE, storage)
+        assert list(out["num_samples"]) == [3200] * len(names), list(out["error"])
+        remove_tree(folder, storage)
+
+    case()
+
+
+def test_odd_names_fuzzed_local(tmp_path: Path) -> None:
+    """Any name a filesystem allows (fsspec's syntax characters included) lists, probes and
+    decodes."""
+    _names_search(str(tmp_path), LOCAL, 200, derandomize=True)
+
+
+@pytest.mark.integration
+def test_odd_names_fuzzed_s3(s3_server: Any) -> None:
+    _names_search(s3_server.bucket("fuzznames"), s3_server.storage, 25, derandomize=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_input_checks_random_search(tmp_path: Path) -> None:
+    _non_finite_search(tmp_path, 800, derandomize=False)
+    _changed_search(tmp_path, 600, derandomize=False)
+    _names_search(str(tmp_path / "names"), LOCAL, 600, derandomize=False)

@@ -26,7 +26,7 @@ from spear.stages.manifest import (
     probe_files,
     segments,
 )
-from spear.storage import StorageConfig
+from spear.storage import StorageConfig, write_atomic
 from spear.synth import HostileFile, hostile_files, sine, write_corpus
 
 CFG = ManifestConfig()
@@ -63,6 +63,11 @@ def test_item_ids_are_stable_and_distinct() -> None:
     a = item_id("s3://b/x.flac", 0)
     assert a == item_id("s3://b/x.flac", 0)
     assert a != item_id("s3://b/x.flac", 1) != item_id("s3://b/y.flac", 1)
+    # Another content version of the same file: other ids; "" keeps version 1's ids.
+    v = item_id("s3://b/x.flac", 0, "size=5,etag=a")
+    assert v == item_id("s3://b/x.flac", 0, "size=5,etag=a") != a
+    assert v != item_id("s3://b/x.flac", 0, "size=5,etag=b")
+    assert a == item_id("s3://b/x.flac", 0, "")
     assert a.endswith("-0000") and len(a) == 21
 
 
@@ -409,3 +414,66 @@ def test_files_from_real_encoders(
     assert res.rows[0]["file_duration"] == pytest.approx(22.05, abs=0.1)  # + encoder delay
     decoded = decode_rows(res.rows)
     assert list(decoded["error_type"]) == [""] * len(res.rows), list(decoded["error"])
+
+
+# ---------------------------------------------------------------- nothing skipped silently
+
+
+def test_listing_follows_folder_links_and_names_every_skip(tmp_path: Path) -> None:
+    """Every path under a source becomes a listed file or a skipped row with its reason:
+    spear's temporaries, other extensions, links back up (loops); folders reached through a
+    link are listed; dangling links and pipes are listed (the probe names them)."""
+    from spear.stages.manifest import walk_local
+
+    root = tmp_path / "src"
+    (root / "a").mkdir(parents=True)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (root / "a" / "x.wav").write_bytes(b"RIFF")
+    (other / "y.flac").write_bytes(b"fLaC")
+    (root / "a" / ".tmp-1234-x.wav").write_bytes(b"RIFF")
+    (root / "notes.txt").write_text("not audio")
+    os.symlink(other, root / "linked")  # a folder through a link: followed
+    os.symlink(root, root / "a" / "up")  # a loop
+    os.symlink(tmp_path / "nowhere.wav", root / "dangling.wav")
+    os.mkfifo(root / "pipe.wav")
+    skipped: list[dict[str, str]] = []
+    listed = list_source(SourceConfig(url=str(root)), CFG, LOCAL, skipped=skipped)
+    names = {u.removeprefix(str(root) + "/"): size for u, size, _ in listed}
+    assert names == {"a/x.wav": 4, "linked/y.flac": 4, "dangling.wav": -1, "pipe.wav": 0}
+    reasons = {r["url"].removeprefix(str(root) + "/"): r["reason"] for r in skipped}
+    assert reasons == {
+        "a/.tmp-1234-x.wav": "spear_temporary",
+        "notes.txt": "not_audio",
+        "a/up": "symlink_loop",
+    }
+    # A listing task of one folder (the job splits a source so) finds the loop too: the
+    # source's folders are above it.
+    skipped = []
+    files = list(walk_local(str(root / "a"), True, (".wav",), skipped, above=str(root)))
+    assert [p for p, _ in files] == [str(root / "a" / "x.wav")]
+    assert {r["reason"] for r in skipped} == {"spear_temporary", "symlink_loop"}
+    # The probe gives the special paths their reasons, and an item to the rest.
+    res = probe_files(listed, "t", CFG, LOCAL)
+    got = {q["source"].rsplit("/", 1)[1]: q["error_type"] for q in res.quarantine}
+    assert got == {
+        "x.wav": "unreadable",
+        "y.flac": "unreadable",
+        "dangling.wav": "dangling_link",
+        "pipe.wav": "special_file",
+    }
+
+
+@pytest.mark.integration
+def test_listing_of_s3_names_skips(s3_server: Any) -> None:
+    storage = s3_server.storage
+    root = s3_server.bucket("skips") + "/src"
+    for name in ("a.wav", "sub/b.flac", "sub/.tmp-9-b.flac", "readme.md"):
+        write_atomic(f"{root}/{name}", b"x", storage)
+    skipped: list[dict[str, str]] = []
+    listed = list_source(SourceConfig(url=root), CFG, storage, skipped=skipped)
+    assert [u.rsplit("/", 1)[1] for u, _, _ in listed] == ["a.wav", "b.flac"]
+    assert sorted((r["url"].rsplit("/", 1)[1], r["reason"]) for r in skipped) == [
+        (".tmp-9-b.flac", "spear_temporary"),
+        ("readme.md", "not_audio"),
+    ]
