@@ -5,14 +5,21 @@ Commands only parse options into configs and call library functions. Known error
 they arrive wrapped by Ray from a task or an actor's start-up; ``--debug`` or ``SPEAR_DEBUG=1``
 shows the traceback. Credentials are masked in that line and in every log record
 (:mod:`spear.credentials`).
+
+The ``spear`` console script is :func:`entry`: it runs :func:`main`, then ends the process
+itself (:func:`exit_process`), so that a native thread pool still winding down cannot turn the
+documented status into an abort (see there). :func:`run` runs the CLI in-process (tests).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 import typer
@@ -178,5 +185,45 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the process with ``code`` after what would run at exit, without Python's final
+    garbage collection and C++ static destructors.
+
+    Why: native pools outlive the work they did. An Arrow worker thread that read a Parquet
+    file through a Python file object can still be dropping its last buffer, a Python object,
+    when the interpreter finalises; it then asks for the GIL, Python ends the thread with
+    ``pthread_exit``, and the forced unwind through Arrow's C++ frames calls
+    ``std::terminate`` ("terminate called without an active exception", exit 134 instead of
+    the documented status; apache/arrow#34314). ``spear quantizer eval`` on embeddings of the
+    wrong dimension did so in about half of its runs. So: join non-daemon threads and run the
+    exit handlers (Ray's shutdown, logging's flush, executors' joins) exactly as finalisation
+    would, flush the streams, and leave with ``os._exit``."""
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed pipe or stream: nothing more can be said.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The ``spear`` console script: :func:`main`, then :func:`exit_process` with its status
+    (a bug's traceback is printed and gives status 1, as Python would)."""
+    code = 0
+    try:
+        main()
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+        if err.code is not None and not isinstance(err.code, int):
+            print(err.code, file=sys.stderr)
+    except BaseException:  # a bug (main shows it with its traceback) or a second Ctrl-C
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()
