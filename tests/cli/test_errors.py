@@ -4,8 +4,11 @@ it is quarantined and the job succeeds.
 
 The embeddings and quantiser inputs (missing, unfinished, not a quantiser, training checkpoints
 of any kind, wrong dimensions in eval) are walked in ``tests/quantizer/test_quantizer_cli.py``.
-Cases that need Ray (a teacher checkpoint is read in its actor) share the session cluster of
-``tests/conftest.py``; the rest start none.
+Cases that need a finished manifest share the session cluster of ``tests/conftest.py`` to build
+it; the checks themselves run on the driver before any job work. The rest start no Ray.
+
+In-process runs cannot show an abort at interpreter exit: ``test_user_errors_exit_2_every_time``
+runs the console script as a process, three times per case.
 """
 
 from __future__ import annotations
@@ -337,16 +340,16 @@ def test_bad_audio_is_quarantined_not_an_error(manifest: str) -> None:
     assert done["items"] >= 3
 
 
-def _quantizer(url: str, dim: int, teacher: str) -> str:
+def _quantizer(url: str, dim: int, teacher: str, weights: str = "") -> str:
     import torch
 
     from spear.pipeline.quantize import save_quantizer
     from spear.quantizer.mvq import Quantizer, QuantizerInfo
     from spear.storage import StorageConfig
 
-    q = Quantizer(
-        QuantizerInfo(dim=dim, num_codebooks=2, codebook_size=16, teacher=teacher, layer=2)
-    )
+    info = QuantizerInfo(dim=dim, num_codebooks=2, codebook_size=16, teacher=teacher, layer=2)
+    info.teacher_weights = weights
+    q = Quantizer(info)
     with torch.no_grad():
         q.centers.normal_()
     save_quantizer(q, url, StorageConfig())
@@ -355,23 +358,33 @@ def _quantizer(url: str, dim: int, teacher: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("dim", "teacher", "phrase"),
+    ("dim", "teacher", "weights", "phrase"),
     [
-        (32, "wavlm-tiny", "is for 32-d embeddings; teacher wavlm-tiny gives 64-d"),
-        (64, "dasheng-tiny", "was trained on dasheng-tiny embeddings, not wavlm-tiny"),
+        (32, "wavlm-tiny", "", "is for 32-d embeddings; teacher wavlm-tiny gives 64-d"),
+        (64, "dasheng-tiny", "", "was trained on dasheng-tiny embeddings, not wavlm-tiny"),
+        (
+            64,
+            "wavlm-tiny",
+            "random",
+            "was trained on embeddings of wavlm-tiny with random weights, but teacher wavlm-tiny "
+            "runs with checkpoint sha256",
+        ),
     ],
-    ids=["wrong-dimension", "wrong-teacher"],
+    ids=["wrong-dimension", "wrong-teacher", "other-weights"],
 )
 def test_a_quantiser_that_does_not_fit_the_teacher(
     manifest: str,
     dim: int,
     teacher: str,
+    weights: str,
     phrase: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    q = _quantizer(str(tmp_path / "q"), dim, teacher)
-    argv = ["tokenize", "--manifest", manifest, "--out", str(tmp_path / "t")]
+    q = _quantizer(str(tmp_path / "q"), dim, teacher, weights)
+    argv = ["tokenize", "--manifest", manifest, "--out", str(tmp_path / "t"), "--random-teachers"]
+    if weights:  # real weights for the teacher, a quantiser trained on random ones
+        argv += ["--wavlm-checkpoint", str(_wavlm_folder(tmp_path / "w"))]
     line = one_error_line([*argv, "--wavlm", "wavlm-tiny", "--wavlm-quantizer", q], capsys)
     assert q in line and phrase in line, line
 
@@ -427,23 +440,48 @@ def _checkpoint(kind: str, root: Path) -> tuple[str, str, list[str]]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "kind",
-    [
-        # One tokenize run each (~10 s): one case in the default run, the others with -m slow.
-        pytest.param("wavlm-folder-as-dasheng", marks=pytest.mark.slow),
-        pytest.param("dasheng-as-wavlm", marks=pytest.mark.slow),
-        pytest.param("garbage", marks=pytest.mark.slow),
-        "pickle",
-    ],
+    "kind", ["wavlm-folder-as-dasheng", "dasheng-as-wavlm", "garbage", "pickle", "wrong-shape"]
 )
 def test_a_teacher_checkpoint_that_is_wrong(
     manifest: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Read in the teacher's actor: the error crosses Ray and still arrives as one line."""
-    teacher, ckpt, phrases = _checkpoint(kind, tmp_path)
+    """Read on the driver against the preset before any actor starts: one line, and nothing
+    of the job written."""
+    if kind == "wrong-shape":
+        import torch
+
+        from spear.stages.dasheng import build_dasheng, dasheng_tiny
+
+        state = build_dasheng(dasheng_tiny()).state_dict()
+        state["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 64)
+        torch.save(state, tmp_path / "shape.pt")
+        teacher, ckpt = "dasheng", str(tmp_path / "shape.pt")
+        phrases = ["'blocks.0.mlp.fc1.weight' has shape (5, 64)"]
+    else:
+        teacher, ckpt, phrases = _checkpoint(kind, tmp_path)
     argv = ["embed", "--manifest", manifest, "--out", str(tmp_path / "e"), "--domain", "all"]
     argv += ["--teacher", teacher, "--name", f"{teacher}-tiny", "--checkpoint", ckpt]
     line = one_error_line(argv, capsys)
     assert ckpt in line, line
     for phrase in phrases:
         assert phrase in line, line
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", ["embed", "tokenize"])
+def test_random_teachers_need_the_flag(
+    manifest: str, stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No checkpoint and no --random-teachers: one line before any job work; with the flag the
+    run says once that its weights are random."""
+    out = str(tmp_path / "o")
+    if stage == "embed":
+        argv = ["embed", "--manifest", manifest, "--out", out, "--name", "wavlm-tiny"]
+    else:
+        q = _quantizer(str(tmp_path / "q"), 64, "wavlm-tiny")
+        argv = ["tokenize", "--manifest", manifest, "--out", out, "--wavlm", "wavlm-tiny"]
+        argv += ["--wavlm-quantizer", q]
+    line = one_error_line(argv, capsys)
+    assert "teacher wavlm-tiny has no checkpoint and would run with random weights" in line
+    assert "--random-teachers" in line and not Path(out).exists()

@@ -283,6 +283,28 @@ def test_eval_on_the_wrong_dimension_exits_2_every_time(
         assert len(lines) == 1 and phrase in lines[0], done.stderr
 
 
+def test_the_quantiser_records_the_teacher_weights_of_its_embeddings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From the embeddings' metadata (spear embed writes checkpoint_sha256, null for random
+    weights); eval refuses embeddings of other weights in one line."""
+    x = mixture_of_low_rank_gaussians(1500, 16)
+    rand, real = str(tmp_path / "emb-random"), str(tmp_path / "emb-real")
+    write_embedding_shards(rand, x, teacher="wavlm-tiny", layer=2, checkpoint_sha256=None)
+    write_embedding_shards(real, x, teacher="wavlm-tiny", layer=2, checkpoint_sha256="ef" * 32)
+    out = str(tmp_path / "q")
+    ok(train_args(rand, out))
+    assert "trained on wavlm-tiny, layer 2, random weights" in capsys.readouterr().out
+    q = load_quantizer(out, StorageConfig())
+    assert (q.info.teacher, q.info.layer, q.info.teacher_weights) == ("wavlm-tiny", 2, "random")
+    ok(["quantizer", "eval", "--quantizer", out, "--embeddings", rand])
+    assert "trained on: wavlm-tiny, layer 2, random weights" in capsys.readouterr().out
+    assert run(["quantizer", "eval", "--quantizer", out, "--embeddings", real]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"with weights {'ef' * 32}" in err, err
+    assert "trained on wavlm-tiny, layer 2, random weights" in err
+
+
 @pytest.mark.integration
 def test_train_eval_s3(s3_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bucket = s3_server.bucket("quantizer-test")
