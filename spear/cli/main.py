@@ -3,8 +3,9 @@
 Commands only parse options into configs and call library functions. Known errors
 (:class:`spear.errors.SpearError`, bad options) print one ``error:`` line and exit 2, also when
 they arrive wrapped by Ray from a task or an actor's start-up; ``--debug`` or ``SPEAR_DEBUG=1``
-shows the traceback. Credentials are masked in that line and in every log record
-(:mod:`spear.credentials`).
+shows the traceback. A Ctrl-C prints one line saying what the job had committed and that the
+same command resumes (:mod:`spear.cli.interrupt`), exit 130. Credentials are masked in that
+line and in every log record (:mod:`spear.credentials`).
 
 The ``spear`` console script is :func:`entry`: it runs :func:`main`, then ends the process
 itself (:func:`exit_process`), so that a native thread pool still winding down cannot turn the
@@ -149,11 +150,17 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning known errors into one line on stderr."""
+    from spear.cli import interrupt
+
     debug = "--debug" in (argv or sys.argv) or os.environ.get("SPEAR_DEBUG") == "1"
     install_log_redaction()
+    interrupt.install()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Without standalone mode, click returns the code of a `raise typer.Exit(n)`.
         rc = app(args=argv, prog_name="spear", standalone_mode=False)
+        if rc == 130:  # typer turns a KeyboardInterrupt into this status, without a word
+            typer.echo(_one_line(interrupt.interrupted_line(args)), err=True)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except Exit as err:
@@ -166,9 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {_one_line(err.format_message())} (see '{cmd} --help')", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo(_one_line(interrupt.interrupted_line(args)), err=True)
         sys.exit(130)
     except Exception as err:
+        if interrupt.was_interrupted() and not debug:  # Ray's "actor died" after a Ctrl-C
+            typer.echo(_one_line(interrupt.interrupted_line(args)), err=True)
+            sys.exit(130)
         message = user_error(err)
         if message is None or debug:
             raise

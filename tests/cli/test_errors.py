@@ -85,6 +85,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     listed = root / "list.yaml"
     listed.write_text("- a\n- b\n")
     unfinished = _unfinished_manifest(root)
+    listing = root / "files.txt"
+    listing.write_text("# comments and blank lines are skipped\n\nspeech\ta.wav\nb.wav\tspeech\n")
     none = str(root / "none")
     out = str(root / "out")
     return {
@@ -131,6 +133,10 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
             ["manifest", none, "--out", out],
             [f"source '{none}' does not exist"],
         ),
+        "list-file-line-with-a-tab": (
+            ["manifest", str(listing), "--out", out],
+            [f"list '{listing}' line 4", "'b.wav\\tspeech' is not 'URL' or 'DOMAIN<TAB>URL'"],
+        ),
         "not-a-token-output": (
             ["train", "--shards", str(root), "--out", out],
             [str(root), "not a finished tokenize output"],
@@ -152,6 +158,7 @@ CASES = [
     "missing-manifest",
     "unfinished-manifest",
     "missing-source",
+    "list-file-line-with-a-tab",
     "not-a-token-output",
 ]
 
@@ -328,6 +335,20 @@ def manifest(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     out = str(root / "manifest")
     assert run(["manifest", str(root / "audio"), "--out", out]) == 0
     return out
+
+
+@pytest.mark.integration
+def test_an_empty_source_is_an_error(
+    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not exit 0 with an empty manifest: one line naming the source; its listing is
+    forgotten, so the same command lists it again once it holds audio."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.md").write_text("no audio here")
+    out = tmp_path / "m"
+    line = one_error_line(["manifest", str(tmp_path / "empty"), "--out", str(out)], capsys)
+    assert f"source '{tmp_path / 'empty'}' holds no audio file" in line, line
+    assert not list((out / "_work" / "listing").glob("*.done.json"))
 
 
 @pytest.mark.integration
