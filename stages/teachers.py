@@ -413,13 +413,14 @@ def check_quantizer_weights(what: str, info: Any, cfg: TeacherConfig, sha: str |
     """Refuse (one line) a quantiser whose training embeddings came from other weights than
     ``cfg`` runs with (``sha``: :func:`checkpoint_sha256`); ``info`` is its
     :class:`spear.quantizer.mvq.QuantizerInfo`, ``what`` names it in the message. A quantiser
-    that does not record its weights (written before format 3) gets a warning: it cannot be
-    checked."""
+    that does not record its weights (written before format 3, or trained on embeddings that do
+    not say) gets a warning: it cannot be checked."""
     trained = str(getattr(info, "teacher_weights", "") or "")
     if not trained:
         log.warning(
-            "%s does not record the teacher weights it was trained on (unknown: a quantiser "
-            "from before format 3); it cannot be checked against teacher %s's %s",
+            "%s does not record the teacher weights it was trained on (a quantiser from before "
+            "format 3, or trained on embeddings that do not say); it cannot be checked against "
+            "teacher %s's %s",
             what,
             cfg.spec.name,
             "random weights" if sha is None else f"checkpoint sha256 {sha}",
