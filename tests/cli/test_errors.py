@@ -338,6 +338,35 @@ def manifest(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a tokenize run in its own process, interrupted: ~40 s
+def test_ctrl_c_says_what_was_committed(manifest: str, ray_cluster: str, tmp_path: Path) -> None:
+    """SIGINT to the command's process group, as a terminal's Ctrl-C sends it, once units are
+    committed: exit 130 and one line with the count and how to resume; no Ray traceback."""
+    import signal
+    import time
+
+    q = _quantizer(str(tmp_path / "q"), 64, "wavlm-tiny")
+    out = tmp_path / "t"
+    argv = ["tokenize", "--manifest", manifest, "--out", str(out), "--wavlm", "wavlm-tiny"]
+    argv += ["--wavlm-quantizer", q, "--items-per-shard", "1", "--random-teachers"]
+    script = Path(sys.executable).with_name("spear")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "spear.cli.main"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.Popen(
+        [*cmd, *argv], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "_work" / "commits").glob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and f"units committed under {out}, kept" in last, err
+    assert "run the same command again to resume" in last and "Traceback" not in err, err
+
+
+@pytest.mark.integration
 def test_an_empty_source_is_an_error(
     ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
