@@ -135,7 +135,10 @@ def main() -> None:
         # The WavLM actor is the bottleneck and the Dasheng one mostly idles: let WavLM's
         # torch use every core (the loop gets them all too).
         tconf = {
-            p: TeacherConfig(name=n, cpu_threads=args.num_cpus if p == "wavlm" else 0)
+            # Random weights (allow_random): the benchmark measures the machinery's speed.
+            p: TeacherConfig(
+                name=n, cpu_threads=args.num_cpus if p == "wavlm" else 0, allow_random=True
+            )
             for p, n in teachers.items()
         }
         t0 = time.perf_counter()

@@ -63,9 +63,14 @@ def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResul
     m = build_manifest(sources, manifest, cfg.manifest, storage, cfg.ray)
     print(m.line(), flush=True)
 
+    # Random weights, on purpose and said so (allow_random): the demo shows the machinery.
     teachers = {
-        "wavlm": replace(cfg.teachers.wavlm, name=TINY["wavlm"], checkpoint=None),
-        "dasheng": replace(cfg.teachers.dasheng, name=TINY["dasheng"], checkpoint=None),
+        "wavlm": replace(
+            cfg.teachers.wavlm, name=TINY["wavlm"], checkpoint=None, allow_random=True
+        ),
+        "dasheng": replace(
+            cfg.teachers.dasheng, name=TINY["dasheng"], checkpoint=None, allow_random=True
+        ),
     }
     embeds: dict[str, EmbedSummary] = {}
     quantizers: dict[str, str] = {}

@@ -133,6 +133,7 @@ def run_embed(
         "device",
         "cache_dir",
         "checkpoint",
+        "allow_random",
     )
     decides = {
         "checkpoint_sha256": sha,
@@ -220,6 +221,7 @@ class EmbeddingShardWriter:
             "frame_rate": spec.frame_rate,
             "checkpoint": self.teacher.checkpoint,
             "checkpoint_sha256": self.sha,
+            "weights": self.sha or "random",
         }
         schema = with_metadata(
             EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION, **meta

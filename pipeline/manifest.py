@@ -62,6 +62,7 @@ from spear.storage import (
     filesystem,
     join,
     read_bytes,
+    remove_tree,
     unstrip,
     write_atomic,
 )
@@ -235,6 +236,8 @@ def build_manifest(
     for s in sources:
         if not exists(s.url, storage):
             raise SpearError(f"source {s.url!r} does not exist")
+        if _is_list_file(s.url):
+            list_source(s, cfg, storage)  # reads the list only: a bad line is one error here
     plan = _plan(sources, cfg)
     plan_url = join(out, PLAN)
     if exists(plan_url, storage):
@@ -277,10 +280,13 @@ def build_manifest(
 
     # 3. Probe chunks whose manifest part is missing.
     chunk_rows = []
+    listed: Counter[int] = Counter()  # files per source
     for prefix, label in labels.items():
         done = json.loads(read_bytes(join(out, "_work/listing", f"{prefix}.done.json"), storage))
+        listed[int(prefix[:3])] += int(done["files"])
         for c in range(done["chunks"]):
             chunk_rows.append({"chunk": f"{prefix}-{c:05d}.parquet", "label": label})
+    _refuse_empty_sources(sources, listed, labels, out, storage)
     fs, mpath = filesystem(join(out, "manifest"), storage)
     have = set()
     if fs.exists(mpath):
@@ -301,6 +307,30 @@ def build_manifest(
     summary.wall_seconds = time.time() - t0
     write_atomic(join(out, SUCCESS), json.dumps(asdict(summary), indent=1).encode(), storage)
     return summary
+
+
+def _refuse_empty_sources(
+    sources: list[SourceConfig],
+    listed: Counter[int],
+    labels: dict[str, str],
+    out: str,
+    storage: StorageConfig,
+) -> None:
+    """A source that lists no audio file is an error (exit 2), not an empty manifest: it is
+    almost always a wrong URL or extension list. Its listing is forgotten first, so the same
+    command lists it again once files are there."""
+    empty = [i for i in range(len(sources)) if listed[i] == 0]
+    if not empty:
+        return
+    for prefix in labels:
+        if int(prefix[:3]) in empty:
+            remove_tree(join(out, "_work/listing", f"{prefix}.done.json"), storage)
+    src = sources[empty[0]]
+    more = f" (and {len(empty) - 1} other source(s))" if len(empty) > 1 else ""
+    raise SpearError(
+        f"source {src.url!r}{more} holds no audio file (none with an extension of "
+        "manifest.extensions): check the URL, or the extensions to list"
+    )
 
 
 def _summarise(out: str, storage: StorageConfig, summary: ManifestSummary) -> ManifestSummary:

@@ -81,6 +81,9 @@ class EmbeddingSet:
     dim: int
     teacher: str = ""
     layer: int = -1
+    weights: str = ""
+    """The teacher's weights: checkpoint sha256, ``random``, or empty when the shards do not
+    say (``spear embed`` records them; other writers may not)."""
     items: dict[str, int] = field(default_factory=dict)  # item_id -> frames
     heldout_items: list[str] = field(default_factory=list)
 
@@ -143,6 +146,7 @@ def open_embeddings(
     """Index the shards (item ids and frame counts only) and choose the held-out items."""
     shards = list_shards(url, storage)
     dims: set[int] = set()
+    weights: set[str] = set()
     emb = EmbeddingSet(url=url, shards=shards, dim=0)
     for shard in shards:
         fs, path = filesystem(shard, storage)
@@ -160,6 +164,7 @@ def open_embeddings(
         dims.add(int(meta["dim"]))
         emb.teacher = emb.teacher or str(meta.get("teacher", "") or "")
         emb.layer = int(meta.get("layer", emb.layer))
+        weights.add(_weights(meta))
         for item, n in zip(
             table.column("item_id").to_pylist(), table.column("num_frames").to_pylist(), strict=True
         ):
@@ -167,8 +172,21 @@ def open_embeddings(
     if len(dims) != 1:
         raise EmbeddingDataError(f"shards under {url!r} disagree on dim: {sorted(dims)}")
     emb.dim = dims.pop()
+    if len(weights) != 1:
+        raise EmbeddingDataError(
+            f"shards under {url!r} come from different teacher weights: {sorted(weights)}"
+        )
+    emb.weights = weights.pop()
     emb.heldout_items = choose_heldout(emb.items, data, seed)
     return emb
+
+
+def _weights(meta: dict[str, Any]) -> str:
+    """A shard's teacher weights: ``spear embed`` records ``checkpoint_sha256`` (null: random
+    weights); without the key they are unknown (empty)."""
+    if "checkpoint_sha256" not in meta:
+        return ""
+    return str(meta["checkpoint_sha256"] or "random")
 
 
 def _frames(table: Any, dim: int, keep: set[str] | None, drop: set[str]) -> np.ndarray:
@@ -331,6 +349,7 @@ def train_quantizer(
         codebook_size=tc.codebook_size,
         teacher=tc.teacher or emb.teacher,
         layer=tc.layer if tc.layer >= 0 else emb.layer,
+        teacher_weights=emb.weights,
     )
     trainer = QuantizerTrainer(tc, info, device)
     data = {"items": len(emb.items), "frames": emb.total_frames}
@@ -357,7 +376,10 @@ def train_quantizer(
     q = fit(trainer, batches, heldout, refine_rounds=rounds, report=report, checkpoint=checkpoint)
     write_atomic(join(out, INFO_FILE), quantizer_json(q), storage)
     path = save_quantizer(q, out, storage)
-    report(f"saved quantiser {q.id} to {path} (held-out RRL {q.info.rrl:.4f})")
+    report(
+        f"saved quantiser {q.id} to {path} (held-out RRL {q.info.rrl:.4f}; trained on "
+        f"{q.info.trained_on()})"
+    )
     return q
 
 
@@ -397,10 +419,16 @@ def evaluate_quantizer(
             f"embeddings {embeddings!r} are {emb.teacher}'s, quantiser {quantizer!r} was "
             f"trained on {q.info.teacher}'s"
         )
+    if emb.weights and q.info.teacher_weights and emb.weights != q.info.teacher_weights:
+        raise SpearError(
+            f"embeddings {embeddings!r} come from {emb.teacher or 'a teacher'} with weights "
+            f"{emb.weights}, quantiser {quantizer!r} was trained on {q.info.trained_on()}"
+        )
     held = heldout_items(q, emb.items)
     frames = load_frames(emb, storage, held or None, 0 if held else max_frames)
     rounds = cfg.encode.refine_rounds
     result = evaluate(q, torch.from_numpy(frames), rounds, heldout=bool(held))
+    result.trained_on = q.info.trained_on()
     if json_out:
         write_atomic(json_out, json.dumps(result.to_dict(), indent=2).encode(), storage)
     return result

@@ -49,7 +49,7 @@ from spear.shards.schema import (
 )
 from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter, write_index
 from spear.stages.decode import DecodeConfig
-from spear.stages.teachers import TeacherConfig, checkpoint_sha256
+from spear.stages.teachers import TeacherConfig, check_quantizer_weights, checkpoint_sha256
 from spear.stages.tokenize import (
     TokenizeConfig,
     TokenizeStage,
@@ -137,6 +137,7 @@ def resolve_teachers(
                 f"{q.info.layer}, the teacher outputs layer {layer}"
             )
         sha = checkpoint_sha256(tcfg, storage)
+        check_quantizer_weights(f"tokenize.{prefix}.quantizer {tok.quantizer!r}", q.info, tcfg, sha)
         info = teacher_info(prefix, tcfg, q, tok.domains, sha)
         out.append(JobTeacher(prefix, tcfg, tok.quantizer, info, q.info.rrl))
     if not out:
@@ -331,7 +332,12 @@ def _finish(
         for name, b in busy.items()
     }
     slowest = sorted(entries, key=lambda e: -sum(e.get("stage_busy", {}).values()))[:SLOWEST]
-    teachers = [asdict(t.info) | {"domains": list(t.info.domains), "rrl": t.rrl} for t in job]
+    teachers = [
+        asdict(t.info)
+        | {"domains": list(t.info.domains), "rrl": t.rrl}
+        | {"weights": t.info.checkpoint_sha256 or "random"}
+        for t in job
+    ]
     return {
         "kind": "tokenize",
         "out": out,

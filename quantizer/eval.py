@@ -28,6 +28,7 @@ class EvalReport:
     rrl: float  # relative reconstruction loss in the quantiser's (normalised) space
     codebooks: list[CodebookUsage] = field(default_factory=list)
     heldout: bool = False  # the frames are the quantiser's own held-out items
+    trained_on: str = ""  # teacher, layer and weights, in words (QuantizerInfo.trained_on)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,6 +38,7 @@ class EvalReport:
             ("held-out frames" if self.heldout else "frames (not held out)") + ":",
             f"quantiser {self.quantizer_id}: {self.frames} frames, "
             f"{self.refine_rounds} refinement rounds, RRL {self.rrl:.4f}",
+            *([f"trained on: {self.trained_on}"] if self.trained_on else []),
             f"{'codebook':>8} {'entropy(bits)':>13} {'perplexity':>10} {'dead':>5}",
         ]
         for u in self.codebooks:

@@ -40,7 +40,9 @@ from torch import Tensor, nn
 
 from spear.errors import SpearError
 
-FORMAT_VERSION = 2  # 2: the id is derived from the weights (1: a random id)
+# 3: records the teacher weights it was trained on; 2: the id is derived from the weights
+# (1: a random id)
+FORMAT_VERSION = 3
 CPU_CHUNK = 64  # most vectors per refinement task on CPU (its look-up tensors stay in cache)
 MIN_CHUNK = 16  # fewer vectors than this per task are not worth a thread
 SCALE_SPEED = 10.0  # scales are exp(speed * param): a larger effective lr for the two scalars
@@ -132,6 +134,10 @@ class QuantizerInfo:
     codebook_size: int
     teacher: str = ""
     layer: int = -1
+    teacher_weights: str = ""
+    """The weights of the teacher whose embeddings it was trained on, from their metadata: the
+    checkpoint's sha256, ``random`` (a random-weights teacher), or empty: unknown (embeddings
+    that do not say, or a quantiser written before format 3)."""
     normalised: bool = False
     training: dict[str, Any] = field(default_factory=dict)
     rrl: float | None = None
@@ -139,6 +145,19 @@ class QuantizerInfo:
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
+
+    def trained_on(self) -> str:
+        """The teacher, layer and weights it was trained on, in words."""
+        weights = self.teacher_weights
+        said = (
+            "unknown weights"
+            if not weights
+            else "random weights"
+            if weights == "random"
+            else f"checkpoint sha256 {weights}"
+        )
+        layer = f"layer {self.layer}" if self.layer >= 0 else "layer unknown"
+        return f"{self.teacher or 'unknown teacher'}, {layer}, {said}"
 
     @classmethod
     def from_json(cls, text: str) -> QuantizerInfo:
@@ -347,6 +366,7 @@ class Quantizer(nn.Module):
             codebook_size=k * k,
             teacher=self.info.teacher,
             layer=self.info.layer,
+            teacher_weights=self.info.teacher_weights,
             normalised=self.info.normalised,
             training=dict(self.info.training),
         )

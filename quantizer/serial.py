@@ -5,7 +5,8 @@ A saved quantiser (``quantizer.safetensors``, :data:`QUANTIZER_FILE`) holds floa
 and ``norm_std`` (dim,), and under the header metadata key ``spear`` the JSON of
 :class:`~spear.quantizer.mvq.QuantizerInfo` plus ``id``. The id is :func:`content_id` of the
 tensors: a file whose id does not match its tensors is refused (it was edited after writing).
-Files of format 1 (random ids) load with the id of their content.
+Files of format 1 (random ids) load with the id of their content; files before format 3 do not
+record the teacher weights they were trained on (``teacher_weights`` empty: unknown).
 
 A training checkpoint (:data:`CHECKPOINT_FILE`) is the same container: every tensor of the
 state (model, Adam moments) by a numbered name, and under ``spear_checkpoint`` the JSON of the

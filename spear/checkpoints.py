@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,7 +222,9 @@ def load_weights(path: str | os.PathLike[str]) -> Any:
                 f"{str(err).splitlines()[0] if str(err) else ''}"
             ) from None
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        # Memory-mapped where the format allows (torch's zip format; the legacy format cannot
+        # be): the driver's check of a checkpoint then holds no copy of the weights.
+        return torch.load(p, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(p))
     except Exception as err:  # UnpicklingError for objects, RuntimeError for corrupt files
         raise CheckpointError(
             f"cannot read {p!r} as weights-only: {type(err).__name__}: "

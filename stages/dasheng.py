@@ -108,15 +108,18 @@ def mel_filterbank(arch: DashengArch) -> Tensor:
     """
     from torchaudio.functional import melscale_fbanks
 
-    return melscale_fbanks(
-        arch.n_fft // 2 + 1,
-        arch.f_min,
-        arch.f_max,
-        arch.n_mels,
-        arch.sample_rate,
-        norm=None,
-        mel_scale="htk",
-    )
+    # On the CPU even where the model is built on the meta device (the driver's checkpoint
+    # check): the formula reads values back.
+    with torch.device("cpu"):
+        return melscale_fbanks(
+            arch.n_fft // 2 + 1,
+            arch.f_min,
+            arch.f_max,
+            arch.n_mels,
+            arch.sample_rate,
+            norm=None,
+            mel_scale="htk",
+        )
 
 
 class _Attention(nn.Module):

@@ -89,7 +89,9 @@ class SourceConfig:
 
     url: str
     """Directory or prefix to list recursively, one audio file, or a text file with one URL per
-    line (``URL`` or ``DOMAIN<TAB>URL``; relative paths are relative to the list file)."""
+    line (``URL`` or ``DOMAIN<TAB>URL``; relative paths are relative to the list file; blank
+    lines and lines starting with ``#`` are skipped; any other line with a tab is an error
+    naming its line)."""
     domain: Domain = "speech"
     """Which losses and teachers apply to items from this source."""
     name: str = ""
@@ -219,15 +221,11 @@ def list_source(
     out: list[tuple[str, int, str]] = []
     if _is_list_file(src.url) and fs.isfile(path):
         base = posixpath.dirname(src.url) if "://" in src.url else posixpath.dirname(path)
-        for line in fs.cat_file(path).decode().splitlines():
-            line = line.strip()
-            if not line or line.startswith("#"):
+        for number, text in enumerate(fs.cat_file(path).decode().splitlines(), 1):
+            parsed = parse_list_line(text, src.domain, f"list {src.url!r} line {number}")
+            if parsed is None:
                 continue
-            domain = src.domain
-            if "\t" in line:
-                domain, line = (p.strip() for p in line.split("\t", 1))
-                if domain not in DOMAINS:
-                    raise ConfigError(f"list {src.url!r}: domain {domain!r} not in {DOMAINS}")
+            domain, line = parsed
             url = line if ("://" in line or line.startswith("/")) else _join_relative(base, line)
             out.append((canonical_url(url, storage), -1, domain))  # size probed later
         return sorted(set(out))
@@ -348,6 +346,25 @@ def local_subfolders(path: str) -> list[str]:
         except OSError:
             continue
     return out
+
+
+def parse_list_line(text: str, default_domain: str, where: str) -> tuple[str, str] | None:
+    """One line of a list file: ``URL`` or ``DOMAIN<TAB>URL`` -> (domain, URL); None for a
+    blank line or a ``#`` comment. Any other tab-separated line is a :class:`ConfigError` that
+    names ``where`` (the list and line number), the line and the two accepted forms."""
+    line = text.strip()
+    if not line or line.startswith("#"):
+        return None
+    if "\t" not in line:
+        return default_domain, line
+    domain, url = (p.strip() for p in line.split("\t", 1))
+    if domain not in DOMAINS or not url or "\t" in url:
+        raise ConfigError(
+            f"{where}: {line!r} is not 'URL' or 'DOMAIN<TAB>URL' with DOMAIN one of "
+            f"{', '.join(DOMAINS)} (a tab is read as the separator after the domain; "
+            "'#' starts a comment line)"
+        )
+    return domain, url
 
 
 def _join_relative(base: str, rel: str) -> str:

@@ -3,6 +3,11 @@
 * :data:`TEACHERS` - plain-dict registry of :class:`TeacherSpec` by name (``wavlm``, ``dasheng``,
   ``dasheng-base``, ``dasheng-0.6b`` and the tiny presets ``wavlm-tiny``, ``dasheng-tiny``).
 * :class:`TeacherConfig` - which teacher, which checkpoint, how to run it.
+* :func:`checkpoint_sha256` - the driver's check of a teacher's weights before any actor
+  starts: a checkpoint is fetched and read against the preset (keys and shapes, one line on
+  error); no checkpoint is refused unless ``allow_random`` (``--random-teachers``), and a
+  random-weights run says so once. :func:`check_quantizer_weights` refuses a quantiser trained
+  on other weights than the teacher runs.
 * :func:`load_teacher` - weights once (random init when no checkpoint is named).
 * :func:`embed_batch` - the pure function: an audio batch dict in, embeddings out; no Ray.
 * :class:`TeacherStage` - the actor stage (``__init__`` loads, ``__call__`` embeds); the jobs
@@ -65,8 +70,14 @@ class TeacherSpec:
         """Random-initialised model (tests, demo, benchmarks)."""
         return _build(self, self.arch(), layer or self.layer, None)
 
-    def load(self, checkpoint: Any, layer: int | None = None) -> tuple[torch.nn.Module, str]:
-        """Model from a :class:`spear.checkpoints.LocalCheckpoint`; returns (model, layout)."""
+    def load(
+        self, checkpoint: Any, layer: int | None = None, *, meta: bool = False
+    ) -> tuple[torch.nn.Module, str]:
+        """Model from a :class:`spear.checkpoints.LocalCheckpoint`; returns (model, layout).
+
+        ``meta``: build the model on PyTorch's meta device, so every key and shape of the
+        checkpoint is checked against the architecture without holding the model's weights
+        (the driver's check before any actor starts)."""
         arch: Any
         if self.family == "wavlm":
             from spear.stages.wavlm import read_wavlm_checkpoint
@@ -87,7 +98,17 @@ class TeacherSpec:
                 raise ConfigError(
                     f"the checkpoint's frame layout differs from teacher {self.name!r}"
                 )
-        return _build(self, arch, layer or self.layer, state), layout
+        if not meta:
+            return _build(self, arch, layer or self.layer, state), layout
+        import warnings
+
+        import torch
+
+        with torch.device("meta"), warnings.catch_warnings():
+            # Copying a weight into a meta parameter is a no-op (torch warns): only the keys
+            # and shapes are checked, which is the point.
+            warnings.simplefilter("ignore", UserWarning)
+            return _build(self, arch, layer or self.layer, state), layout
 
 
 def _build(spec: TeacherSpec, arch: Any, layer: int, state: Any) -> torch.nn.Module:
@@ -218,6 +239,11 @@ class TeacherConfig:
     """Node-local checkpoint cache (default ``~/.cache/spear/checkpoints``)."""
     seed: int = 0
     """Seed of the random init when ``checkpoint`` is None."""
+    allow_random: bool = False
+    """Allow running with random weights when ``checkpoint`` is None (tests, the demo,
+    benchmarks; ``--random-teachers`` sets it for both teachers). Without it a job refuses a
+    teacher that has no checkpoint: random-weight embeddings and tokens look like data but
+    carry nothing learned."""
     cpu_threads: int = 0
     """torch threads of an actor running on CPU; 0 keeps Ray's default (one per CPU the actor
     holds). More than its share helps when one teacher is the bottleneck on a small CPU-only
@@ -339,15 +365,78 @@ def load_teacher(cfg: TeacherConfig, storage: StorageConfig | None = None) -> Lo
 
 
 def checkpoint_sha256(cfg: TeacherConfig, storage: StorageConfig) -> str | None:
-    """sha256 of the teacher's weights (fetched once per node), None for random init: the
-    driver records it in a job's plan, so other weights at the same URL are refused."""
+    """The driver's check of a teacher's weights, before any actor starts; returns their sha256
+    (None: random weights). The job records it in its plan (other weights at the same URL are
+    refused on resume) and in its outputs' metadata.
+
+    * No checkpoint: a :class:`ConfigError` unless ``allow_random``; with it, one warning says
+      the run uses random weights.
+    * A checkpoint: fetched (once per node) and read against the teacher's preset on the meta
+      device (every key and shape, no weights held), so a wrong file is one line here rather
+      than a failure inside each actor."""
     from spear.checkpoints import fetch
 
-    return (
-        None
-        if cfg.checkpoint is None
-        else str(fetch(cfg.checkpoint, storage, cfg.cache_dir).sha256)
+    spec = cfg.spec
+    if cfg.checkpoint is None:
+        if not cfg.allow_random:
+            raise ConfigError(
+                f"teacher {spec.name} has no checkpoint and would run with random weights: give "
+                f"its weights (teachers.{spec.family}.checkpoint, --{spec.family}-checkpoint, or "
+                f"embed --checkpoint), or pass --random-teachers (teachers.{spec.family}."
+                "allow_random=true) for a test run"
+            )
+        log.warning(
+            "teacher %s runs with RANDOM weights (no checkpoint, allow_random): its embeddings "
+            "and tokens carry nothing learned; outputs record checkpoint_sha256 null",
+            spec.name,
+        )
+        return None
+    ckpt = fetch(cfg.checkpoint, storage, cfg.cache_dir)
+    try:
+        _, layout = spec.load(ckpt, cfg.layer or spec.layer, meta=True)
+    except SpearError as err:
+        if ckpt.source in str(err) or str(ckpt.path) in str(err):
+            raise
+        raise type(err)(f"teacher {spec.name}, checkpoint {ckpt.source!r}: {err}") from None
+    log.debug(
+        "teacher %s: %s checkpoint %s, sha256 %s", spec.name, layout, ckpt.source, ckpt.sha256
     )
+    return str(ckpt.sha256)
+
+
+def weights_label(sha: str | None) -> str:
+    """How outputs name a teacher's weights: the checkpoint's sha256, or ``random``."""
+    return sha or "random"
+
+
+def check_quantizer_weights(what: str, info: Any, cfg: TeacherConfig, sha: str | None) -> None:
+    """Refuse (one line) a quantiser whose training embeddings came from other weights than
+    ``cfg`` runs with (``sha``: :func:`checkpoint_sha256`); ``info`` is its
+    :class:`spear.quantizer.mvq.QuantizerInfo`, ``what`` names it in the message. A quantiser
+    that does not record its weights (written before format 3, or trained on embeddings that do
+    not say) gets a warning: it cannot be checked."""
+    trained = str(getattr(info, "teacher_weights", "") or "")
+    if not trained:
+        log.warning(
+            "%s does not record the teacher weights it was trained on (a quantiser from before "
+            "format 3, or trained on embeddings that do not say); it cannot be checked against "
+            "teacher %s's %s",
+            what,
+            cfg.spec.name,
+            "random weights" if sha is None else f"checkpoint sha256 {sha}",
+        )
+        return
+    if trained != weights_label(sha):
+
+        def say(w: str) -> str:
+            return "random weights" if w == "random" else f"checkpoint sha256 {w[:16]}"
+
+        raise ConfigError(
+            f"{what} was trained on embeddings of {info.teacher or 'its teacher'} with "
+            f"{say(trained)}, but teacher {cfg.spec.name} runs with {say(weights_label(sha))}: "
+            "use the quantiser trained on this teacher's embeddings, or the weights it was "
+            "trained on"
+        )
 
 
 def _plan(lengths: list[int], budget: int) -> list[list[int]]:

@@ -133,6 +133,15 @@ DashengCheckpointOpt = Annotated[
         show_default=False,
     ),
 ]
+RandomTeachersOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--random-teachers",
+        help="Allow teachers without a checkpoint to run with random weights (tests, "
+        "benchmarks): teachers.*.allow_random. Without it such a teacher is an error.",
+        show_default=False,
+    ),
+]
 RunManifestOpt = Annotated[
     str | None,
     url_option(

@@ -13,6 +13,7 @@ from spear.cli.common import (
     EndpointOpt,
     ManifestOpt,
     OutOpt,
+    RandomTeachersOpt,
     SetOpt,
     echo,
     require_urls,
@@ -55,6 +56,7 @@ def embed(
     items_per_shard: Annotated[
         int | None, typer.Option(help="Items per output shard, the resume unit (embed).")
     ] = None,
+    random_teachers: RandomTeachersOpt = None,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
@@ -82,6 +84,8 @@ def embed(
             "embed.domain": domain,
             "embed.seed": seed,
             "embed.items_per_shard": items_per_shard,
+            "teachers.wavlm.allow_random": random_teachers,
+            "teachers.dasheng.allow_random": random_teachers,
             "storage.endpoint_url": s3_endpoint,
             "ray.address": address,
         },

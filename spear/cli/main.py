@@ -3,16 +3,24 @@
 Commands only parse options into configs and call library functions. Known errors
 (:class:`spear.errors.SpearError`, bad options) print one ``error:`` line and exit 2, also when
 they arrive wrapped by Ray from a task or an actor's start-up; ``--debug`` or ``SPEAR_DEBUG=1``
-shows the traceback. Credentials are masked in that line and in every log record
-(:mod:`spear.credentials`).
+shows the traceback. A Ctrl-C prints one line saying what the job had committed and that the
+same command resumes (:mod:`spear.cli.interrupt`), exit 130. Credentials are masked in that
+line and in every log record (:mod:`spear.credentials`).
+
+The ``spear`` console script is :func:`entry`: it runs :func:`main`, then ends the process
+itself (:func:`exit_process`), so that a native thread pool still winding down cannot turn the
+documented status into an abort (see there). :func:`run` runs the CLI in-process (tests).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import importlib
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 
 import typer
@@ -142,11 +150,17 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the CLI, turning known errors into one line on stderr."""
+    from spear.cli import interrupt
+
     debug = "--debug" in (argv or sys.argv) or os.environ.get("SPEAR_DEBUG") == "1"
     install_log_redaction()
+    interrupt.install()
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
         # Without standalone mode, click returns the code of a `raise typer.Exit(n)`.
         rc = app(args=argv, prog_name="spear", standalone_mode=False)
+        if rc == 130:  # typer turns a KeyboardInterrupt into this status, without a word
+            typer.echo(_one_line(interrupt.interrupted_line(args)), err=True)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
     except Exit as err:
@@ -159,9 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {_one_line(err.format_message())} (see '{cmd} --help')", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo(_one_line(interrupt.interrupted_line(args)), err=True)
         sys.exit(130)
     except Exception as err:
+        if interrupt.was_interrupted() and not debug:  # Ray's "actor died" after a Ctrl-C
+            typer.echo(_one_line(interrupt.interrupted_line(args)), err=True)
+            sys.exit(130)
         message = user_error(err)
         if message is None or debug:
             raise
@@ -178,5 +195,45 @@ def run(argv: Sequence[str]) -> int:
     return 0
 
 
+def exit_process(code: int) -> None:
+    """End the process with ``code`` after what would run at exit, without Python's final
+    garbage collection and C++ static destructors.
+
+    Why: native pools outlive the work they did. An Arrow worker thread that read a Parquet
+    file through a Python file object can still be dropping its last buffer, a Python object,
+    when the interpreter finalises; it then asks for the GIL, Python ends the thread with
+    ``pthread_exit``, and the forced unwind through Arrow's C++ frames calls
+    ``std::terminate`` ("terminate called without an active exception", exit 134 instead of
+    the documented status; apache/arrow#34314). ``spear quantizer eval`` on embeddings of the
+    wrong dimension did so in about half of its runs. So: join non-daemon threads and run the
+    exit handlers (Ray's shutdown, logging's flush, executors' joins) exactly as finalisation
+    would, flush the streams, and leave with ``os._exit``."""
+    shutdown = getattr(threading, "_shutdown", None)  # what Py_FinalizeEx calls first
+    if shutdown is not None:
+        shutdown()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed pipe or stream: nothing more can be said.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def entry() -> None:
+    """The ``spear`` console script: :func:`main`, then :func:`exit_process` with its status
+    (a bug's traceback is printed and gives status 1, as Python would)."""
+    code = 0
+    try:
+        main()
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+        if err.code is not None and not isinstance(err.code, int):
+            print(err.code, file=sys.stderr)
+    except BaseException:  # a bug (main shows it with its traceback) or a second Ctrl-C
+        sys.excepthook(*sys.exc_info())
+        code = 1
+    exit_process(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

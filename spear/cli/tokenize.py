@@ -14,6 +14,7 @@ from spear.cli.common import (
     EndpointOpt,
     ManifestOpt,
     OutOpt,
+    RandomTeachersOpt,
     SetOpt,
     WavlmCheckpointOpt,
     WavlmQuantizerOpt,
@@ -42,6 +43,7 @@ def tokenize(
     refine_rounds: Annotated[
         int | None, typer.Option(help="MVQ refinement rounds at encode time (0..5).")
     ] = None,
+    random_teachers: RandomTeachersOpt = None,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
@@ -69,6 +71,8 @@ def tokenize(
             "teachers.wavlm.checkpoint": wavlm_checkpoint,
             "teachers.dasheng.checkpoint": dasheng_checkpoint,
             "quantizer.encode.refine_rounds": refine_rounds,
+            "teachers.wavlm.allow_random": random_teachers,
+            "teachers.dasheng.allow_random": random_teachers,
             "storage.endpoint_url": s3_endpoint,
             "ray.address": address,
         },

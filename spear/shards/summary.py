@@ -1,5 +1,5 @@
-"""Looking at a tokenize output: :func:`inspect` (schema, teachers, sizes) and :func:`stats`
-(codebook usage, hours by domain and source)."""
+"""Looking at a tokenize output: :func:`inspect` (schema, teachers and their weights, sizes) and
+:func:`stats` (codebook usage, hours by domain and source)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class Inspection:
             "schema": self.metadata.get("schema"),
             "version": self.version,
             "run_id": self.metadata.get("run_id"),
-            "teachers": [t.as_dict() for t in self.teachers],
+            "teachers": [t.as_dict() | {"weights": weights_of(t)} for t in self.teachers],
             "columns": {f.name: str(f.type) for f in self.schema},
             "shards": self.shards,
             "rows": self.rows,
@@ -97,10 +97,16 @@ class Inspection:
             lines.append(
                 f"  {t.prefix}: {t.teacher} ({t.family}) layer {t.layer}, {t.frame_rate:g} Hz, "
                 f"C={t.num_codebooks} K={t.codebook_size}, quantizer {t.quantizer_id}, "
-                f"domains {','.join(t.domains)}"
+                f"domains {','.join(t.domains)}, weights {weights_of(t)}"
             )
         lines.append("columns: " + ", ".join(f"{f.name}:{f.type}" for f in self.schema))
         return "\n".join(lines)
+
+
+def weights_of(t: TokenTeacherInfo) -> str:
+    """Which weights made a teacher's tokens: its checkpoint's sha256, or ``random`` (the token
+    metadata's ``checkpoint_sha256`` is null for a random-weights teacher)."""
+    return t.checkpoint_sha256 or "random"
 
 
 def inspect(url: str, storage: StorageConfig | None = None) -> Inspection:

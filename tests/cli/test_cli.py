@@ -3,6 +3,8 @@ URL options `spear submit` knows (one-line errors: test_errors.py)."""
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,40 @@ def test_submit_notes_every_local_path_of_a_url_option(capsys) -> None:
     err = capsys.readouterr().err
     for path in ("m", "t", "q", "w.pt"):
         assert f"note: {path} is a local path" in err, err
+
+
+def test_ctrl_c_says_what_was_committed_and_how_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One line from the job's own plan and commit entries, exit 130; also when the Ctrl-C
+    arrives as Ray's error about a dead actor (its workers got the signal first)."""
+    from spear.cli import interrupt
+
+    out = tmp_path / "e"
+    (out / "_work" / "commits").mkdir(parents=True)
+    (out / "_work" / "plan.json").write_text(json.dumps({"kind": "embed", "units": 5}))
+    for n in ("shard-00000", "shard-00003"):
+        (out / "_work" / "commits" / f"{n}.json").write_text("{}")
+
+    def ctrl_c(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("spear.pipeline.embed.run_embed", ctrl_c)
+    argv = ["embed", "--manifest", str(tmp_path / "m"), "--out", str(out), "--random-teachers"]
+    capsys.readouterr()
+    assert run(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"interrupted: 2 of 5 units committed under {out}, kept; run the same command again to "
+        "resume"
+    ]
+
+    def actor_died(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("The actor died unexpectedly before finishing this task.")
+
+    monkeypatch.setattr("spear.pipeline.embed.run_embed", actor_died)
+    monkeypatch.setattr(interrupt, "_SIGNALLED", threading.Event())
+    interrupt._SIGNALLED.set()
+    assert run([*argv[:3], "--out", str(tmp_path / "new")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["interrupted: run the same command again to resume (what it committed is kept)"]

@@ -4,15 +4,21 @@ it is quarantined and the job succeeds.
 
 The embeddings and quantiser inputs (missing, unfinished, not a quantiser, training checkpoints
 of any kind, wrong dimensions in eval) are walked in ``tests/quantizer/test_quantizer_cli.py``.
-Cases that need Ray (a teacher checkpoint is read in its actor) share the session cluster of
-``tests/conftest.py``; the rest start none.
+Cases that need a finished manifest share the session cluster of ``tests/conftest.py`` to build
+it; the checks themselves run on the driver before any job work. The rest start no Ray.
+
+In-process runs cannot show an abort at interpreter exit: ``test_user_errors_exit_2_every_time``
+runs the console script as a process, three times per case.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +38,29 @@ def one_error_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
+
+
+def spear_process(argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``spear ARGV`` as its own process (the console script): what a user's shell sees,
+    exit status included, which an in-process run cannot show (an abort at interpreter exit)."""
+    script = Path(sys.executable).with_name("spear")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "spear.cli.main"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run(
+        [*cmd, *argv], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+
+
+def assert_clean_error_exits(argv: list[str], phrases: list[str], times: int = 3) -> None:
+    """Exit status 2 and one ``error:`` line every one of ``times`` runs (a race at exit,
+    such as a native thread pool aborting the process, shows as 134 in some runs only)."""
+    for attempt in range(times):
+        done = spear_process(argv)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, (attempt, done.returncode, done.stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error: "), (attempt, done.stderr)
+        for phrase in phrases:
+            assert phrase in lines[0], lines[0]
 
 
 def _free_port() -> int:
@@ -56,6 +85,8 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
     listed = root / "list.yaml"
     listed.write_text("- a\n- b\n")
     unfinished = _unfinished_manifest(root)
+    listing = root / "files.txt"
+    listing.write_text("# comments and blank lines are skipped\n\nspeech\ta.wav\nb.wav\tspeech\n")
     none = str(root / "none")
     out = str(root / "out")
     return {
@@ -102,6 +133,10 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
             ["manifest", none, "--out", out],
             [f"source '{none}' does not exist"],
         ),
+        "list-file-line-with-a-tab": (
+            ["manifest", str(listing), "--out", out],
+            [f"list '{listing}' line 4", "'b.wav\\tspeech' is not 'URL' or 'DOMAIN<TAB>URL'"],
+        ),
         "not-a-token-output": (
             ["train", "--shards", str(root), "--out", out],
             [str(root), "not a finished tokenize output"],
@@ -123,6 +158,7 @@ CASES = [
     "missing-manifest",
     "unfinished-manifest",
     "missing-source",
+    "list-file-line-with-a-tab",
     "not-a-token-output",
 ]
 
@@ -135,6 +171,20 @@ def test_user_errors_are_one_line(
     line = one_error_line(argv, capsys)
     for phrase in phrases:
         assert phrase in line, line
+
+
+# Each run is a fresh process (2-4 s on 2 shared cores): one case by default, all with -m slow.
+CHEAP_PROCESS_CASES = ["missing-manifest"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [n if n in CHEAP_PROCESS_CASES else pytest.param(n, marks=pytest.mark.slow) for n in CASES],
+)
+def test_user_errors_exit_2_every_time(name: str, tmp_path: Path) -> None:
+    """The console script, three times per case: status 2 and the one line, every run."""
+    argv, phrases = _cases(tmp_path)[name]
+    assert_clean_error_exits(argv, phrases)
 
 
 def test_an_unwritable_output_is_one_clear_error(tmp_path: Path) -> None:
@@ -288,6 +338,49 @@ def manifest(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a tokenize run in its own process, interrupted: ~40 s
+def test_ctrl_c_says_what_was_committed(manifest: str, ray_cluster: str, tmp_path: Path) -> None:
+    """SIGINT to the command's process group, as a terminal's Ctrl-C sends it, once units are
+    committed: exit 130 and one line with the count and how to resume; no Ray traceback."""
+    import signal
+    import time
+
+    q = _quantizer(str(tmp_path / "q"), 64, "wavlm-tiny")
+    out = tmp_path / "t"
+    argv = ["tokenize", "--manifest", manifest, "--out", str(out), "--wavlm", "wavlm-tiny"]
+    argv += ["--wavlm-quantizer", q, "--items-per-shard", "1", "--random-teachers"]
+    script = Path(sys.executable).with_name("spear")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "spear.cli.main"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.Popen(
+        [*cmd, *argv], stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "_work" / "commits").glob("*.json")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and f"units committed under {out}, kept" in last, err
+    assert "run the same command again to resume" in last and "Traceback" not in err, err
+
+
+@pytest.mark.integration
+def test_an_empty_source_is_an_error(
+    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not exit 0 with an empty manifest: one line naming the source; its listing is
+    forgotten, so the same command lists it again once it holds audio."""
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.md").write_text("no audio here")
+    out = tmp_path / "m"
+    line = one_error_line(["manifest", str(tmp_path / "empty"), "--out", str(out)], capsys)
+    assert f"source '{tmp_path / 'empty'}' holds no audio file" in line, line
+    assert not list((out / "_work" / "listing").glob("*.done.json"))
+
+
+@pytest.mark.integration
 def test_bad_audio_is_quarantined_not_an_error(manifest: str) -> None:
     import pyarrow.parquet as pq
 
@@ -297,16 +390,16 @@ def test_bad_audio_is_quarantined_not_an_error(manifest: str) -> None:
     assert done["items"] >= 3
 
 
-def _quantizer(url: str, dim: int, teacher: str) -> str:
+def _quantizer(url: str, dim: int, teacher: str, weights: str = "") -> str:
     import torch
 
     from spear.pipeline.quantize import save_quantizer
     from spear.quantizer.mvq import Quantizer, QuantizerInfo
     from spear.storage import StorageConfig
 
-    q = Quantizer(
-        QuantizerInfo(dim=dim, num_codebooks=2, codebook_size=16, teacher=teacher, layer=2)
-    )
+    info = QuantizerInfo(dim=dim, num_codebooks=2, codebook_size=16, teacher=teacher, layer=2)
+    info.teacher_weights = weights
+    q = Quantizer(info)
     with torch.no_grad():
         q.centers.normal_()
     save_quantizer(q, url, StorageConfig())
@@ -315,23 +408,33 @@ def _quantizer(url: str, dim: int, teacher: str) -> str:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    ("dim", "teacher", "phrase"),
+    ("dim", "teacher", "weights", "phrase"),
     [
-        (32, "wavlm-tiny", "is for 32-d embeddings; teacher wavlm-tiny gives 64-d"),
-        (64, "dasheng-tiny", "was trained on dasheng-tiny embeddings, not wavlm-tiny"),
+        (32, "wavlm-tiny", "", "is for 32-d embeddings; teacher wavlm-tiny gives 64-d"),
+        (64, "dasheng-tiny", "", "was trained on dasheng-tiny embeddings, not wavlm-tiny"),
+        (
+            64,
+            "wavlm-tiny",
+            "random",
+            "was trained on embeddings of wavlm-tiny with random weights, but teacher wavlm-tiny "
+            "runs with checkpoint sha256",
+        ),
     ],
-    ids=["wrong-dimension", "wrong-teacher"],
+    ids=["wrong-dimension", "wrong-teacher", "other-weights"],
 )
 def test_a_quantiser_that_does_not_fit_the_teacher(
     manifest: str,
     dim: int,
     teacher: str,
+    weights: str,
     phrase: str,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    q = _quantizer(str(tmp_path / "q"), dim, teacher)
-    argv = ["tokenize", "--manifest", manifest, "--out", str(tmp_path / "t")]
+    q = _quantizer(str(tmp_path / "q"), dim, teacher, weights)
+    argv = ["tokenize", "--manifest", manifest, "--out", str(tmp_path / "t"), "--random-teachers"]
+    if weights:  # real weights for the teacher, a quantiser trained on random ones
+        argv += ["--wavlm-checkpoint", str(_wavlm_folder(tmp_path / "w"))]
     line = one_error_line([*argv, "--wavlm", "wavlm-tiny", "--wavlm-quantizer", q], capsys)
     assert q in line and phrase in line, line
 
@@ -387,23 +490,48 @@ def _checkpoint(kind: str, root: Path) -> tuple[str, str, list[str]]:
 
 @pytest.mark.integration
 @pytest.mark.parametrize(
-    "kind",
-    [
-        # One tokenize run each (~10 s): one case in the default run, the others with -m slow.
-        pytest.param("wavlm-folder-as-dasheng", marks=pytest.mark.slow),
-        pytest.param("dasheng-as-wavlm", marks=pytest.mark.slow),
-        pytest.param("garbage", marks=pytest.mark.slow),
-        "pickle",
-    ],
+    "kind", ["wavlm-folder-as-dasheng", "dasheng-as-wavlm", "garbage", "pickle", "wrong-shape"]
 )
 def test_a_teacher_checkpoint_that_is_wrong(
     manifest: str, kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Read in the teacher's actor: the error crosses Ray and still arrives as one line."""
-    teacher, ckpt, phrases = _checkpoint(kind, tmp_path)
+    """Read on the driver against the preset before any actor starts: one line, and nothing
+    of the job written."""
+    if kind == "wrong-shape":
+        import torch
+
+        from spear.stages.dasheng import build_dasheng, dasheng_tiny
+
+        state = build_dasheng(dasheng_tiny()).state_dict()
+        state["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 64)
+        torch.save(state, tmp_path / "shape.pt")
+        teacher, ckpt = "dasheng", str(tmp_path / "shape.pt")
+        phrases = ["'blocks.0.mlp.fc1.weight' has shape (5, 64)"]
+    else:
+        teacher, ckpt, phrases = _checkpoint(kind, tmp_path)
     argv = ["embed", "--manifest", manifest, "--out", str(tmp_path / "e"), "--domain", "all"]
     argv += ["--teacher", teacher, "--name", f"{teacher}-tiny", "--checkpoint", ckpt]
     line = one_error_line(argv, capsys)
     assert ckpt in line, line
     for phrase in phrases:
         assert phrase in line, line
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", ["embed", "tokenize"])
+def test_random_teachers_need_the_flag(
+    manifest: str, stage: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No checkpoint and no --random-teachers: one line before any job work; with the flag the
+    run says once that its weights are random."""
+    out = str(tmp_path / "o")
+    if stage == "embed":
+        argv = ["embed", "--manifest", manifest, "--out", out, "--name", "wavlm-tiny"]
+    else:
+        q = _quantizer(str(tmp_path / "q"), 64, "wavlm-tiny")
+        argv = ["tokenize", "--manifest", manifest, "--out", out, "--wavlm", "wavlm-tiny"]
+        argv += ["--wavlm-quantizer", q]
+    line = one_error_line(argv, capsys)
+    assert "teacher wavlm-tiny has no checkpoint and would run with random weights" in line
+    assert "--random-teachers" in line and not Path(out).exists()

@@ -266,6 +266,7 @@ def test_no_planted_secret_in_any_output_of_a_run(
 
     assert run(["-v", "manifest", str(tmp_path / "audio"), "--out", manifest, *endpoint]) == 0
     tokenize = ["-v", "tokenize", "--manifest", manifest, "--out", tokens, "--wavlm", "wavlm-tiny"]
+    tokenize.append("--random-teachers")
     tokenize += ["--set", f"tokenize.wavlm.quantizer={signed}", "--items-per-shard", "2"]
     assert run([*tokenize, *endpoint]) == 0
     assert run(["config", "show", *endpoint]) == 0

@@ -23,7 +23,11 @@ def test_inspect_output_and_shard(out: str, tmp_path: Path, capsys) -> None:
     text = capsys.readouterr().out
     assert "shards: 2" in text and "rows: 8" in text and "quarantined: 2" in text
     assert "wavlm: wavlm-tiny" in text and "per audio second" in text
-    assert json.loads((tmp_path / "i.json").read_text())["rows"] == 8
+    # Which weights made the tokens: a random-weights teacher, and a checkpoint's sha256.
+    assert "weights random" in text and f"weights {'ab' * 32}" in text, text
+    data = json.loads((tmp_path / "i.json").read_text())
+    assert data["rows"] == 8
+    assert [t["weights"] for t in data["teachers"]] == ["random", "ab" * 32]
     assert run(["shards", "inspect", f"{out}/tokens/shard-00000.parquet"]) == 0
     assert "shard: " in capsys.readouterr().out
 

@@ -58,6 +58,7 @@ def test_embed_matches_direct_computation(manifest: str, tmp_path: Path, name: s
         name,
         "--items-per-shard",
         "3",
+        "--random-teachers",
     ]
     assert cli(*args) == 0
     table = pq.read_table(tmp_path / "e" / "embeddings")

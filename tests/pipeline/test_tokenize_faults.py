@@ -55,6 +55,7 @@ def command(job: dict[str, str], out: Path, manifest: str | None = None) -> list
         "-m",
         "spear.cli.main",
         "tokenize",
+        "--random-teachers",
         "--manifest",
         manifest or job["manifest"],
         "--out",

@@ -100,6 +100,7 @@ def tokenize_args(inp: Inputs, out: str, wavlm_q: str | None = None) -> list[str
         inp.manifest,
         "--out",
         out,
+        "--random-teachers",
         "--s3-endpoint",
         inp.endpoint,
         "--wavlm",

@@ -4,7 +4,10 @@ resume and no-op reruns, and one `error:` line (exit 2) for every input a user c
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +262,47 @@ def test_user_errors_are_one_line(
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert phrase in err, err
     assert not (tmp_path / "ran").exists()  # the pickle's payload never ran
+
+
+def test_eval_on_the_wrong_dimension_exits_2_every_time(
+    emb: str, trained: str, tmp_path: Path
+) -> None:
+    """As its own process (the console script), three runs: this case used to print its line
+    and then abort in about half of the runs (exit 134, an Arrow worker thread still releasing
+    a buffer at interpreter exit; see spear.cli.main.exit_process)."""
+    argv, phrase = _case("eval-wrong-dim", emb, trained, tmp_path)
+    script = Path(sys.executable).with_name("spear")
+    cmd = [str(script)] if script.is_file() else [sys.executable, "-m", "spear.cli.main"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for attempt in range(3):
+        done = subprocess.run(
+            [*cmd, *argv], capture_output=True, text=True, timeout=120, env=env, check=False
+        )
+        assert done.returncode == 2, (attempt, done.returncode, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and phrase in lines[0], done.stderr
+
+
+def test_the_quantiser_records_the_teacher_weights_of_its_embeddings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """From the embeddings' metadata (spear embed writes checkpoint_sha256, null for random
+    weights); eval refuses embeddings of other weights in one line."""
+    x = mixture_of_low_rank_gaussians(1500, 16)
+    rand, real = str(tmp_path / "emb-random"), str(tmp_path / "emb-real")
+    write_embedding_shards(rand, x, teacher="wavlm-tiny", layer=2, checkpoint_sha256=None)
+    write_embedding_shards(real, x, teacher="wavlm-tiny", layer=2, checkpoint_sha256="ef" * 32)
+    out = str(tmp_path / "q")
+    ok(train_args(rand, out))
+    assert "trained on wavlm-tiny, layer 2, random weights" in capsys.readouterr().out
+    q = load_quantizer(out, StorageConfig())
+    assert (q.info.teacher, q.info.layer, q.info.teacher_weights) == ("wavlm-tiny", 2, "random")
+    ok(["quantizer", "eval", "--quantizer", out, "--embeddings", rand])
+    assert "trained on: wavlm-tiny, layer 2, random weights" in capsys.readouterr().out
+    assert run(["quantizer", "eval", "--quantizer", out, "--embeddings", real]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"with weights {'ef' * 32}" in err, err
+    assert "trained on wavlm-tiny, layer 2, random weights" in err
 
 
 @pytest.mark.integration

@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from spear.quantizer.config import QuantizerTrainConfig
@@ -198,3 +199,19 @@ def test_checkpoint_of_other_shapes_does_not_fit() -> None:
     broken["trainer"]["model"].pop("centers")
     with pytest.raises(QuantizerFileError, match="does not fit this training"):
         _trainer().load_state_bytes(state_to_bytes(broken), "ck")
+
+
+def test_a_quantiser_before_format_3_says_its_teacher_weights_are_unknown() -> None:
+    q = make(0)
+    q.info.teacher, q.info.layer, q.info.teacher_weights = "wavlm", 21, "random"
+    data = quantizer_to_bytes(q)
+    now = quantizer_from_bytes(data)
+    assert now.info.teacher_weights == "random"
+    assert now.info.trained_on() == "wavlm, layer 21, random weights"
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8 : 8 + size])["__metadata__"]["spear"])
+    header.pop("teacher_weights")
+    header["format_version"] = 2
+    old = quantizer_from_bytes(st_save(st_load(data), metadata={"spear": json.dumps(header)}))
+    assert old.id == q.id and old.info.teacher_weights == ""
+    assert old.info.trained_on() == "wavlm, layer 21, unknown weights"

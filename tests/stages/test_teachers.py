@@ -15,14 +15,18 @@ from spear.checkpoints import CheckpointError
 from spear.config import load_config
 from spear.errors import ConfigError, SpearError
 from spear.formats import audio_to_bytes
+from spear.quantizer.mvq import QuantizerInfo
 from spear.stages.teachers import (
     TEACHERS,
     TeacherConfig,
     TeacherStage,
     _plan,
+    check_quantizer_weights,
+    checkpoint_sha256,
     embed_batch,
     load_teacher,
 )
+from spear.storage import StorageConfig
 
 
 def test_registry_numbers() -> None:
@@ -216,3 +220,81 @@ def test_remote_model_folder_is_fetched_whole_once(s3_server, tmp_path) -> None:
     fs.rm("ckpt-folder/wavlm", recursive=True)  # a second call must not fetch again
     again = fetch_checkpoint(f"{bucket}/wavlm", s3_server.storage, str(tmp_path / "cache"))
     assert again.path == got.path and again.sha256 == got.sha256
+
+
+# ---------------------------------------------------------------- the driver's check of weights
+
+
+def test_random_weights_need_allow_random_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="would run with random weights") as err:
+        checkpoint_sha256(TeacherConfig(name="wavlm-tiny"), StorageConfig())
+    assert "--random-teachers" in str(err.value) and "teachers.wavlm.checkpoint" in str(err.value)
+    caplog.clear()
+    cfg = TeacherConfig(name="dasheng-tiny", allow_random=True)
+    assert checkpoint_sha256(cfg, StorageConfig()) is None
+    said = [r for r in caplog.records if "RANDOM weights" in r.getMessage()]
+    assert (
+        len(said) == 1 and said[0].levelname == "WARNING" and "dasheng-tiny" in said[0].getMessage()
+    )
+
+
+def _dasheng_pt(path: Path, state: dict[str, Any] | None = None) -> Path:
+    from spear.stages.dasheng import build_dasheng, dasheng_tiny
+
+    arch = dasheng_tiny()
+    config = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
+    torch.save({"model": state or build_dasheng(arch).state_dict(), "config": config}, path)
+    return path
+
+
+def test_driver_reads_the_checkpoint_against_the_preset(tmp_path: Path) -> None:
+    """Keys and shapes are checked on the meta device before any actor exists; the sha256 is
+    the file's."""
+    from spear.stages.dasheng import build_dasheng, dasheng_tiny
+
+    good = _dasheng_pt(tmp_path / "good.pt")
+    cfg = TeacherConfig(name="dasheng-tiny", checkpoint=str(good))
+    assert checkpoint_sha256(cfg, StorageConfig()) == hashlib.sha256(good.read_bytes()).hexdigest()
+    state = build_dasheng(dasheng_tiny()).state_dict()
+    state["blocks.0.attn.qkv.weight"] = torch.zeros(3, 3)
+    bad = _dasheng_pt(tmp_path / "bad.pt", state)
+    with pytest.raises(CheckpointError, match=r"'blocks.0.attn.qkv.weight' has shape \(3, 3\)"):
+        checkpoint_sha256(replace_ckpt(cfg, bad), StorageConfig())
+    with pytest.raises(CheckpointError, match="is a Dasheng checkpoint, not WavLM"):
+        checkpoint_sha256(TeacherConfig(name="wavlm-tiny", checkpoint=str(good)), StorageConfig())
+    # A model of another size: the message names the checkpoint and the teacher.
+    with pytest.raises(ConfigError, match="64-d model") as err:
+        checkpoint_sha256(TeacherConfig(name="dasheng-base", checkpoint=str(good)), StorageConfig())
+    assert str(good) in str(err.value)
+
+
+def replace_ckpt(cfg: TeacherConfig, path: Path) -> TeacherConfig:
+    from dataclasses import replace
+
+    return replace(cfg, checkpoint=str(path))
+
+
+def test_a_quantiser_of_other_weights_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = TeacherConfig(name="wavlm-tiny", allow_random=True)
+    sha = "cd" * 32
+    info = QuantizerInfo(dim=64, num_codebooks=2, codebook_size=16, teacher="wavlm-tiny", layer=2)
+    check_quantizer_weights(
+        "q", QuantizerInfo(**{**info.__dict__, "teacher_weights": sha}), cfg, sha
+    )
+    check_quantizer_weights(
+        "q", QuantizerInfo(**{**info.__dict__, "teacher_weights": "random"}), cfg, None
+    )
+    with pytest.raises(
+        ConfigError,
+        match="with random weights, but teacher wavlm-tiny runs with checkpoint sha256 cdcdcd",
+    ):
+        check_quantizer_weights(
+            "q", QuantizerInfo(**{**info.__dict__, "teacher_weights": "random"}), cfg, sha
+        )
+    with pytest.raises(ConfigError, match=r"checkpoint sha256 cdcdcd.*runs with random weights"):
+        check_quantizer_weights(
+            "q", QuantizerInfo(**{**info.__dict__, "teacher_weights": sha}), cfg, None
+        )
+    caplog.clear()
+    check_quantizer_weights("old q", info, cfg, sha)  # format < 3: unknown, said, not refused
+    assert any("does not record the teacher weights" in r.getMessage() for r in caplog.records)
