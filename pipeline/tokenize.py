@@ -222,17 +222,16 @@ def run_tokenize(
                 "domains": getattr(cfg, t.prefix).domains,
                 "refine_rounds": encode.refine_rounds,
                 "quantizer_id": t.info.quantizer_id,
-                # Only rows a later teacher runs on carry their audio on.
-                "keep_audio": tuple(
-                    sorted({d for later in job[k + 1 :] for d in later.info.domains})
-                ),
+                # Each teacher's actors decode the items they run on: no audio leaves them.
+                "keep_audio": (),
             },
+            decodes=tuple(t.info.domains),
             num_actors=t.config.num_actors,
             device=t.config.device,
             num_gpus=t.config.num_gpus,
             num_cpus=t.config.num_cpus,
         )
-        for k, t in enumerate(job)
+        for t in job
     ]
     unit_job = UnitJob(
         kind="tokenize",
@@ -243,7 +242,6 @@ def run_tokenize(
         actors=stages,
         writer=TokenShardWriter(tuple(t.info for t in job), plan.run_id),
         decode=decode,
-        decode_cpus=cfg.decode_cpus,
         progress_seconds=cfg.progress_seconds,
     )
     run = run_units(unit_job, plan, table, storage, ray_cfg)

@@ -1,9 +1,10 @@
 """Codes equal to the release's: the demo corpus tokenized with the tiny teachers and seeded
 quantisers gives, item by item, the codes the release before the Ray Data pipeline gave.
 
-``golden_tokenize.json`` holds, per item, the sha256 of each teacher's codes (null where the
-teacher did not run) and the frame counts, written by the release's own code (spear before the
-Ray Data port, commit 76450a7) with ``SPEAR_WRITE_GOLDEN=1`` set. Regenerate it only when a
+``golden_tokenize.json`` holds, per item (file and segment start), the sha256 of each
+teacher's codes (null where the teacher did not run) and the frame counts, written by the
+release's own code (spear before the Ray Data port, commit 76450a7, run with this test file and
+``SPEAR_WRITE_GOLDEN=1``). Regenerate it only when a
 change is *meant* to change codes, and say so in the commit.
 """
 
@@ -77,15 +78,17 @@ def test_codes_equal_the_release(ray_cluster: str, tmp_path: Path) -> None:
     ]
     assert run(args) == 0
     rows = pq.read_table(out / "tokens").to_pylist()
+    # Keyed by file (relative to the corpus) and segment start: item ids hash the full URL.
     got = {
-        r["item_id"]: {
+        f"{os.path.relpath(r['url'], corpus)}@{r['start']:.3f}": {
             "wavlm": _digest(r, "wavlm"),
             "dasheng": _digest(r, "dasheng"),
             "frames": [r["wavlm_frames"], r["dasheng_frames"]],
         }
         for r in rows
     }
-    quarantined = sorted(pq.read_table(out / "quarantine")["item_id"].to_pylist())
+    q = pq.read_table(out / "quarantine").to_pylist()
+    quarantined = sorted(f"{os.path.relpath(r['source'], corpus)}: {r['error_type']}" for r in q)
     now = {"tokens": dict(sorted(got.items())), "quarantined": quarantined}
     if os.environ.get("SPEAR_WRITE_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps(now, indent=0, sort_keys=True) + "\n")
