@@ -36,11 +36,13 @@ A job describes itself as a :class:`UnitJob` (its actor stages and unit writer) 
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,6 +69,8 @@ from spear.storage import StorageConfig, exists, forget_listings, join, read_byt
 log = logging.getLogger(__name__)
 
 PLAN = "_work/plan.json"
+PROGRESS = "_work/progress"
+"""One timeline per invocation of a job (the report's timeline covers a resumed run whole)."""
 PLAN_VERSION = 2
 
 
@@ -782,6 +786,17 @@ def _run_dataset(
                 progress.add(e)
 
     runner = threading.Thread(target=execute, name="ray-data", daemon=True)
+    started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    record = join(job.out, PROGRESS, f"{started.replace(':', '')}-{uuid.uuid4().hex[:6]}.json")
+
+    def save() -> None:
+        # This invocation's timeline, kept where a resumed run's report finds it (a killed
+        # invocation's up to its last save).
+        rec = {"started": started, "wall_seconds": round(time.time() - progress.t0, 3)}
+        rec |= {"shards_done": progress.units, "timeline": progress.timeline}
+        write_atomic(record, json.dumps(rec).encode(), storage)
+
+    saved = time.monotonic()
     try:
         with progress:
             progress.status(
@@ -800,6 +815,9 @@ def _run_dataset(
                 take()
                 if len(entries) > before:
                     last = time.monotonic()
+                    if last - saved >= job.progress_seconds:
+                        save()
+                        saved = last
                 elif time.monotonic() - last > ray_cfg.stall_seconds:
                     raise SpearError(
                         f"{job.kind}: no unit finished in {ray_cfg.stall_seconds:g} s; the "
@@ -813,6 +831,7 @@ def _run_dataset(
                 if e["name"] not in entries:
                     entries[e["name"]] = e
                     progress.add(e)
+        save()
     finally:
         ray.kill(feed)
         forget_listings(job.out, storage)  # the workers wrote there
