@@ -6,11 +6,13 @@ Steps (the skeleton of ``pipeline/job.py``):
    most ``items_per_shard`` items and ``max_shard_hours`` of audio. Load each teacher's
    quantiser header (its id, C, K) and the checkpoint digest. The plan (with the items'
    content digest) goes to ``_work/plan.json``; a re-run must plan the same, or it is refused.
-2. Each unfinished shard travels as one Ray Data row: decode (CPU tasks, int16 audio), one
-   actor pool per teacher (GPU when asked or present; the quantiser runs inside the actor, so
-   float embeddings never enter the object store), then a write task that builds the shard's
-   token and quarantine files and commits them (``pipeline/commit.py``). Token rows never
-   reach the driver: it receives one small entry per shard.
+2. Ray Data runs the unfinished shards, one dataset row each (the shard's item list, no
+   audio): one autoscaling actor pool per teacher (``map_batches``; GPU when asked or present)
+   whose actors decode the items they run on and run the teacher and its quantiser, so audio
+   and float embeddings never enter the object store, only codes; then a Datasink whose write
+   tasks build each shard's token and quarantine files and commit them
+   (``pipeline/commit.py``). Token rows never reach the driver: it receives one small entry
+   per shard.
 3. At the end: ``index.parquet`` (one row per shard), ``report.json`` (counts, hours, the
    lineage's quarantine, per-stage throughput, a timeline, the slowest shards, config and
    versions) and ``_SUCCESS.json``, all from the shards' entries.
