@@ -125,6 +125,11 @@ def test_resource_rule_and_sizing() -> None:
     with pytest.raises(SpearError, match="needs 1 GPUs"):
         check_fits([Demand("wavlm", 1, 1.0, 1.0)], cluster, autoscaling=False)
     check_fits([Demand("wavlm", 1, 1.0, 1.0)], cluster, autoscaling=True)
+    # `spear submit embed` on a 2-CPU head: the driver holds 1 CPU; one commit task and one
+    # actor sharing the other fit (the former decode task made it 1.375 CPUs, refused).
+    share = cpu_share(1.0, 1, 0.25)
+    free = {"CPU": 1.0}
+    check_fits([Demand("write", 1, 0.25), Demand("wavlm", 1, share)], free, autoscaling=False)
 
 
 def test_sorted_units_sort_and_refuse_repeated_ids() -> None:
