@@ -173,7 +173,7 @@ def main() -> None:
         print(f"  {name}: {st['busy_seconds']} s busy, {st['rate_x_realtime']}x real time")
     first = next((p["t"] for p in report.get("timeline", []) if p["shards_done"] > 0), None)
     if first is not None:
-        print(f"  first shard committed {first:.1f} s after the scheduler started")
+        print(f"  first shard committed {first:.1f} s after the Ray Data pipeline started")
     print("\n| token bytes | B per audio second | bound |")
     print("|---|---|---|")
     print(f"| raw codes | {raw:.0f} | 1000 |")

@@ -3,9 +3,12 @@
 Steps:
 1. Read the manifest's part list; each manifest part is one decode task (the resume unit).
 2. For every part without an output yet (Ray Data ``map_batches``, one part a row): decode its
-   rows with :func:`spear.stages.decode.decode_batch`, write ``quarantine/part-*.parquet`` and
-   then ``audio/part-*.parquet`` (the commit marker; with ``--check-only`` an empty-schema
-   marker holding only the item ids that decoded).
+   rows with :func:`spear.stages.decode.decode_batch` a batch at a time (at most
+   ``rows_per_batch`` items and :data:`BATCH_SECONDS` of audio), streaming each batch into
+   ``audio/part-*.parquet`` as a row group (memory per task: one batch, whatever the part's
+   size); write ``quarantine/part-*.parquet``, then let the audio part appear whole (the commit
+   marker; with ``--check-only`` an empty-schema marker holding only the item ids that
+   decoded).
 3. Write ``_SUCCESS.json``: items decoded and quarantined (per reason), hours, x real time.
 
 The audio shards hold the audio-batch columns (``spear.formats.AUDIO_BATCH_COLUMNS``) plus the
@@ -14,11 +17,14 @@ manifest columns: a 16 kHz cache that later stages can read instead of the origi
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 import posixpath
 import time
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 
 AUDIO_SHARD_VERSION = 1
 SUCCESS = "_SUCCESS.json"
+BATCH_SECONDS = 600.0
+"""Most audio a decode batch holds (10 min: 19 MB of int16); a longer item is a batch alone."""
 
 
 @dataclass
@@ -103,6 +111,7 @@ def _decode_part(
     storage: StorageConfig,
     check_only: bool,
     rows_per_batch: int,
+    batch_seconds: float = BATCH_SECONDS,
 ) -> dict[str, Any]:
     """Ray Data map_batches: decode whole manifest parts, write their outputs."""
     stats: dict[str, list[Any]] = {
@@ -116,30 +125,105 @@ def _decode_part(
     for part in batch["part"]:
         t0 = time.process_time()
         rows = pq.read_table(io.BytesIO(read_bytes(join(manifest, part), storage)))
-        ok_tables, quarantine = [], []
-        for off in range(0, rows.num_rows, rows_per_batch):
-            sub = rows.slice(off, rows_per_batch)
-            decoded = decode_batch(
-                {c: sub[c].to_numpy(zero_copy_only=False) for c in sub.column_names},
-                cfg,
-                storage,
+        quarantine: list[dict[str, str]] = []
+        decoded = samples = 0
+        with _StreamedParquet(join(out, "audio", part), _audio_schema(check_only), storage) as w:
+            # One batch of items decoded and written at a time (a row group each): what the
+            # task holds is one batch's audio, whatever the part's size.
+            dur = rows["duration"].to_numpy() if "duration" in rows.column_names else None
+            for a, b in _batches(rows.num_rows, dur, rows_per_batch, batch_seconds):
+                sub = rows.slice(a, b - a)
+                got = decode_batch(
+                    {c: sub[c].to_numpy(zero_copy_only=False) for c in sub.column_names},
+                    cfg,
+                    storage,
+                )
+                ok, bad = split_decoded(got)
+                del got
+                quarantine += bad
+                table = _audio_table(ok, check_only)
+                del ok
+                w.write(table)
+                decoded += table.num_rows
+                samples += int(np.sum(table["num_samples"].to_numpy())) if len(table) else 0
+            # The quarantine file first: the audio part is the commit marker.
+            write_atomic(
+                join(out, "quarantine", part), parquet_bytes(quarantine_table(quarantine)), storage
             )
-            ok, bad = split_decoded(decoded)
-            quarantine += bad
-            ok_tables.append(_audio_table(ok, check_only))
-        write_atomic(
-            join(out, "quarantine", part), parquet_bytes(quarantine_table(quarantine)), storage
-        )
-        table = pa.concat_tables(ok_tables) if ok_tables else _audio_table({}, check_only)
-        # Audio barely compresses losslessly with a general codec; don't spend CPU on it.
-        write_atomic(join(out, "audio", part), parquet_bytes(table, "none"), storage)
         stats["part"].append(part)
         stats["items"].append(rows.num_rows)
-        stats["decoded"].append(table.num_rows)
-        stats["samples"].append(int(np.sum(table["num_samples"].to_numpy())) if len(table) else 0)
+        stats["decoded"].append(decoded)
+        stats["samples"].append(samples)
         stats["cpu"].append(time.process_time() - t0)
         stats["quarantine"].append(json.dumps(Counter(q["error_type"] for q in quarantine)))
     return stats
+
+
+def _batches(
+    n: int, durations: np.ndarray | None, rows: int, seconds: float
+) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) ranges of at most ``rows`` items and ``seconds`` of audio."""
+    out, start, acc = [], 0, 0.0
+    for i in range(n):
+        d = float(durations[i]) if durations is not None else 0.0
+        if i > start and (i - start >= rows or acc + d > seconds):
+            out.append((start, i))
+            start, acc = i, 0.0
+        acc += d
+    if start < n:
+        out.append((start, n))
+    return out
+
+
+class _StreamedParquet:
+    """A Parquet file written a row group at a time, appearing whole at ``url`` on success:
+    locally a hidden temporary beside it, renamed; on an object store a multipart upload
+    (the object appears when it completes). Nothing is published when the block raises."""
+
+    def __init__(self, url: str, schema: pa.Schema, storage: StorageConfig):
+        self.url, self.schema, self.storage = url, schema, storage
+        fs, path = filesystem(url, storage)
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        self.local = proto in ("file", "local")
+        self.fs = fs
+        if self.local:
+            parent = posixpath.dirname(path)
+            fs.makedirs(parent, exist_ok=True)
+            self.target = path
+            self.path = posixpath.join(
+                parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}"
+            )
+        else:
+            self.path = self.target = path
+
+    def __enter__(self) -> _StreamedParquet:
+        # Object stores: multipart parts of 16 MB (S3's minimum is 5 MB; the storage config's
+        # block size is tuned for range reads).
+        kw = {} if self.local else {"block_size": 16 * 2**20}
+        self.file = self.fs.open(self.path, "wb", **kw)
+        # Audio barely compresses losslessly with a general codec; don't spend CPU on it.
+        self.writer = pq.ParquetWriter(self.file, self.schema, compression="none")
+        return self
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+
+    def __exit__(self, kind: object, err: object, tb: object) -> None:
+        if kind is not None:
+            with contextlib.suppress(Exception):
+                self.writer.close()
+            if self.local:
+                with contextlib.suppress(OSError):
+                    os.remove(self.path)
+            else:
+                with contextlib.suppress(Exception):
+                    self.file.discard()  # an unfinished upload never appears
+            return
+        self.writer.close()
+        self.file.close()
+        if self.local:
+            os.replace(self.path, self.target)
 
 
 def _audio_schema(check_only: bool) -> pa.Schema:

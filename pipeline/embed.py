@@ -8,10 +8,10 @@ Steps (the skeleton of ``pipeline/job.py``):
    ``--hours`` keeps a prefix of it, ``--fraction`` keeps items whose hash falls below it.
    Cut the selection into shards of ``items_per_shard`` (the resume unit); the plan records
    the selection's content digest, the teacher and its checkpoint digest.
-2. Each unfinished shard travels as one Ray Data row through decode (CPU tasks), the teacher
-   (an actor pool, GPU when asked or present) and a write task that builds and commits
-   ``quarantine/shard-N`` and ``embeddings/shard-N`` (``pipeline/commit.py``). Embeddings
-   never reach the driver.
+2. Ray Data runs the unfinished shards, one dataset row each (the items, no audio): the
+   teacher's autoscaling actor pool (GPU when asked or present), whose actors decode the
+   items and run the teacher, then a Datasink that builds and commits ``quarantine/shard-N``
+   and ``embeddings/shard-N`` (``pipeline/commit.py``). Embeddings never reach the driver.
 
 Output under ``--out``: ``embeddings/shard-NNNNN.parquet`` (EMBEDDING_SHARD_SCHEMA, metadata:
 teacher, layer, dim, frame rate, checkpoint sha256), ``quarantine/shard-NNNNN.parquet``,

@@ -5,9 +5,10 @@ Steps (the skeleton of ``pipeline/job.py``):
    unit); the plan records the items' content digest, the student checkpoint's sha256, the
    output format and the decode settings, so a re-run with another checkpoint into the same
    ``--out`` is refused instead of mixing features of two models.
-2. Each unfinished part travels as one Ray Data row: decode (CPU tasks), the student
-   (:class:`spear.student.features.FeatureStage` actors, GPU when asked or present), and a
-   write task that builds and commits the part's files (``pipeline/commit.py``).
+2. Ray Data runs the unfinished parts, one dataset row each (the items, no audio): the
+   student's autoscaling actor pool (:class:`spear.student.features.FeatureStage`, GPU when
+   asked or present), whose actors decode the items and compute the features, then a
+   Datasink that builds and commits each part's files (``pipeline/commit.py``).
 
 Output under ``out``: ``features/part-NNNNN.parquet`` (the embedding shard layout:
 ``item_id``, ``num_frames``, ``embeddings``; metadata: checkpoint and its sha256, dim, frame

@@ -46,6 +46,7 @@ class Progress:
         self.timeline: list[dict[str, Any]] = []
         self._last_log = self.t0
         self._live: Any = None
+        self._status = ""
         self._task: Any = None
         self._metrics = _metrics(job.split()[0])
 
@@ -72,6 +73,15 @@ class Progress:
         if self._live is not None:
             self._live.update(self._task, completed=self.items, line=self._text())
             self._live.stop()
+
+    def status(self, text: str) -> None:
+        """What the job is doing before its first unit (start-up, models loading): on the live
+        line, or one log line."""
+        self._status = text
+        if self._live is not None:
+            self._live.update(self._task, line=self._text())
+        else:
+            log.info("%s: %s", self.job, text)
 
     def add(self, entry: dict[str, Any]) -> None:
         self.units += 1
@@ -114,6 +124,8 @@ class Progress:
 
     def _text(self) -> str:
         el = time.time() - self.t0
+        if self.units == 0 and self._status:
+            return self._status
         rate = self.hours * 3600 / el if el else 0.0
         left = max(self.total_hours - self.hours, 0.0)
         eta = left * 3600 / rate if rate else float("inf")

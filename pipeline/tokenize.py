@@ -6,11 +6,13 @@ Steps (the skeleton of ``pipeline/job.py``):
    most ``items_per_shard`` items and ``max_shard_hours`` of audio. Load each teacher's
    quantiser header (its id, C, K) and the checkpoint digest. The plan (with the items'
    content digest) goes to ``_work/plan.json``; a re-run must plan the same, or it is refused.
-2. Each unfinished shard travels as one Ray Data row: decode (CPU tasks, int16 audio), one
-   actor pool per teacher (GPU when asked or present; the quantiser runs inside the actor, so
-   float embeddings never enter the object store), then a write task that builds the shard's
-   token and quarantine files and commits them (``pipeline/commit.py``). Token rows never
-   reach the driver: it receives one small entry per shard.
+2. Ray Data runs the unfinished shards, one dataset row each (the shard's item list, no
+   audio): one autoscaling actor pool per teacher (``map_batches``; GPU when asked or present)
+   whose actors decode the items they run on and run the teacher and its quantiser, so audio
+   and float embeddings never enter the object store, only codes; then a Datasink whose write
+   tasks build each shard's token and quarantine files and commit them
+   (``pipeline/commit.py``). Token rows never reach the driver: it receives one small entry
+   per shard.
 3. At the end: ``index.parquet`` (one row per shard), ``report.json`` (counts, hours, the
    lineage's quarantine, per-stage throughput, a timeline, the slowest shards, config and
    versions) and ``_SUCCESS.json``, all from the shards' entries.
@@ -35,7 +37,14 @@ from spear import __version__
 from spear.configio import to_dict
 from spear.credentials import redact
 from spear.errors import SpearError
-from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
+from spear.pipeline.job import (
+    PROGRESS,
+    ActorStage,
+    UnitJob,
+    make_plan,
+    run_units,
+    sorted_units,
+)
 from spear.pipeline.manifest import read_manifest
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.ray_utils import RayConfig
@@ -56,7 +65,7 @@ from spear.stages.tokenize import (
     TokenizeTeacherConfig,
     teacher_info,
 )
-from spear.storage import StorageConfig, exists, join, read_bytes, write_atomic
+from spear.storage import StorageConfig, join, list_names, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +108,7 @@ class TokenizeSummary:
             f"{self.hours_in:.3f} h), {q} quarantined{' (' + reasons + ')' if q else ''}; "
             f"{self.shards} shards ({self.shards_done_before} done before), "
             f"{self.token_bytes / 1e6:.2f} MB ({bps:.0f} B per audio second); "
-            f"{self.wall_seconds:.1f} s -> {join(self.out, 'tokens')}, report "
-            f"{join(self.out, REPORT)}"
+            f"{self.wall_seconds:.1f} s -> {self.out} (report {join(self.out, REPORT)})"
         )
 
 
@@ -223,17 +231,16 @@ def run_tokenize(
                 "domains": getattr(cfg, t.prefix).domains,
                 "refine_rounds": encode.refine_rounds,
                 "quantizer_id": t.info.quantizer_id,
-                # Only rows a later teacher runs on carry their audio on.
-                "keep_audio": tuple(
-                    sorted({d for later in job[k + 1 :] for d in later.info.domains})
-                ),
+                # Each teacher's actors decode the items they run on: no audio leaves them.
+                "keep_audio": (),
             },
+            decodes=tuple(t.info.domains),
             num_actors=t.config.num_actors,
             device=t.config.device,
             num_gpus=t.config.num_gpus,
             num_cpus=t.config.num_cpus,
         )
-        for k, t in enumerate(job)
+        for t in job
     ]
     unit_job = UnitJob(
         kind="tokenize",
@@ -244,22 +251,17 @@ def run_tokenize(
         actors=stages,
         writer=TokenShardWriter(tuple(t.info for t in job), plan.run_id),
         decode=decode,
-        decode_cpus=cfg.decode_cpus,
         progress_seconds=cfg.progress_seconds,
     )
     run = run_units(unit_job, plan, table, storage, ray_cfg)
     del table
     summary = TokenizeSummary(out=out, shards=plan.units, shards_done_before=run.done_before)
-    progress = run.progress
     summary.hours_in = hours_in
     report = _finish(out, manifest, job, plan.items, run.entries, summary, storage)
     report["skipped_items"] = skipped
-    if progress is not None:
-        report["timeline"] = progress.timeline
-    elif exists(join(out, REPORT), storage):
-        # Nothing was redone: keep the throughput record of the run that did the work.
-        old = json.loads(read_bytes(join(out, REPORT), storage))
-        report |= {k: old[k] for k in ("timeline", "started") if k in old}
+    report["timeline"], report["invocations"] = invocations_timeline(out, storage)
+    if report["invocations"]:
+        started = report["invocations"][0]["started"]  # the run began with its first invocation
     summary.wall_seconds = time.time() - t0
     report = {"started": started} | report
     report |= {
@@ -276,6 +278,40 @@ def run_tokenize(
     write_atomic(join(out, REPORT), json.dumps(redact(report), indent=1).encode(), storage)
     write_atomic(join(out, SUCCESS), json.dumps(asdict(summary), indent=1).encode(), storage)
     return summary
+
+
+def invocations_timeline(
+    out: str, storage: StorageConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The report's timeline and invocations over every invocation of the run (each saved its
+    own under ``_work/progress/``, a killed one up to its last save): laid end to end in time,
+    counts running on from the earlier invocations' totals."""
+    folder = join(out, PROGRESS)
+    names = sorted(n for n in list_names(folder, storage) if n.endswith(".json"))
+    marks: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for k, name in enumerate(names):
+        rec = json.loads(read_bytes(join(folder, name), storage))
+        last = marks[-1] if marks else {}
+        for m in rec["timeline"]:
+            busy = Counter(last.get("stage_busy") or {})
+            busy.update(m["stage_busy"])
+            audio = Counter(last.get("stage_audio_seconds") or {})
+            audio.update(m["stage_audio_seconds"])
+            marks.append(
+                m
+                | {
+                    "t": round(float(last.get("t", 0.0)) + m["t"], 3),
+                    "items_done": int(last.get("items_done", 0)) + m["items_done"],
+                    "hours_done": round(float(last.get("hours_done", 0.0)) + m["hours_done"], 6),
+                    "shards_done": int(last.get("shards_done", 0)) + m["shards_done"],
+                    "stage_busy": {s: round(v, 3) for s, v in busy.items()},
+                    "stage_audio_seconds": {s: round(v, 3) for s, v in audio.items()},
+                    "invocation": k,
+                }
+            )
+        runs.append({key: rec[key] for key in ("started", "wall_seconds", "shards_done")})
+    return marks, runs
 
 
 def _manifest_quarantine(manifest: str, storage: StorageConfig) -> dict[str, int]:

@@ -10,24 +10,27 @@ The model (one line per figure; ``A`` = audio seconds in the run, ``a`` = audio-
     wall (GPU-bound)  = GPU-seconds / gpus
     CPU cores to feed = A / wall / r_decode               # decode keeps pace with the GPUs
     wall (CPU-bound)  = A / (cpus r_decode)               # when --cpus says what there is
-    object store      = 32,000 B/s x A x (1 + a)          # int16 audio, decode -> each teacher
+    object store      = output B/s x A x teachers          # codes, teacher actors -> commit
+    driver cores      = shards / wall x driver s per shard  # Ray Data + commit entries
     output            = A x (800 + 200 a) B/s             # 16 x 50 + 8 x 25 Hz codes, or measured
     source read       = A x source B/s                    # or the manifest's segment byte shares
     student GPU-s     = A x epochs / r_student            # per GPU; wall = that / train GPUs
     cost              = price x (gpus x wall + train GPUs x student wall)   # GPUs held, in hours
 
 ``r_teacher`` is the actor rate: the fused tokenize figure when measured (``tokenize.wavlm``),
-else the teacher and its MVQ encode in series (``1 / (1/r_teacher + 1/r_mvq)``). The object-store
-line assumes audio reaches each teacher actor only for the items it runs on. The run takes the
-larger wall time; the figure behind it is the run's *limit*.
+else the teacher and its MVQ encode in series (``1 / (1/r_teacher + 1/r_mvq)``). Audio never
+enters the object store (each teacher's actors decode the items they run on); what does is each
+unit's item list and the codes. The run takes the larger wall time; the figure behind it is the
+run's *limit*. The driver line is the shards per second the run commits times the driver's CPU
+per shard (:data:`DRIVER_SECONDS_PER_SHARD`, measured by ``benchmarks/scale.py``).
 
 Object counts: items are ``A (1 - a) / speech item seconds + a A / 10 s`` (SPEC section 5's
 audio windows) unless a manifest is given; files listed are the items (one item per file)
 unless ``file_seconds`` is set; token shards hold at most ``items_per_shard`` items and
 ``max_shard_hours`` hours (the tokenize job's cut, exact with a manifest). Each shard leaves 3
 storage objects (token file, quarantine file, commit entry; a run adds index, report, plan and
-``_SUCCESS.json``) and passes through Ray's object store as ``3 + teachers`` objects (its unit row,
-the decoded audio, one output per teacher actor, the write task's entry).
+``_SUCCESS.json``) and passes through Ray's object store as ``2 + teachers`` objects (its unit row,
+one output per teacher actor, the write task's entry).
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ from spear.errors import SpearError
 from spear.rates import Rates
 from spear.stages.tokenize import TokenizeConfig
 
-AUDIO_BYTES_PER_SECOND = 32_000
-"""int16 mono 16 kHz audio between decode and the teachers (SPEC section 6)."""
+DRIVER_SECONDS_PER_SHARD = 0.003
+"""Driver CPU per committed shard on Ray Data: 2.9 ms measured by ``benchmarks/scale.py --part
+driver`` (16 stub actors, the executor's bookkeeping and the commit entry; independent of the
+shard's size), rounded up."""
 WAVLM_BYTES_PER_SECOND = 800
 """16 codebooks x 50 Hz x 1 byte (SPEC section 3)."""
 DASHENG_BYTES_PER_SECOND = 200
@@ -199,6 +204,8 @@ class Plan:
     object_store_bytes: float
     object_store_bytes_per_second: float
     """Average object-store traffic while the run lasts."""
+    driver_cores: float
+    """The driver's CPU while the run lasts: shards per second x its CPU per shard."""
     output_bytes: float
     output_bytes_per_audio_second: float
     output_bound_bytes: float
@@ -287,7 +294,7 @@ class Plan:
             (
                 "object store objs",
                 f"{self.object_store_objects:,}",
-                f"{per} per shard: unit row, decoded audio, one per teacher, write entry",
+                f"{per} per shard: unit row, one per teacher, write entry",
             ),
         ]
 
@@ -373,7 +380,14 @@ class Plan:
             (
                 "object store",
                 _bytes(self.object_store_bytes),
-                f"{_bytes(self.object_store_bytes_per_second)}/s int16 audio, decode -> teachers",
+                f"{_bytes(self.object_store_bytes_per_second)}/s codes, teacher actors -> "
+                "commit (audio stays in the actors)",
+            ),
+            (
+                "driver",
+                f"{self.driver_cores:,.2f} core",
+                f"{self.shards / self.wall_seconds:,.2f} shards/s x "
+                f"{DRIVER_SECONDS_PER_SHARD * 1e3:g} ms per shard",
             ),
             (
                 "token shards",
@@ -468,7 +482,6 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
             "arithmetic rates are SPEC section 6's FLOP counts at an assumed MFU, "
             "not measurements; they leave out the MVQ encode unless it is given"
         )
-    store = AUDIO_BYTES_PER_SECOND * audio_s * (1.0 + audio_frac)
     if rates.token_bytes is not None:
         per_s = rates.token_bytes.value
     else:
@@ -479,6 +492,13 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
     else:
         items, files, shards, source = m.items, m.files, m.shards, m.source_bytes
     teachers = 2 if audio_frac > 0 else 1
+    store = per_s * audio_s * teachers  # each teacher's output carries the codes so far
+    driver = shards / wall * DRIVER_SECONDS_PER_SHARD
+    if driver > 0.5:
+        notes.append(
+            f"the driver needs {driver:.1f} cores to commit {shards / wall:.1f} shards/s: raise "
+            "tokenize.max_shard_hours (and items_per_shard) for fewer, larger shards"
+        )
     train_gpus = spec.train_gpus or spec.gpus
     student_gpu = student_wall = None
     if rates.student is not None:
@@ -505,6 +525,7 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
         limit=limit,
         object_store_bytes=store,
         object_store_bytes_per_second=store / wall,
+        driver_cores=driver,
         output_bytes=per_s * audio_s,
         output_bytes_per_audio_second=per_s,
         output_bound_bytes=TOKEN_BOUND_BYTES_PER_SECOND * audio_s,
@@ -513,7 +534,7 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
         files=files,
         shards=shards,
         storage_objects=STORAGE_OBJECTS_PER_SHARD * shards + STORAGE_OBJECTS_PER_RUN,
-        object_store_objects=(3 + teachers) * shards,
+        object_store_objects=(2 + teachers) * shards,
         counts_from="estimate" if m is None else "manifest",
         train_gpus=train_gpus,
         student_gpu_seconds=student_gpu,

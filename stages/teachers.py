@@ -234,7 +234,7 @@ class TeacherConfig:
     """Actor pool size (the pool never grows beyond this)."""
     num_cpus: float | None = None
     """CPU share per actor (Ray's scheduling). None: 1 beside a GPU; on a CPU-only cluster
-    what the cluster has beside one decode task, split over the job's actors (at most 1)."""
+    what the cluster has beside one commit task, split over the job's actors (at most 1)."""
     cache_dir: str | None = None
     """Node-local checkpoint cache (default ``~/.cache/spear/checkpoints``)."""
     seed: int = 0

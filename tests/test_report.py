@@ -493,3 +493,36 @@ def test_report_draws_in_headless_chromium(tmp_path: Path) -> None:
         assert png.exists(), f"chromium wrote no screenshot of {name}"
         shots[name] = png.stat().st_size
     assert shots["report"] > 5 * shots["blank"], shots
+
+
+def test_tokenize_summary_names_weights_axis_fits_run_colours_fixed(tmp_path: Path) -> None:
+    from spear.report.tokenize import STAGE_COLORS, _stage_colors, time_axis
+
+    assert time_axis(90)[1] == "seconds of run time"
+    assert time_axis(1800) == (60.0, "minutes of run time")
+    assert time_axis(2 * 86400) == (3600.0, "hours of run time")
+    # A stage keeps its colour whatever other stages a run has, or their order.
+    one = _stage_colors({"stages": {"decode": {}, "wavlm": {}, "dasheng": {}}})
+    other = _stage_colors({"stages": {"dasheng": {}, "student": {}, "decode": {}}})
+    assert one["dasheng"] == other["dasheng"] == STAGE_COLORS["dasheng"]
+    assert one["decode"] == other["decode"] and other["student"] not in STAGE_COLORS.values()
+    write_tokenize_run(tmp_path / "run")
+    data = load_tokenize_run(str(tmp_path / "run"), StorageConfig(), max_shards=1)
+    data.report["teachers"] = [
+        {
+            "prefix": "wavlm",
+            "teacher": "wavlm-large",
+            "layer": 21,
+            "checkpoint_sha256": "ab" * 32,
+            "quantizer_id": "mvq-123",
+            "num_codebooks": 16,
+            "codebook_size": 256,
+        }
+    ]
+    data.report["invocations"] = [
+        {"started": "2026-01-01T00:00:00+00:00", "wall_seconds": 50, "shards_done": 2},
+        {"started": "2026-01-02T00:00:00+00:00", "wall_seconds": 30, "shards_done": 1},
+    ]
+    summary = dict((r[0], r[1]) for r in tables(render_tokenize(data))["summary"])
+    assert "ab" * 32 in summary["teachers"] and "mvq-123" in summary["teachers"]
+    assert summary["invocations"].startswith("2: ")

@@ -22,7 +22,8 @@ def demo(
         echo(f"  embeddings  {e.out}/embeddings  ({prefix})")
     for prefix, q in res.quantizers.items():
         echo(f"  quantizer   {q}  ({prefix})")
-    echo(f"  tokens      {res.tokens}/tokens  (index: {res.tokens}/index.parquet)")
+    # The run folder is what the readers take (spear train --shards, spear shards, lhotse).
+    echo(f"  tokens      {res.tokens}  (shards in tokens/, index.parquet)")
     echo(f"  report      {res.report}")
     if res.problems:
         for p in res.problems:

@@ -27,8 +27,26 @@ TOKEN_BOUND_BYTES_PER_SECOND = 1000.0
 SOURCES_PLOTTED = 15
 """Sources drawn one bar each; the rest share one bar (the table lists every source)."""
 
-MINUTES = "minutes since start"
 HOURS = "audio hours with tokens"
+
+STAGE_COLORS = {
+    "decode": PALETTE[0],
+    "wavlm": PALETTE[1],
+    "dasheng": PALETTE[2],
+    "write": PALETTE[3],
+}
+"""Fixed colours of the stages every tokenize run has, so they read the same in every report;
+other stages take the remaining colours in order."""
+
+
+def time_axis(span: float) -> tuple[float, str]:
+    """Seconds per axis unit and the axis label for a run of ``span`` seconds: seconds under
+    3 minutes, minutes under 3 hours, then hours."""
+    if span < 180:
+        return 1.0, "seconds of run time"
+    if span < 3 * 3600:
+        return 60.0, "minutes of run time"
+    return 3600.0, "hours of run time"
 
 
 def thin_marks(marks: list[dict[str, Any]], min_gap: float) -> list[dict[str, Any]]:
@@ -49,11 +67,11 @@ def thin_marks(marks: list[dict[str, Any]], min_gap: float) -> list[dict[str, An
 
 
 def _steps(
-    t: list[float], num: list[float], den: list[float] | None = None
+    t: list[float], num: list[float], den: list[float] | None = None, unit: float = 60.0
 ) -> tuple[list[float], list[float]]:
     """Average rate of the cumulative ``num`` per cumulative ``den`` (default: the time ``t``)
-    over each interval between marks, as a step line with x in minutes; an interval in which
-    ``den`` did not grow is a gap (NaN)."""
+    over each interval between marks, as a step line with x in ``unit`` seconds; an interval in
+    which ``den`` did not grow is a gap (NaN)."""
     den = t if den is None else den
     xs: list[float] = []
     ys: list[float] = []
@@ -62,7 +80,7 @@ def _steps(
             continue
         d = den[i] - den[i - 1]
         r = (num[i] - num[i - 1]) / d if d > 0 else math.nan
-        xs += [t[i - 1] / 60, t[i] / 60]
+        xs += [t[i - 1] / unit, t[i] / unit]
         ys += [r, r]
     return xs, ys
 
@@ -74,7 +92,9 @@ def _stage_colors(r: dict[str, Any]) -> dict[str, str]:
     names += sorted(
         {k for m in r.get("timeline") or [] for k in m.get("stage_busy") or {}} - set(names)
     )
-    return {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(names)}
+    rest = [c for c in PALETTE if c not in STAGE_COLORS.values()]
+    others = [k for k in names if k not in STAGE_COLORS]
+    return {k: STAGE_COLORS.get(k) or rest[others.index(k) % len(rest)] for k in names}
 
 
 def _throughput(r: dict[str, Any]) -> list[str]:
@@ -82,24 +102,32 @@ def _throughput(r: dict[str, Any]) -> list[str]:
     if not raw:
         return [note("no progress timeline in report.json")]
     span = max(float(m["t"]) for m in raw)
+    unit, xlabel = time_axis(span)
     timeline = thin_marks(raw, max(1.0, 0.002 * span))
     t = [0.0] + [float(m["t"]) for m in timeline]
     audio_s = [0.0] + [float(m["hours_done"]) * 3600 for m in timeline]
+    runs = len(r.get("invocations") or []) or 1
+    resumed = (
+        f" The run was resumed: {runs} invocations, their working time laid end to end."
+        if runs > 1
+        else ""
+    )
     out = [
         line_plot(
             "Audio hours tokenized over time",
-            [Series("hours done", [v / 60 for v in t], [a / 3600 for a in audio_s])],
-            xlabel=MINUTES,
+            [Series("hours done", [v / unit for v in t], [a / 3600 for a in audio_s])],
+            caption=f"Cumulative audio hours with tokens.{resumed}",
+            xlabel=xlabel,
             ylabel="audio hours",
         )
     ]
-    xs, ys = _steps(t, audio_s)
+    xs, ys = _steps(t, audio_s, unit=unit)
     if xs:
         out.append(
             line_plot(
                 "Pipeline throughput over time",
                 [Series("x real time", xs, ys)],
-                xlabel=MINUTES,
+                xlabel=xlabel,
                 ylabel="audio s per wall s",
                 caption="Audio seconds tokenized per wall second, averaged between progress marks.",
             )
@@ -111,28 +139,28 @@ def _throughput(r: dict[str, Any]) -> list[str]:
         s: [0.0] + [float((m.get("stage_busy") or {}).get(s, 0.0)) for m in timeline]
         for s in stages
     }
-    workers = [Series(s, *_steps(t, busy[s]), color=colors[s]) for s in stages]
+    workers = [Series(s, *_steps(t, busy[s], unit=unit), color=colors[s]) for s in stages]
     workers = [s for s in workers if s.x]
     if workers:
         out.append(
             line_plot(
                 "Stage busy time over time",
                 workers,
-                xlabel=MINUTES,
+                xlabel=xlabel,
                 ylabel="busy s per wall s",
                 caption="Seconds each stage's workers spent working per wall second, averaged "
                 "between progress marks: about the number of busy workers (decode tasks, "
                 "teacher actors).",
             )
         )
-    rates = [Series(s, *_steps(t, audio_s, busy[s]), color=colors[s]) for s in stages]
+    rates = [Series(s, *_steps(t, audio_s, busy[s], unit), color=colors[s]) for s in stages]
     rates = [s for s in rates if any(math.isfinite(y) for y in s.y)]
     if rates:
         out.append(
             line_plot(
                 "Stage throughput over time",
                 rates,
-                xlabel=MINUTES,
+                xlabel=xlabel,
                 ylabel="audio s per busy s",
                 caption="Audio seconds the pipeline tokenized per second of each stage's busy "
                 "time, between progress marks (gaps: the stage did no work). A stage that sees "
@@ -391,6 +419,30 @@ def _token_bytes(run: TokenizeRun) -> list[str]:
     ]
 
 
+def _teachers(r: dict[str, Any]) -> str:
+    """Which teachers made the codes: name, layer, weights' sha256, quantiser id."""
+    rows = []
+    for t in r.get("teachers") or []:
+        sha = t.get("checkpoint_sha256") or "none (random weights)"
+        rows.append(
+            f"{t.get('prefix')}: {t.get('teacher')} layer {t.get('layer')}, weights sha256 "
+            f"{sha}, quantiser {t.get('quantizer_id')} ({t.get('num_codebooks')} x "
+            f"{t.get('codebook_size')})"
+        )
+    return "; ".join(rows) or "-"
+
+
+def _invocations(r: dict[str, Any]) -> str:
+    runs = r.get("invocations") or []
+    if not runs:
+        return "1"
+    return f"{len(runs)}: " + "; ".join(
+        f"{x.get('started', '-')} ({fmt(x.get('wall_seconds'), '{:,.0f}')} s, "
+        f"{x.get('shards_done', 0)} shards)"
+        for x in runs
+    )
+
+
 def render_tokenize(run: TokenizeRun) -> str:
     """The HTML report of a tokenize run (pure: no I/O)."""
     r = run.report
@@ -415,6 +467,8 @@ def render_tokenize(run: TokenizeRun) -> str:
                 f"{fmt(r.get('token_bytes'), '{:,}')} "
                 f"({fmt(r.get('bytes_per_audio_second'), '{:,.0f}')} B per audio second)",
             ),
+            ("teachers", _teachers(r)),
+            ("invocations", _invocations(r)),
             ("quarantined per stage", _per_stage(run)),
             ("versions", ", ".join(f"{k} {v}" for k, v in (r.get("versions") or {}).items())),
         ]

@@ -81,3 +81,56 @@ def test_decode_job_s3(ray_cluster: str, s3_server) -> None:
     spectrum = np.abs(np.fft.rfft(x))
     peak_hz = np.argmax(spectrum) * SAMPLE_RATE / len(x)
     assert abs(peak_hz - 1000.0) < 2.0  # the 1 kHz sine survives 48k -> 16k
+
+
+_MEASURE = """
+import json, resource, sys
+from spear.pipeline.decode import _decode_part
+from spear.stages.decode import DecodeConfig
+from spear.storage import StorageConfig
+
+manifest, out, part = sys.argv[1:4]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stats = _decode_part(
+    {"part": [part]}, manifest, out, DecodeConfig(io_threads=1), StorageConfig(), False, 4
+)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"grew_kb": peak - base, "decoded": stats["decoded"][0]}))
+"""
+
+
+@pytest.mark.slow  # a manifest job on Ray first: ~60 s
+def test_decode_memory_is_bounded_per_batch_not_per_part(tmp_path: Path) -> None:
+    """A part of 48 items of 20 s (61 MB of int16) and one of 8: the task's peak memory grows by
+    about one batch's audio (4 items, 5 MB) either way, not by the part's (no Ray: the task's
+    function in a fresh interpreter each)."""
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+
+    from spear.synth import write_speech_like
+
+    write_speech_like(str(tmp_path / "c"), 48, seconds=(20, 20), seed=3)
+    cli_ok("manifest", str(tmp_path / "c"), "--out", str(tmp_path / "m"))
+    rows = read_manifest(str(tmp_path / "m"), StorageConfig())
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    pq.write_table(rows, parts / "big.parquet")
+    pq.write_table(rows.slice(0, 8), parts / "small.parquet")
+    grew = {}
+    for name in ("small", "big"):
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(parts), str(tmp_path / name), f"{name}.parquet"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        got = json.loads(done.stdout.strip().splitlines()[-1])
+        grew[name] = got["grew_kb"] * 1024
+        assert got["decoded"] == (48 if name == "big" else 8)
+    audio = pq.read_table(tmp_path / "big" / "audio" / "big.parquet")
+    assert audio.num_rows == 48 and isinstance(audio.schema, pa.Schema)
+    part_bytes = 48 * 20 * 16_000 * 2
+    # Holding the part (audio table + its Parquet bytes) would add ~2 x 61 MB.
+    assert grew["big"] < grew["small"] + part_bytes / 4, grew

@@ -30,7 +30,7 @@ from spear.storage import StorageConfig
 from spear.synth import write_speech_like
 
 # Slow (~4 min: a reference run and five killed runs); the default run covers the commit
-# protocol's recovery in test_commit.py and the no-rerun of committed units in test_scheduler.py.
+# protocol's recovery in test_commit.py and the no-rerun of committed units in test_job.py.
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 PER_SHARD = 2

@@ -192,3 +192,32 @@ def test_bad_quantizer_fails_before_ray_work(inputs: Inputs, tmp_path, capsys) -
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "dasheng-tiny" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_report_timeline_covers_every_invocation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from spear.pipeline.tokenize import PROGRESS, invocations_timeline
+
+    def mark(t: float, shards: int) -> dict:
+        return {
+            "t": t,
+            "items_done": 10 * shards,
+            "hours_done": 0.5 * shards,
+            "shards_done": shards,
+            "stage_busy": {"wavlm": 2.0 * shards},
+            "stage_audio_seconds": {"wavlm": 1800.0 * shards},
+        }
+
+    folder = tmp_path / PROGRESS
+    folder.mkdir(parents=True)
+    # A killed invocation (saved up to 2 shards), then the resumed one.
+    for name, started, marks in (
+        ("2026-01-01T000000+0000-a.json", "2026-01-01T00:00:00+00:00", [mark(0, 0), mark(40, 2)]),
+        ("2026-01-02T000000+0000-b.json", "2026-01-02T00:00:00+00:00", [mark(0, 0), mark(30, 3)]),
+    ):
+        rec = {"started": started, "wall_seconds": marks[-1]["t"], "timeline": marks}
+        (folder / name).write_text(json.dumps(rec | {"shards_done": marks[-1]["shards_done"]}))
+    marks, runs = invocations_timeline(str(tmp_path), StorageConfig())
+    assert [r["shards_done"] for r in runs] == [2, 3]
+    assert [m["t"] for m in marks] == [0, 40, 40, 70]
+    assert marks[-1]["shards_done"] == 5 and marks[-1]["hours_done"] == 2.5
+    assert marks[-1]["stage_busy"] == {"wavlm": 10.0} and marks[-1]["invocation"] == 1
