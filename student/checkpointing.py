@@ -24,10 +24,7 @@ from spear.student.model import STUDENT_FILE, unwrap
 from spear.student.optim import Eden
 
 TRAIN_STATE_FILE = "train_state.pt"
-TRAIN_STATE_VERSION = 2
-"""2: ScaledAdam's state is flat (one vector per param group and kind); 1's per-tensor state
-does not load into it, so a version-1 training checkpoint is refused (its student.pt still
-loads)."""
+TRAIN_STATE_VERSION = 1
 
 
 @dataclass

@@ -8,13 +8,15 @@ gradient w.r.t. log(scale) is sum(param * grad)) lets sizes change explicitly. R
 plain Adam at ``scalar_lr_scale * lr`` and are clamped to +-``scalar_max``. Gradients are clipped
 at ``clipping_scale`` times the median of recent gradient norms.
 
-Batched differently from icefall: icefall stacks tensors of the same shape; here each param
-group's tensors are one flat vector (and its scalars another), per-tensor quantities (RMS, the
-scale gradient) are segment sums over it, and the new values go back with one
-``_foreach_copy_``: a step is a fixed number of whole-model ops (GPU kernels) plus one view per
-gradient. The optimiser state is flat too (held under each kind's first parameter). Also
-simplified: parameter RMS is refreshed every step (icefall: every 4), a parameter without a
-gradient gets a zero one (as icefall), no per-parameter diagnostics machinery.
+Batched differently from icefall: icefall stacks tensors of the same shape; here every
+update is a ``torch._foreach_*`` op over all tensors of a param group (on a GPU a fixed ~80
+aten ops a step, each one fused multi-tensor kernel), per-tensor quantities (RMS by a fused
+norm, the scale gradient by float64 norms of its positive and negative parts) form one vector,
+and the per-tensor factors come back to the host once a step as the foreach ops' scalars. On
+CPU the same ops run over cache-sized runs of tensors (``fused=False``). The state stays per
+parameter (as the per-tensor version's: old training states load). Also simplified: parameter
+RMS is refreshed every step (icefall: every 4) and there is no per-parameter diagnostics
+machinery. Parameters must be float32 (they are updated in place; autocast keeps them so).
 
 Eden: lr = base * ((step^2 + B^2) / B^2)^-0.25 * ((hours^2 + H^2) / H^2)^-0.25 * warm-up,
 warm-up linear from 0.5 to 1 over ``warmup_batches``. icefall counts epochs; the paper counts
@@ -25,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,65 +35,10 @@ from torch import Tensor, nn
 from spear.student.config import OptimConfig
 
 
-@dataclass
-class _Flat:
-    """A param group's tensors of one kind (numel > 1, or scalars) as one flat vector: the
-    update runs as a fixed number of whole-vector ops, whatever the number of tensors."""
-
-    params: list[Tensor]
-    views: list[Tensor]
-    """Flat views of the parameters (written back with one ``_foreach_copy_``)."""
-    sizes: list[int]
-    lengths: Tensor
-    """(N,) element counts, on the parameters' device (segment sums, broadcasts)."""
-    total: int
-
-    @classmethod
-    def of(cls, params: list[Tensor]) -> _Flat:
-        sizes = [p.numel() for p in params]
-        device = params[0].device if params else torch.device("cpu")
-        return cls(
-            params=params,
-            views=[p.detach().view(-1) for p in params],
-            sizes=sizes,
-            lengths=torch.tensor(sizes, device=device),
-            total=sum(sizes),
-        )
-
-    def stale(self) -> bool:
-        # A parameter moved (model.to() after the optimiser was built): rebuild the views.
-        return any(
-            v.data_ptr() != p.data_ptr() for v, p in zip(self.views, self.params, strict=True)
-        )
-
-    def grads(self) -> list[Tensor]:
-        """Flat views of the gradients (zeros for a parameter without one, as icefall does)."""
-        return [
-            torch.zeros_like(v) if p.grad is None else p.grad.reshape(-1)
-            for p, v in zip(self.params, self.views, strict=True)
-        ]
-
-    def square_sums(self, xs: list[Tensor]) -> Tensor:
-        """(N,) per-tensor sums of squares, one fused norm over the list."""
-        return torch.stack(torch._foreach_norm(xs)).float().square()
-
-    def segment_sum(self, x: Tensor) -> Tensor:
-        """Per-tensor sums of a flat vector, accumulated in float64 (a segment sum adds in
-        order: in float32 a 400k-element tensor's sum would be off by ~1e-5)."""
-        return torch.segment_reduce(x.double(), "sum", lengths=self.lengths).float()
-
-    def spread(self, per_tensor: Tensor) -> Tensor:
-        """(N,) -> (total,): each tensor's value on each of its elements."""
-        return torch.repeat_interleave(per_tensor, self.lengths, output_size=self.total)
-
-    def write(self, new: Tensor) -> None:
-        torch._foreach_copy_(self.views, list(new.split(self.sizes)))
-
-
 class ScaledAdam(torch.optim.Optimizer):
-    """See the module docstring. Each param group is held as two flat vectors (tensors and
-    scalars), so a step is ~70 whole-model ops plus one view per gradient: 403 aten ops on the
-    tiny student, icefall's (same-shaped tensors stacked) 1,839 (``benchmarks/student.py``)."""
+    """See the module docstring. Every update is a ``torch._foreach_*`` op over a param group's
+    tensors (one fused kernel per op on a GPU), per-tensor factors travel as one vector and
+    reach the foreach ops as scalars (one host read a step)."""
 
     def __init__(
         self,
@@ -106,7 +52,14 @@ class ScaledAdam(torch.optim.Optimizer):
         param_max_rms: float = 3.0,
         scalar_max: float = 10.0,
         clipping_window: int = 100,
+        fused: bool | None = None,
     ) -> None:
+        """``fused``: every op over a whole param group at once (one multi-tensor kernel per
+        op: ~80 ops a step whatever the model); the default on a GPU. False, the default on
+        CPU: the same ops over runs of tensors of at most 2^20 elements (a larger tensor
+        alone) and the scale gradient as one dot product per tensor, so a run stays in cache
+        through the ops instead of the whole model streaming through every op."""
+        self.fused = fused
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -119,21 +72,13 @@ class ScaledAdam(torch.optim.Optimizer):
             "clipping_window": clipping_window,
         }
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            bad = [tuple(p.shape) for p in group["params"] if p.dtype != torch.float32]
+            if bad:
+                raise ValueError(f"ScaledAdam updates float32 parameters in place; got {bad[:3]}")
         # Recent gradient norms live in the first param group, so state_dict() carries them.
         self.param_groups[0].setdefault("recent_norms", [])
         self.param_groups[0].setdefault("num_clipped", 0)
-        self._flats: dict[int, tuple[_Flat, _Flat]] = {}
-
-    def _group_flats(self, i: int, group: dict[str, Any]) -> tuple[_Flat, _Flat]:
-        flats = self._flats.get(i)
-        if flats is None or flats[0].stale() or flats[1].stale():
-            params = list(group["params"])
-            flats = (
-                _Flat.of([p for p in params if p.numel() > 1]),
-                _Flat.of([p for p in params if p.numel() == 1]),
-            )
-            self._flats[i] = flats
-        return flats
 
     def _clip_factor(self, sq: Tensor) -> float:
         """1, or threshold/norm when the norm exceeds clipping_scale x median of recent norms.
@@ -154,69 +99,116 @@ class ScaledAdam(torch.optim.Optimizer):
             del history[: -group0["clipping_window"]]
         return factor
 
+    def _state(self, ps: list[Tensor], scalar: bool) -> list[dict[str, Any]]:
+        out = []
+        for p in ps:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["delta"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+                if not scalar:
+                    state["scale_exp_avg_sq"] = torch.zeros((), device=p.device)
+            state["step"] += 1
+            out.append(state)
+        return out
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[tuple[dict[str, Any], _Flat, Tensor, Tensor, Tensor | None]] = []
+        work: list[Any] = []
         terms = []
-        for i, group in enumerate(self.param_groups):
-            if not any(p.grad is not None for p in group["params"]):
-                continue
-            mats, scal = self._group_flats(i, group)
-            if mats.total:
-                gs = mats.grads()
-                ms = (mats.square_sums(mats.views) / mats.lengths).clamp_min(1e-10)
-                terms.append((mats.square_sums(gs) * ms).sum())
-                g, pf = torch.cat(gs).float(), torch.cat(mats.views).float()
-                work.append((group, mats, g, pf, ms))
-            if scal.total:
-                g, pf = torch.cat(scal.grads()).float(), torch.cat(scal.views).float()
-                terms.append((g * g).sum())
-                work.append((group, scal, g, pf, None))
+        for group in self.param_groups:
+            # As before: a parameter without a gradient is left alone.
+            ps = [p for p in group["params"] if p.grad is not None]
+            for scalar in (False, True):
+                for kind in self._chunks([p for p in ps if (p.numel() == 1) == scalar]):
+                    terms.append(self._prepare(group, kind, scalar, work))
         if not work:
             return loss
         clip = self._clip_factor(torch.stack(terms).sum())
-        for group, flat, grad, param, mean_sq in work:
+        for group, kind, gs, ms in work:
             if clip != 1.0:
-                grad.mul_(clip)
-            self._update(group, flat, grad, param, mean_sq)
+                gs = torch._foreach_mul(gs, clip)
+            self._update(group, kind, gs, ms)
         return loss
 
+    def _fused(self, p: Tensor) -> bool:
+        return self.fused if self.fused is not None else p.device.type != "cpu"
+
+    def _chunks(self, ps: list[Tensor]) -> list[list[Tensor]]:
+        if not ps:
+            return []
+        cap = 1 << 62 if self._fused(ps[0]) else 1 << 20
+        out: list[list[Tensor]] = [[]]
+        size = 0
+        for p in ps:
+            if out[-1] and size + p.numel() > cap:
+                out.append([])
+                size = 0
+            out[-1].append(p)
+            size += p.numel()
+        return out
+
+    def _prepare(
+        self, group: dict[str, Any], kind: list[Tensor], scalar: bool, work: list[Any]
+    ) -> Tensor:
+        """Queue one run of tensors; returns its share of the relative gradient's squared
+        norm."""
+        gs = [p.grad for p in kind if p.grad is not None]
+        gsq = torch.stack(torch._foreach_norm(gs)).square()
+        ms = None
+        if not scalar:
+            n = torch.tensor([p.numel() for p in kind], device=gsq.device)
+            ms = (torch.stack(torch._foreach_norm(kind)).square() / n).clamp_min(1e-10)
+            gsq = gsq * ms
+        work.append((group, kind, gs, ms))
+        return gsq.sum()
+
     def _update(
-        self, group: dict[str, Any], flat: _Flat, g: Tensor, pf: Tensor, ms: Tensor | None
+        self, group: dict[str, Any], ps: list[Tensor], gs: list[Tensor], ms: Tensor | None
     ) -> None:
-        """One step of a flat kind: ``ms`` the tensors' mean squares, None for scalars."""
+        """One step of one kind: ``ms`` the tensors' mean squares, None for scalars."""
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         eps = group["eps"]
-        # The flat state lives under the kind's first parameter, so state_dict() carries it.
-        state = self.state[flat.params[0]]
-        if not state:
-            state["step"] = 0
-            state["delta"] = torch.zeros_like(pf)
-            state["exp_avg_sq"] = torch.zeros_like(pf)
-            if ms is not None:
-                state["scale_exp_avg_sq"] = torch.zeros_like(ms)
-        state["step"] += 1
-        bias2 = 1.0 - beta2 ** state["step"]
-        v = state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        direction = g / (v / bias2).sqrt_().add_(eps)
+        states = self._state(ps, ms is None)
+        vs = [s["exp_avg_sq"] for s in states]
+        deltas = [s["delta"] for s in states]
+        bias2 = [1.0 - beta2 ** s["step"] for s in states]
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        denom = torch._foreach_div(vs, bias2)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(gs, denom)
         if ms is None:
-            update = direction.mul_(-lr * group["scalar_lr_scale"])
+            torch._foreach_mul_(update, -lr * group["scalar_lr_scale"])
         else:
             rms = ms.sqrt().clamp_min(group["param_min_rms"])
-            update = direction.mul_(flat.spread(rms)).mul_(-lr)
-            # The scale step: Adam on d(loss)/d(log scale) = sum(p * grad), per tensor.
-            scale_grad = flat.segment_sum(pf * g)
-            sv = (
-                state["scale_exp_avg_sq"]
-                .mul_(beta2)
-                .addcmul_(scale_grad, scale_grad, value=1.0 - beta2)
-            )
-            scale_step = -lr * group["scalar_lr_scale"] * scale_grad / ((sv / bias2).sqrt() + eps)
+            # The scale step: Adam on d(loss)/d(log scale) = sum(p * grad), per tensor; the
+            # signed sum as (positive part - negative part), accumulated in float64.
+            if not self._fused(ps[0]):  # one pass per tensor, in cache: a dot product
+                scale_grad = torch.stack(
+                    [torch.dot(p.view(-1), g.reshape(-1)) for p, g in zip(ps, gs, strict=True)]
+                )
+            else:  # fused kernels, no per-tensor launch
+                prod = torch._foreach_mul(ps, gs)
+                pos = torch._foreach_norm(
+                    torch._foreach_clamp_min(prod, 0.0), 1, dtype=torch.float64
+                )
+                neg = torch._foreach_norm(
+                    torch._foreach_clamp_max(prod, 0.0), 1, dtype=torch.float64
+                )
+                scale_grad = (torch.stack(pos) - torch.stack(neg)).float()
+            svs = [s["scale_exp_avg_sq"] for s in states]
+            sv = torch.stack(svs).mul_(beta2).addcmul_(scale_grad, scale_grad, value=1.0 - beta2)
+            torch._foreach_copy_(svs, list(sv.unbind(0)))
+            b2 = torch.tensor(bias2, device=sv.device)
+            scale_step = -lr * group["scalar_lr_scale"] * scale_grad / ((sv / b2).sqrt() + eps)
             # Keep rms(param) in range: no growth above the max, no shrinking below the min.
             scale_step = torch.where(
                 rms >= group["param_max_rms"], scale_step.clamp(max=0.0), scale_step
@@ -224,12 +216,17 @@ class ScaledAdam(torch.optim.Optimizer):
             scale_step = torch.where(
                 rms <= group["param_min_rms"], scale_step.clamp(min=0.0), scale_step
             )
-            update.addcmul_(pf, flat.spread(scale_step))
-        delta = state["delta"].mul_(beta1).add_(update, alpha=1.0 - beta1)
-        new = pf.add_(delta)
+            # update = -lr * rms * direction + p * scale_step; the per-tensor factors reach
+            # the foreach ops as Python scalars (one host read).
+            step_rms, step_scale = torch.stack([rms * -lr, scale_step]).tolist()
+            torch._foreach_mul_(update, step_rms)
+            torch._foreach_add_(update, torch._foreach_mul(ps, step_scale))
+        torch._foreach_mul_(deltas, beta1)
+        torch._foreach_add_(deltas, update, alpha=1.0 - beta1)
+        torch._foreach_add_(ps, deltas)
         if ms is None:
-            new = new.clamp_(-group["scalar_max"], group["scalar_max"])
-        flat.write(new)
+            torch._foreach_clamp_min_(ps, -group["scalar_max"])
+            torch._foreach_clamp_max_(ps, group["scalar_max"])
 
 
 class Eden:

@@ -71,14 +71,16 @@ def test_build_adamw() -> None:
     assert sched.get_last_lr()[0] == pytest.approx(1e-3)
 
 
-def test_flat_scaled_adam_makes_the_per_tensor_update() -> None:
-    # The same gradients into both (the loop version is the pre-flat implementation, kept in
-    # spear.testing): after every step the parameters agree to 1e-6 of their size (float32
-    # rounding of p + delta), through clipping (a gradient spike after 12 steps) and scalars.
+@pytest.mark.parametrize("fused", [False, True])
+def test_foreach_scaled_adam_makes_the_per_tensor_update(fused: bool) -> None:
+    # The same gradients into both (the loop version is the per-tensor implementation spear had
+    # before, kept in spear.testing): after every step the parameters agree to 1e-6 of their
+    # size, through clipping (a gradient spike at step 12) and scalars. fused: the GPU layout
+    # (whole-group ops); not fused: CPU runs of tensors.
     torch.manual_seed(0)
     model = Student(StudentConfig(preset="tiny"))
     twin = copy.deepcopy(model)
-    flat, loop = ScaledAdam(model.parameters()), LoopScaledAdam(twin.parameters())
+    flat, loop = ScaledAdam(model.parameters(), fused=fused), LoopScaledAdam(twin.parameters())
     params = list(zip(model.parameters(), twin.parameters(), strict=True))
     assert any(p.numel() == 1 for p, _ in params)
     for step in range(15):
@@ -95,7 +97,7 @@ def test_flat_scaled_adam_makes_the_per_tensor_update() -> None:
     )
 
 
-def test_flat_scaled_adam_state_resumes_exactly() -> None:
+def test_foreach_scaled_adam_state_is_the_loops_and_resumes_exactly() -> None:
     torch.manual_seed(0)
     model = Student(StudentConfig(preset="tiny"))
     opt = ScaledAdam(model.parameters())
@@ -119,9 +121,13 @@ def test_flat_scaled_adam_state_resumes_exactly() -> None:
     step(opt2, again, 3)
     for a, b in zip(model.parameters(), again.parameters(), strict=True):
         assert torch.equal(a, b)
+    # The state layout is the per-tensor one: a training state saved before still loads.
+    old = LoopScaledAdam(again.parameters())
+    old.load_state_dict(opt2.state_dict())
+    assert old.state_dict()["state"].keys() == opt2.state_dict()["state"].keys()
 
 
-def test_flat_scaled_adam_follows_a_moved_model() -> None:
+def test_scaled_adam_follows_a_replaced_parameter_storage() -> None:
     model = torch.nn.Linear(4, 3)
     opt = ScaledAdam(model.parameters())
     model.weight.grad = torch.ones(3, 4)
