@@ -5,9 +5,11 @@ Steps:
    every shard's metadata checked, one set of quantisers), check that the student's heads
    match the shards' teachers (names, codebooks, rates), start/join Ray, check that the
    workers and data preparation fit the cluster.
-2. Ray Data: ``read_parquet`` of the indexed shards -> :func:`spear.student.data.prepare_batch`
-   in CPU tasks (0.9-32 s filter, decode, mixing, fbank) -> ``streaming_split`` across the
-   training workers, which run :func:`spear.student.recipe.train_loop`.
+2. The training workers run :func:`spear.student.recipe.train_loop`: each plans its epoch over
+   the indexed shards (:func:`spear.student.data.plan_epoch`, order a function of (seed,
+   epoch)) and has Ray CPU tasks decode and mix its batches ahead of training
+   (:func:`spear.student.data.prepare_batch`); the fbank is computed on the worker's device.
+   The last ``data.val_shards`` shards are held out for the validation loss.
 3. Checkpoints go to ``OUT/train/`` (any fsspec URL); re-running the same command resumes from
    the latest one. ``FailureConfig`` retries worker failures from the latest checkpoint.
 4. At the end: ``OUT/student.pt`` (loads with ``Student.from_checkpoint``) and
@@ -28,11 +30,9 @@ from spear.errors import SpearError
 from spear.pipeline.job import Demand, fit_now
 from spear.ray_utils import RayConfig, init_ray
 from spear.shards.index import open_run
-from spear.shards.schema import TokenTeacherInfo
 from spear.stages.decode import DecodeConfig
 from spear.storage import StorageConfig, check_url, filesystem, join, protocol_of, write_atomic
 from spear.student.config import TrainConfig
-from spear.student.data import prepare_batch
 from spear.student.model import STUDENT_FILE, Student
 from spear.student.recipe import (
     METRICS_DIR,
@@ -83,42 +83,23 @@ def _merge_metrics(out_url: str, storage: StorageConfig) -> None:
     write_atomic(join(out_url, METRICS_FILE), ("\n".join(lines) + "\n").encode(), storage)
 
 
-def build_dataset(
-    files: list[str],
-    teachers: list[TokenTeacherInfo],
-    cfg: TrainConfig,
-    decode: DecodeConfig,
-    storage: StorageConfig,
-) -> Any:
-    """The Ray Data pipeline: token shards -> prepared training rows."""
-    import ray.data
-
-    paths, pafs = zip(*(_pyarrow_fs(f, storage) for f in files), strict=True)
-    names = [h.name for h in cfg.student.heads]
-    columns = ["item_id", "domain", "url", "start", "duration", "num_samples"]
-    columns += [f"{n}_codes" for n in names]
-    ds = ray.data.read_parquet(list(paths), filesystem=pafs[0], columns=columns)
-    info = {t.prefix: t for t in teachers}
-    return ds.map_batches(
-        prepare_batch,  # type: ignore[arg-type]  # Ray's stub ignores that fn_kwargs fills the rest
-        fn_kwargs={
-            "teachers": {n: info[n].num_codebooks for n in names},
-            "rates": {n: info[n].frame_rate for n in names},
-            "data": cfg.data,
-            "mix": cfg.mix,
-            "decode": decode,
-            "storage": storage,
-            "seed": cfg.seed,
-        },
-        batch_format="numpy",
-        batch_size=cfg.data.prep_rows,
-        num_cpus=cfg.data.prep_cpus,
-    )
+def split_shards(files: list[str], cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """(training shards, held-out validation shards: the index's last ``data.val_shards``);
+    one clear error when too few are left to give every worker a shard."""
+    n_val = cfg.data.val_shards
+    train, val = files[: len(files) - n_val], files[len(files) - n_val :]
+    if len(train) < cfg.num_workers:
+        raise SpearError(
+            f"{len(files)} token shards, {n_val} held out for validation: fewer than the "
+            f"{cfg.num_workers} training workers (each reads its own shards); lower "
+            "train.data.val_shards or train.num_workers"
+        )
+    return train, val
 
 
 def _fit(
     files: list[str],
-    teachers: list[TokenTeacherInfo],
+    val_files: list[str],
     cfg: TrainConfig,
     decode: DecodeConfig,
     storage: StorageConfig,
@@ -135,6 +116,10 @@ def _fit(
         train_loop_config={
             "cfg": cfg,
             "teachers": {h.name: h.num_codebooks for h in cfg.student.heads},
+            "rates": {h.name: h.frame_rate for h in cfg.student.heads},
+            "files": files,
+            "val_files": val_files,
+            "decode": decode,
             "metrics_url": join(out_url, METRICS_DIR),
             "storage": storage,
         },
@@ -151,7 +136,6 @@ def _fit(
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
-        datasets={"train": build_dataset(files, teachers, cfg, decode, storage)},
     )
     try:
         return trainer.fit()
@@ -188,9 +172,9 @@ def run_train(
     heads = heads_from_shards(cfg.student, teachers)
     cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, heads=heads))
     check_heads(cfg.student, teachers)
+    train_files, val_files = split_shards(files, cfg)
     init_ray(ray_cfg, out_url)
     import ray
-    from ray.data import DataContext
 
     use_gpu = cfg.use_gpu
     if use_gpu is None:
@@ -205,17 +189,10 @@ def run_train(
         autoscaling=ray_cfg.autoscaling,
     )
     storage_path, storage_fs = _pyarrow_fs(out_url, storage)
-    # preserve_order for this job only: the driver's context is shared with other jobs.
-    options = DataContext.get_current().execution_options
-    keep_order = options.preserve_order
-    options.preserve_order = keep_order or cfg.data.deterministic
-    try:
-        result = _fit(
-            files, teachers, cfg, decode, storage, use_gpu, storage_path, storage_fs, out_url
-        )
-        _merge_metrics(out_url, storage)
-    finally:
-        options.preserve_order = keep_order
+    result = _fit(
+        train_files, val_files, cfg, decode, storage, use_gpu, storage_path, storage_fs, out_url
+    )
+    _merge_metrics(out_url, storage)
     ckpt = result.checkpoint
     student_url = join(out_url, STUDENT_FILE)
     if ckpt is not None:

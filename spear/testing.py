@@ -9,11 +9,14 @@ commit entries, plan, index, ``_SUCCESS.json``) from items the caller describes,
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from spear.formats import SAMPLE_RATE
 from spear.shards.schema import (
@@ -199,3 +202,123 @@ def write_synthetic_output(
         )
     write_token_output(out_dir, cut(items, items_per_shard), teachers, run_id=f"synthetic-{seed}")
     return teachers
+
+
+class LoopScaledAdam(torch.optim.Optimizer):
+    """The per-tensor ScaledAdam spear had before the flat one (one update loop per tensor):
+    the oracle of ``tests/student/test_student_optim.py`` and the benchmark's "before"."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.045,
+        betas: tuple[float, float] = (0.9, 0.98),
+        clipping_scale: float = 2.0,
+        scalar_lr_scale: float = 0.1,
+        eps: float = 1e-8,
+        param_min_rms: float = 1e-5,
+        param_max_rms: float = 3.0,
+        scalar_max: float = 10.0,
+        clipping_window: int = 100,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "clipping_scale": clipping_scale,
+            "scalar_lr_scale": scalar_lr_scale,
+            "eps": eps,
+            "param_min_rms": param_min_rms,
+            "param_max_rms": param_max_rms,
+            "scalar_max": scalar_max,
+            "clipping_window": clipping_window,
+        }
+        super().__init__(params, defaults)
+        # Recent gradient norms live in the first param group, so state_dict() carries them.
+        self.param_groups[0].setdefault("recent_norms", [])
+        self.param_groups[0].setdefault("num_clipped", 0)
+
+    def _clip_factor(self) -> float:
+        """1, or threshold/norm when the norm exceeds clipping_scale x median of recent norms.
+
+        The norm is of the *relative* gradient (grad x rms(param)), which is what drives the
+        update size here."""
+        terms = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g2 = p.grad.float().pow(2).sum()
+                if p.numel() > 1:
+                    g2 = g2 * p.detach().float().pow(2).mean().clamp_min(1e-10)
+                terms.append(g2)
+        # One device sync for the whole model, not one per tensor.
+        sq = float(torch.stack(terms).sum()) if terms else 0.0
+        norm = math.sqrt(sq)
+        group0 = self.param_groups[0]
+        history: list[float] = group0["recent_norms"]
+        factor = 1.0
+        if len(history) >= 10 and math.isfinite(norm):
+            threshold = group0["clipping_scale"] * sorted(history)[len(history) // 2]
+            if norm > threshold:
+                factor = threshold / norm
+                group0["num_clipped"] += 1
+        if math.isfinite(norm):
+            history.append(norm)
+            del history[: -group0["clipping_window"]]
+        return factor
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clip = self._clip_factor()
+        for group in self.param_groups:
+            lr = group["lr"]
+            beta1, beta2 = group["betas"]
+            eps = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float() * clip
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["delta"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                    if p.numel() > 1:
+                        state["scale_exp_avg_sq"] = torch.zeros((), device=p.device)
+                state["step"] += 1
+                step = state["step"]
+                bias2 = 1.0 - beta2**step
+                v = state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                direction = grad / ((v / bias2).sqrt() + eps)
+                delta = state["delta"]
+                pf = p.detach().float()
+                if p.numel() == 1:
+                    update = -lr * group["scalar_lr_scale"] * direction
+                else:
+                    rms = pf.pow(2).mean().sqrt().clamp_min(group["param_min_rms"])
+                    update = -lr * rms * direction
+                    # The scale step: Adam on d(loss)/d(log scale) = sum(p * grad).
+                    scale_grad = (pf * grad).sum()
+                    sv = state["scale_exp_avg_sq"]
+                    sv.mul_(beta2).add_(scale_grad**2, alpha=1.0 - beta2)
+                    scale_step = (
+                        -lr * group["scalar_lr_scale"] * scale_grad / ((sv / bias2).sqrt() + eps)
+                    )
+                    # Keep rms(param) in range: no growth above the max, no shrinking below the min.
+                    scale_step = torch.where(
+                        rms >= group["param_max_rms"], scale_step.clamp(max=0.0), scale_step
+                    )
+                    scale_step = torch.where(
+                        rms <= group["param_min_rms"], scale_step.clamp(min=0.0), scale_step
+                    )
+                    update = update + pf * scale_step
+                delta.mul_(beta1).add_(update, alpha=1.0 - beta1)
+                new = pf + delta
+                if p.numel() == 1:
+                    new = new.clamp(-group["scalar_max"], group["scalar_max"])
+                p.copy_(new.to(p.dtype))
+        return loss

@@ -3,7 +3,9 @@
 A training checkpoint folder holds ``student.pt`` (the standalone model, see
 :mod:`spear.student.model`) and ``train_state.pt``: optimiser, schedule, step, hours seen, the
 mask generator's and torch's RNG states (CPU and CUDA), numpy's global state and the data
-position (batches consumed). Both load with ``torch.load(weights_only=True)``.
+position (the epoch and the batches of its plan consumed: the plan is a function of (seed,
+epoch), so that is all a resumed run needs to start at the next batch). Both load with
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Progress:
     hours: float = 0.0
     """Audio hours seen (over all workers)."""
     batches: int = 0
-    """Batches this worker consumed (the data position)."""
+    """Batches of the epoch's plan this worker consumed (the data position)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -85,7 +87,10 @@ def load_train_state(
     scaler: torch.amp.GradScaler | None = None,
 ) -> Progress:
     if state.get("version") != TRAIN_STATE_VERSION:
-        raise ValueError(f"train state version {state.get('version')} is not {TRAIN_STATE_VERSION}")
+        raise ValueError(
+            f"train state version {state.get('version')} is not {TRAIN_STATE_VERSION} (written by "
+            "another spear version; start a new run from its student.pt)"
+        )
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"], generator)

@@ -332,6 +332,49 @@ def default_heads() -> tuple[HeadConfig, ...]:
     )
 
 
+LOG_EPS = -23.025850929940457
+"""log(1e-10): lhotse's (and SPEAR's) padding value for fbank frames past an utterance's end."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class FrontendConfig:
+    """The fbank the student reads, recorded in ``student.pt`` (a model only works on the
+    features it was trained on). ``lhotse``: lhotse's ``Fbank`` (its defaults, as SPEAR and
+    icefall use them), computed batched on the model's device by
+    ``lhotse.features.kaldi.layers``. ``torchaudio``: ``torchaudio.compliance.kaldi.fbank`` with
+    snip_edges, high_freq 0 and zero padding: what checkpoints before version 3 were trained
+    on; they keep it."""
+
+    implementation: Literal["lhotse", "torchaudio"] = "lhotse"
+    num_mel_bins: int = 128
+    snip_edges: bool = False
+    """False: frames = round(samples / 160), the signal reflected at both ends (lhotse)."""
+    low_freq: float = 20.0
+    high_freq: float = -400.0
+    """<= 0: an offset from the Nyquist frequency (-400: 7.6 kHz at 16 kHz)."""
+    pad_value: float = LOG_EPS
+    """Value of the padded frames of a batch."""
+
+    def __post_init__(self) -> None:
+        if self.num_mel_bins < 1:
+            raise ConfigError(f"num_mel_bins must be >= 1, got {self.num_mel_bins}")
+        legacy = (self.snip_edges, self.low_freq, self.high_freq, self.pad_value)
+        if self.implementation == "torchaudio" and legacy != (True, 20.0, 0.0, 0.0):
+            raise ConfigError("the torchaudio frontend exists for old checkpoints only, as is")
+
+
+def legacy_frontend(num_mel_bins: int = 128) -> FrontendConfig:
+    """The frontend of ``student.pt`` versions before 3."""
+    return FrontendConfig(
+        implementation="torchaudio",
+        num_mel_bins=num_mel_bins,
+        snip_edges=True,
+        low_freq=20.0,
+        high_freq=0.0,
+        pad_value=0.0,
+    )
+
+
 @dataclass(kw_only=True, frozen=True)
 class StudentConfig:
     """Everything that defines the student network (what a checkpoint must carry)."""
@@ -343,11 +386,18 @@ class StudentConfig:
     """Explicit encoder settings; overrides ``preset``."""
     heads: tuple[HeadConfig, ...] = field(default_factory=default_heads)
     """One head per teacher."""
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    """The fbank the encoder reads (its ``num_features`` must equal ``num_mel_bins``)."""
 
     def __post_init__(self) -> None:
         if self.encoder is None and self.preset not in ENCODER_PRESETS:
             raise ConfigError(
                 f"preset must be one of {sorted(ENCODER_PRESETS)}, got {self.preset!r}"
+            )
+        if self.encoder_config().num_features != self.frontend.num_mel_bins:
+            raise ConfigError(
+                f"the encoder takes {self.encoder_config().num_features} features, the frontend "
+                f"gives {self.frontend.num_mel_bins} bins"
             )
         names = [h.name for h in self.heads]
         if not names or len(set(names)) != len(names):
@@ -432,14 +482,28 @@ class TrainDataConfig:
     num_buckets: int = 10
     """Duration buckets (log-spaced between min and max seconds)."""
     prep_rows: int = 16
-    """Items per ``prepare_batch`` call (also the pool in-batch mixing draws partners from)."""
+    """Items per data-preparation task (a batch is split into tasks of this many; also the
+    pool in-batch mixing draws partners from)."""
     prep_cpus: float = 1.0
     """CPUs per data-preparation task."""
+    prefetch_batches: int = 4
+    """Batches each training worker keeps in preparation ahead of the one it trains on."""
+    shuffle_buffer: int = 4096
+    """Items in the shuffle buffer: each epoch reads the shards in a new order (seed, epoch)
+    and draws items at random from a buffer of this many, so a long file's segments spread
+    out. The order is a function of (seed, epoch): a resumed run recomputes it."""
+    source_weights: dict[str, float] = field(default_factory=dict)
+    """Sampling weight per manifest source (the shards' ``source`` column; 1 where not
+    given): an item of weight w appears floor(w) times an epoch plus once more with
+    probability frac(w) (0 drops the source). SPEAR up-weights audio sets 1.7-3x."""
+    domain_weights: dict[str, float] = field(default_factory=dict)
+    """The same per domain (``speech``, ``audio``); multiplies the source weight."""
+    val_shards: int = 0
+    """Shards (the last ones of the run's index) held out for the validation loss; 0: none."""
+    val_batches: int = 20
+    """At most this many batches of the held-out shards per validation (the same each time)."""
     noise_urls: tuple[str, ...] = ()
     """Audio files to use as noise clips (decoded whole, once per worker process)."""
-    deterministic: bool = True
-    """Keep Ray Data's output order (``preserve_order``) so a resumed run sees the same
-    batches; costs some data-loading throughput."""
 
     def __post_init__(self) -> None:
         if not 0 < self.min_seconds < self.max_seconds:
@@ -448,6 +512,14 @@ class TrainDataConfig:
             raise ConfigError("batch_seconds must be >= max_seconds (a batch holds any item)")
         if self.num_buckets < 1 or self.prep_rows < 1 or self.prep_cpus <= 0:
             raise ConfigError("num_buckets, prep_rows must be >= 1 and prep_cpus > 0")
+        if min(self.prefetch_batches, self.shuffle_buffer, self.val_batches) < 1:
+            raise ConfigError("prefetch_batches, shuffle_buffer and val_batches must be >= 1")
+        if self.val_shards < 0:
+            raise ConfigError(f"val_shards must be >= 0, got {self.val_shards}")
+        for name in ("source_weights", "domain_weights"):
+            bad = {k: v for k, v in getattr(self, name).items() if not 0 <= v < float("inf")}
+            if bad:
+                raise ConfigError(f"{name} must be finite and >= 0, got {bad}")
 
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -479,6 +551,12 @@ class TrainConfig:
     """Checkpoints kept in storage (oldest deleted)."""
     log_every: int = 50
     """Steps between log lines / reported metrics."""
+    accum_steps: int = 1
+    """Batches whose gradients accumulate into one optimiser step (the effective batch is
+    ``accum_steps x data.batch_seconds`` per worker); Eden and the schedules count optimiser
+    steps and audio hours as usual."""
+    val_every: int = 500
+    """Steps between validation losses on ``data.val_shards`` (and one at the end)."""
     max_failures: int = 3
     """Worker failures retried from the latest checkpoint before the run fails."""
     seed: int = 0
@@ -490,3 +568,5 @@ class TrainConfig:
             raise ConfigError("checkpoint_every, log_every and keep_checkpoints must be >= 1")
         if self.max_failures < 0:
             raise ConfigError("max_failures must be >= 0")
+        if self.accum_steps < 1 or self.val_every < 1:
+            raise ConfigError("accum_steps and val_every must be >= 1")

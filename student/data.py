@@ -1,41 +1,54 @@
-"""Training data: token shards -> decoded, mixed fbank rows -> length-bucketed batches.
+"""Training data: token shards -> an epoch plan -> decoded, mixed int16 audio -> batches.
 
-Pure pieces, each testable without Ray (``pipeline/train.py`` chains them on Ray Data):
+Pure pieces, each testable without Ray (``student/recipe.py`` runs them on every training
+worker, the decode/mix work in Ray CPU tasks):
 
-* the shards themselves come through the token shard contract
-  (:func:`spear.shards.index.open_run`: the index, every shard's metadata checked).
-* :func:`prepare_batch` - a ``map_batches`` function on CPU workers: drop items outside
-  [min_seconds, max_seconds], decode their audio (:func:`spear.stages.decode.decode_batch`),
-  mix (:mod:`spear.student.mixing`), compute the fbank. Output rows carry the fbank as float32
-  bytes and, per teacher, the (possibly token-mixed) codes.
-* :class:`SecondsBucketer` - on the training worker: rows go to buckets by duration; a bucket
-  yields a batch when its items reach ``batch_seconds`` of audio, so a batch holds utterances of
-  similar length (little padding) and a bounded amount of audio.
-* :func:`collate_rows` - rows -> a :class:`spear.student.model.Batch`.
+* :func:`plan_epoch` - the data order as a function of (seed, epoch, rank, world) and the
+  shards' light columns only (``item_id``, ``source``, ``domain``, ``num_samples``): this
+  worker's shards in a per-epoch shuffled order, the 0.9-32 s filter, per-source/per-domain
+  sampling weights (an item appears ``floor(w)`` times plus once more with probability
+  ``frac(w)``), a shuffle buffer, duration buckets. It yields batches of :class:`RowRef`, so a
+  resumed run walks the plan up to its position without reading a single code or sample.
+* :class:`ShardRows` - the heavy columns (url, offsets, codes) of the planned rows, read per
+  shard (a few shards cached).
+* :func:`prepare_batch` - decode the rows' audio (:func:`spear.stages.decode.decode_batch`),
+  mix (:mod:`spear.student.mixing`). Output rows carry int16 audio (32 kB per audio second;
+  the fbank is computed on the training device, :mod:`spear.student.frontend`) and, per
+  teacher, the (possibly token-mixed) codes.
+* :func:`stream_batches` - the plan from a position on: ``prepare`` calls kept in flight ahead
+  of training (Ray tasks in the job, plain calls in tests), collated in plan order.
+* :class:`SecondsBucketer` - rows go to buckets by duration; a bucket yields a batch when its
+  items reach ``batch_seconds`` of audio, so a batch holds utterances of similar length (little
+  padding) and a bounded amount of audio.
+* :func:`collate_rows` - rows -> a :class:`spear.student.model.AudioBatch`.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from spear.formats import SAMPLE_RATE
 from spear.shards.schema import codes_from_bytes
 from spear.stages.decode import DecodeConfig, decode_batch, decode_segment
-from spear.storage import StorageConfig
+from spear.storage import StorageConfig, filesystem
 from spear.student.config import MixConfig, TrainDataConfig
-from spear.student.frontend import NUM_MEL_BINS, fbank
 from spear.student.losses import AUDIO, IGNORE, SPEECH
 from spear.student.mixing import Codes, mix_batch
-from spear.student.model import Batch
+from spear.student.model import AudioBatch
 
-FEAT_DTYPE = np.dtype("<f4")
+AUDIO_DTYPE = np.dtype("<i2")
+LIGHT_COLUMNS = ("item_id", "source", "domain", "num_samples")
+"""What the plan reads: 30-odd bytes a row, whatever the codes' size."""
+HEAVY_COLUMNS = ("url", "start", "duration")
 
 
 def row_codes(batch: dict[str, Any], i: int, teachers: dict[str, int]) -> Codes:
@@ -71,9 +84,8 @@ def prepare_batch(
     storage: StorageConfig,
     seed: int,
 ) -> dict[str, Any]:
-    """Token shard rows -> training rows (``item_id``, ``domain``, ``num_samples``,
-    ``num_frames``, ``fbank`` float32 (frames, 128) bytes, per teacher ``{t}_codes`` and
-    ``{t}_frames``).
+    """Token shard rows -> training rows (``item_id``, ``domain``, ``num_samples``, ``audio``
+    int16 bytes, per teacher ``{t}_codes`` and ``{t}_frames``).
 
     ``teachers`` maps prefix -> codebooks, ``rates`` prefix -> token rate. Rows that fail to
     decode are dropped (the tokenize job already quarantined what it could not read)."""
@@ -85,8 +97,7 @@ def prepare_batch(
         "item_id": [],
         "domain": [],
         "num_samples": np.zeros(0, np.int64),
-        "num_frames": np.zeros(0, np.int32),
-        "fbank": [],
+        "audio": [],
     }
     for t in teachers:
         empty[f"{t}_codes"] = []
@@ -107,13 +118,11 @@ def prepare_batch(
     rng = _batch_rng(batch["item_id"][idx], seed)
     noise = _noise_clips(data.noise_urls, storage) if data.noise_urls else []
     audio, codes, _ = mix_batch(audio, codes, rates, mix, rng, noise)
-    feats = [fbank(a).numpy().astype(FEAT_DTYPE) for a in audio]
     out: dict[str, Any] = {
         "item_id": np.asarray(batch["item_id"][idx], dtype=object),
         "domain": np.asarray(batch["domain"][idx], dtype=object),
         "num_samples": np.array([len(a) for a in audio], dtype=np.int64),
-        "num_frames": np.array([len(f) for f in feats], dtype=np.int32),
-        "fbank": _objects([f.tobytes() for f in feats]),
+        "audio": _objects([np.ascontiguousarray(a, dtype=AUDIO_DTYPE).tobytes() for a in audio]),
     }
     for t in teachers:
         cs = [c[t] for c in codes]
@@ -122,7 +131,7 @@ def prepare_batch(
     return out
 
 
-def _objects(values: list[bytes]) -> np.ndarray:
+def _objects(values: Sequence[Any]) -> np.ndarray:
     arr = np.empty(len(values), dtype=object)
     arr[:] = values
     return arr
@@ -144,7 +153,7 @@ class SecondsBucketer:
     max_seconds: float
     batch_seconds: float
     num_buckets: int
-    _pending: list[list[dict[str, Any]]] = field(default_factory=list)
+    _pending: list[list[Any]] = field(default_factory=list)
     _seconds: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -155,9 +164,11 @@ class SecondsBucketer:
     def bucket_of(self, seconds: float) -> int:
         return int(np.searchsorted(self._edges, seconds, side="right"))
 
-    def add(self, row: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """Add a row; returns a full batch when the row's bucket cannot take another item."""
-        s = float(row["num_samples"]) / SAMPLE_RATE
+    def add(self, row: Any) -> list[Any] | None:
+        """Add a row (a dict or a :class:`RowRef`); returns a full batch when the row's bucket
+        cannot take another item."""
+        n = row.num_samples if isinstance(row, RowRef) else row["num_samples"]
+        s = float(n) / SAMPLE_RATE
         b = self.bucket_of(s)
         out = None
         if self._pending[b] and self._seconds[b] + s > self.batch_seconds:
@@ -167,7 +178,7 @@ class SecondsBucketer:
         self._seconds[b] += s
         return out
 
-    def flush(self) -> Iterator[list[dict[str, Any]]]:
+    def flush(self) -> Iterator[list[Any]]:
         """The partial batches left at the end of the data."""
         for b in range(self.num_buckets):
             if self._pending[b]:
@@ -188,26 +199,236 @@ def bucket_batches(
     yield from bucketer.flush()
 
 
-def collate_rows(rows: list[dict[str, Any]], teachers: dict[str, int]) -> Batch:
-    """Training rows -> padded tensors. Codes absent for an item are -100."""
-    frames = [int(r["num_frames"]) for r in rows]
-    feats = torch.zeros(len(rows), max(frames), NUM_MEL_BINS)
+def collate_rows(rows: list[dict[str, Any]], teachers: dict[str, int]) -> AudioBatch:
+    """Training rows -> padded tensors (int16 audio). Codes absent for an item are -100."""
+    lengths = [int(r["num_samples"]) for r in rows]
+    audio = torch.zeros(len(rows), max(lengths, default=0), dtype=torch.int16)
     for i, r in enumerate(rows):
-        f = np.frombuffer(r["fbank"], dtype=FEAT_DTYPE).reshape(-1, NUM_MEL_BINS)
-        feats[i, : len(f)] = torch.from_numpy(f.copy())
+        a = np.frombuffer(r["audio"], dtype=AUDIO_DTYPE)
+        audio[i, : len(a)] = torch.from_numpy(a.copy())
     targets = {}
     for t, c in teachers.items():
         n = [int(r[f"{t}_frames"]) for r in rows]
-        codes = torch.full((len(rows), max(max(n), 1), c), IGNORE, dtype=torch.long)
+        codes = torch.full((len(rows), max(max(n, default=0), 1), c), IGNORE, dtype=torch.long)
         for i, r in enumerate(rows):
             if n[i]:
                 arr = codes_from_bytes(r[f"{t}_codes"], c)
                 codes[i, : n[i]] = torch.from_numpy(arr.astype(np.int64))
         targets[t] = codes
-    return Batch(
-        feats=feats,
-        feat_lens=torch.tensor(frames, dtype=torch.long),
+    return AudioBatch(
+        audio=audio,
+        num_samples=torch.tensor(lengths, dtype=torch.long),
         domains=torch.tensor([AUDIO if str(r["domain"]) == "audio" else SPEECH for r in rows]),
         targets=targets,
-        num_samples=torch.tensor([int(r["num_samples"]) for r in rows]),
     )
+
+
+# ---- The epoch plan: data order as a function of (seed, epoch), resumable without replay.
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """One planned item: row ``row`` of shard ``shard`` (its index in the run's shard list)."""
+
+    shard: int
+    row: int
+    num_samples: int
+    copy: int = 0
+    """0, or the repeat number of an item sampled more than once (weights > 1)."""
+
+
+def _rng(*keys: object) -> np.random.Generator:
+    h = hashlib.sha256("/".join(str(k) for k in keys).encode())
+    return np.random.default_rng(int.from_bytes(h.digest()[:8], "little"))
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This worker's shards for ``epoch``: all shards permuted by (seed, epoch), dealt
+    round-robin."""
+    order = _rng("shards", seed, epoch).permutation(num_shards)
+    return [int(i) for i in order[rank::world]]
+
+
+def item_weights(light: dict[str, np.ndarray], data: TrainDataConfig) -> np.ndarray:
+    """Sampling weight per row: ``source_weights[source] * domain_weights[domain]`` (1 where
+    absent)."""
+    n = len(light["num_samples"])
+    w = np.ones(n)
+    for col, table in (("source", data.source_weights), ("domain", data.domain_weights)):
+        if table:
+            w *= np.array([table.get(str(v), 1.0) for v in light[col]], dtype=np.float64)
+    return w
+
+
+def plan_epoch(
+    num_shards: int,
+    light: Callable[[int], dict[str, np.ndarray]],
+    data: TrainDataConfig,
+    *,
+    planned: Callable[[int, np.ndarray], None] | None = None,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+) -> Iterator[list[RowRef]]:
+    """This worker's batches of ``epoch``, in order. ``light(shard)`` gives a shard's
+    :data:`LIGHT_COLUMNS`; ``planned(shard, copies)`` hears how often each row of a shard will
+    be used (:meth:`ShardRows.planned`). Deterministic in (seed, epoch, rank, world, the
+    shards, ``data``)."""
+    buffer: list[RowRef] = []
+    pick = _rng("buffer", seed, epoch, rank)
+    bucketer = SecondsBucketer(
+        data.min_seconds, data.max_seconds, data.batch_seconds, data.num_buckets
+    )
+
+    def emit(ref: RowRef) -> Iterator[list[RowRef]]:
+        full = bucketer.add(ref)
+        if full:
+            yield full
+
+    for shard in shard_order(num_shards, seed, epoch, rank, world):
+        cols = light(shard)
+        samples = np.asarray(cols["num_samples"], dtype=np.int64)
+        secs = samples / SAMPLE_RATE
+        keep = (secs >= data.min_seconds) & (secs <= data.max_seconds)
+        w = item_weights(cols, data)
+        extra = _rng("weights", seed, epoch, shard).random(len(samples))
+        copies = np.floor(w).astype(np.int64) + (extra < w - np.floor(w))
+        copies[~keep] = 0
+        if planned is not None:
+            planned(shard, copies)
+        for row in np.flatnonzero(copies):
+            for c in range(int(copies[row])):
+                ref = RowRef(shard, int(row), int(samples[row]), c)
+                if len(buffer) < data.shuffle_buffer:
+                    buffer.append(ref)
+                    continue
+                # A full buffer: a random slot goes out, the new row takes its place.
+                j = int(pick.integers(len(buffer)))
+                out, buffer[j] = buffer[j], ref
+                yield from emit(out)
+    for j in pick.permutation(len(buffer)):
+        yield from emit(buffer[int(j)])
+    yield from bucketer.flush()
+
+
+class ShardRows:
+    """Reads shards' columns for planned rows: the light ones for the plan, the heavy ones
+    (url, offsets, codes) when a planned row is first prepared. A shard's heavy columns are
+    read once an epoch; only the rows still planned are kept, each dropped once used (or
+    skipped), so memory follows the shuffle buffer, not the shards."""
+
+    def __init__(
+        self, urls: Sequence[str], teachers: Sequence[str], storage: StorageConfig
+    ) -> None:
+        self.urls = list(urls)
+        self.columns = (*LIGHT_COLUMNS, *HEAVY_COLUMNS, *(f"{t}_codes" for t in teachers))
+        self.storage = storage
+        self._uses: dict[int, dict[int, int]] = {}
+        self._rows: dict[tuple[int, int], dict[str, Any]] = {}
+        self.heavy_reads = 0
+        """Shards whose heavy columns were read (a test and benchmark figure)."""
+
+    def _read(self, shard: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
+        fs, path = filesystem(self.urls[shard], self.storage)
+        table = pq.read_table(path, columns=list(columns), filesystem=fs)
+        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+    def light(self, shard: int) -> dict[str, np.ndarray]:
+        return self._read(shard, LIGHT_COLUMNS)
+
+    def planned(self, shard: int, copies: np.ndarray) -> None:
+        """The plan's uses of ``shard``'s rows (copies per row) this epoch."""
+        self._uses[shard] = {int(r): int(copies[r]) for r in np.flatnonzero(copies)}
+
+    def _use(self, ref: RowRef) -> dict[str, Any] | None:
+        key = (ref.shard, ref.row)
+        row = self._rows.get(key)
+        uses = self._uses[ref.shard]
+        uses[ref.row] -= 1
+        if uses[ref.row] == 0:
+            del uses[ref.row]
+            self._rows.pop(key, None)
+        return row
+
+    def skip(self, refs: Sequence[RowRef]) -> None:
+        for ref in refs:
+            self._use(ref)
+
+    def rows(self, refs: Sequence[RowRef]) -> dict[str, np.ndarray]:
+        """The planned rows, all columns ``prepare_batch`` reads, in ``refs`` order."""
+        for ref in refs:
+            if (ref.shard, ref.row) not in self._rows:
+                self.heavy_reads += 1
+                table = self._read(ref.shard, self.columns)
+                for r in self._uses[ref.shard]:
+                    self._rows[(ref.shard, r)] = {c: table[c][r] for c in self.columns}
+        parts: dict[str, list[Any]] = {c: [] for c in self.columns}
+        for ref in refs:
+            key = (ref.shard, ref.row)
+            row = self._rows[key]
+            self._use(ref)
+            for c in self.columns:
+                parts[c].append(row[c])
+        out = {c: _objects(v) for c, v in parts.items()}
+        # A repeated item (weight > 1) gets its own id for the mixing seed: its copies mix apart.
+        out["item_id"] = _objects(
+            [f"{i}#{r.copy}" if r.copy else i for i, r in zip(parts["item_id"], refs, strict=True)]
+        )
+        for c in ("start", "duration"):
+            out[c] = np.asarray(parts[c], dtype=np.float64)
+        out["num_samples"] = np.asarray(parts["num_samples"], dtype=np.int64)
+        return out
+
+
+Prepare = Callable[[dict[str, np.ndarray]], Any]
+"""Rows -> prepared rows, or a handle ``resolve`` turns into them (a Ray ObjectRef)."""
+
+
+def stream_batches(
+    plan: Iterable[list[RowRef]],
+    reader: ShardRows,
+    prepare: Prepare,
+    teachers: dict[str, int],
+    *,
+    skip: int = 0,
+    prep_rows: int = 16,
+    prefetch: int = 4,
+    resolve: Callable[[list[Any]], list[dict[str, Any]]] = lambda xs: xs,
+) -> Iterator[tuple[int, AudioBatch]]:
+    """(plan index, batch) for the plan's batches from index ``skip`` on, in plan order.
+    Skipped batches are only walked (their rows are never read, decoded or mixed). Each batch
+    is prepared in chunks of ``prep_rows`` items, ``prefetch`` batches ahead. A batch whose
+    every item failed to decode is left out (the index says where the stream is)."""
+    pending: deque[list[Any]] = deque()
+    plan_it = iter(plan)
+    for _ in range(skip):
+        refs = next(plan_it, None)
+        if refs is None:
+            return
+        reader.skip(refs)
+
+    def submit() -> bool:
+        refs = next(plan_it, None)
+        if refs is None:
+            return False
+        rows = reader.rows(refs)
+        n = len(refs)
+        pending.append(
+            [
+                prepare({k: v[i : i + prep_rows] for k, v in rows.items()})
+                for i in range(0, n, prep_rows)
+            ]
+        )
+        return True
+
+    while len(pending) < prefetch and submit():
+        pass
+    index = skip
+    while pending:
+        chunks = resolve(pending.popleft())
+        submit()
+        rows = list(iter_rows(chunks))
+        if rows:
+            yield index, collate_rows(rows, teachers)
+        index += 1

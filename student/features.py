@@ -16,7 +16,6 @@ import torch
 
 from spear.formats import AUDIO_DTYPE
 from spear.storage import StorageConfig
-from spear.student.frontend import fbank_batch
 from spear.student.model import Student
 
 log = logging.getLogger(__name__)
@@ -34,9 +33,10 @@ def features_batch(model: Student, batch: dict[str, Any], device: torch.device) 
     feats[:] = [b""] * n
     if ok:
         waves = [np.frombuffer(batch["audio"][i], dtype=AUDIO_DTYPE) for i in ok]
-        x, lengths = fbank_batch(waves)
         with torch.inference_mode():
-            y, out_len = model.encode(x.to(device), lengths.to(device))
+            # The checkpoint's own frontend (recorded in student.pt), on the model's device.
+            x, lengths = model.frontend.waves(waves, device)
+            y, out_len = model.encode(x, lengths)
         arr = y.float().cpu().numpy()
         for row, i in enumerate(ok):
             f = int(out_len[row])

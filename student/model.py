@@ -3,20 +3,25 @@
 * :class:`Student` - an ``nn.Module`` that needs nothing of the training job:
   ``Student.from_checkpoint(url)`` loads a ``student.pt`` (or a training checkpoint folder that
   holds one) and ``student.encode(feats, lengths)`` gives 50 Hz features for downstream work.
-* :class:`Batch` - a collated batch: padded fbank, lengths, domains, teacher-rate targets.
+* :class:`AudioBatch` - a collated training batch: padded int16 audio, sample counts, domains,
+  teacher-rate targets; :meth:`Student.features` turns it into a :class:`Batch` (padded fbank)
+  on the model's device with the student's recorded frontend (:mod:`spear.student.frontend`).
 * :func:`compute_loss` / :func:`train_step` - pure functions of (model, batch, optimiser,
   schedule, generator): masks come from the explicit generator, dropout and the encoder's other
   random parts from torch's global RNG, so a run restored with both RNG states repeats the next
   step exactly. ``train_step`` sets the encoder's schedules from the audio hours seen.
 
-``student.pt`` is ``torch.save`` of ``{"format": "spear-student", "version": 2, "config":
-<StudentConfig as plain data>, "model": state_dict}``; it loads with ``weights_only=True``.
+``student.pt`` is ``torch.save`` of ``{"format": "spear-student", "version": 3, "config":
+<StudentConfig as plain data, frontend included>, "model": state_dict}``; it loads with
+``weights_only=True``. Version 2 files (no frontend recorded) load with the torchaudio frontend
+they were trained on.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,20 +32,22 @@ from torch import Tensor, nn
 from spear.configio import from_dict, to_dict
 from spear.errors import SpearError
 from spear.storage import StorageConfig, filesystem, read_bytes, write_atomic
-from spear.student.config import MaskConfig, StudentConfig
-from spear.student.frontend import NUM_MEL_BINS
+from spear.student.config import MaskConfig, StudentConfig, legacy_frontend
+from spear.student.frontend import Frontend
 from spear.student.heads import CodebookHead
 from spear.student.losses import LossOutput, align_targets, dual_domain_loss
 from spear.student.masking import apply_masks, draw_masks
 from spear.student.optim import Eden
-from spear.student.zipformer import Zipformer2
+from spear.student.zipformer import Conv2dSubsampling, Zipformer2
 
 STUDENT_FILE = "student.pt"
 STUDENT_FORMAT = "spear-student"
-STUDENT_VERSION = 2
-"""2: the encoder with icefall's training machinery (initial scales replace the explicit
-attention scaling, bypasses no longer clamp in the forward); version 1 files compute another
+STUDENT_VERSION = 3
+"""3: the frontend is recorded in the config (lhotse's fbank by default). 2: the encoder with
+icefall's training machinery (initial scales replace the explicit attention scaling, bypasses
+no longer clamp in the forward), torchaudio's fbank; still read. Version 1 files compute another
 function, so they are refused."""
+READ_VERSIONS = (2, 3)
 FRAME_RATE = 50.0
 """Student output frames per second."""
 
@@ -64,8 +71,7 @@ class Student(nn.Module):
         super().__init__()
         self.cfg = cfg
         enc = cfg.encoder_config()
-        if enc.num_features != NUM_MEL_BINS:
-            raise ValueError(f"the student takes {NUM_MEL_BINS}-bin fbank, got {enc.num_features}")
+        self.frontend = Frontend(cfg.frontend)
         self.encoder = Zipformer2(enc)
         # Replaces masked fbank frames; small so masked input starts near the features' scale.
         self.mask_embedding = nn.Parameter(torch.randn(enc.num_features) * 0.1)
@@ -74,6 +80,19 @@ class Student(nn.Module):
     @property
     def output_dim(self) -> int:
         return self.encoder.output_dim
+
+    def features(self, batch: AudioBatch | Batch) -> Batch:
+        """An audio batch -> its fbank batch (on the audio's device), by the student's frontend."""
+        if isinstance(batch, Batch):
+            return batch
+        feats, lens = self.frontend(batch.audio, batch.num_samples)
+        return Batch(
+            feats=feats,
+            feat_lens=lens,
+            domains=batch.domains,
+            targets=batch.targets,
+            num_samples=batch.num_samples.cpu(),
+        )
 
     def encode(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """fbank (B, T, 128) + frame counts -> encoder output (B, (T-7)//2, D) + lengths."""
@@ -115,12 +134,15 @@ class Student(nn.Module):
             raise StudentFileError(
                 f"not a spear student checkpoint (format {state.get('format')!r})"
             )
-        if state.get("version") != STUDENT_VERSION:
+        if state.get("version") not in READ_VERSIONS:
             raise StudentFileError(
-                f"student checkpoint version {state.get('version')}: this spear reads version "
-                f"{STUDENT_VERSION} only"
+                f"student checkpoint version {state.get('version')}: this spear reads versions "
+                f"{READ_VERSIONS}"
             )
-        model = cls(from_dict(StudentConfig, state["config"]))
+        config = dict(state["config"])
+        if state["version"] == 2:  # trained on torchaudio's fbank; keeps it
+            config["frontend"] = to_dict(legacy_frontend())
+        model = cls(from_dict(StudentConfig, config))
         model.load_state_dict(state["model"])
         return model
 
@@ -179,6 +201,30 @@ class Batch:
 
 
 @dataclass
+class AudioBatch:
+    """A collated batch before the fbank (what the data workers ship: 32 kB per audio second)."""
+
+    audio: Tensor
+    """(B, N) int16, zero-padded."""
+    num_samples: Tensor
+    """(B,) samples at 16 kHz."""
+    domains: Tensor
+    targets: dict[str, Tensor] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str) -> AudioBatch:
+        return AudioBatch(
+            audio=self.audio.to(device, non_blocking=True),
+            num_samples=self.num_samples.to(device),
+            domains=self.domains.to(device),
+            targets={k: v.to(device, non_blocking=True) for k, v in self.targets.items()},
+        )
+
+    @property
+    def seconds(self) -> float:
+        return float(self.num_samples.sum()) / 16_000
+
+
+@dataclass
 class StepStats:
     step: int
     loss: float
@@ -234,7 +280,7 @@ def compute_loss(
 
 def train_step(
     model: nn.Module,
-    batch: Batch,
+    batch: Batch | AudioBatch | Sequence[Batch | AudioBatch],
     optimizer: torch.optim.Optimizer,
     scheduler: Eden,
     *,
@@ -246,29 +292,53 @@ def train_step(
     autocast_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepStats:
-    """One optimiser step on ``batch`` (already on the model's device). ``step`` and ``hours``
-    are the progress *before* this step; they set the learning rate, and ``hours`` the
-    encoder's schedules (skip rates, dropout, bypass floors; see ``ZipformerMachinery``).
+    """One optimiser step on ``batch`` (already on the model's device), or on a list of
+    micro-batches whose gradients accumulate (``TrainConfig.accum_steps``). Audio batches get
+    their fbank here, on their device. ``step`` and ``hours`` are the progress *before* this
+    step; they set the learning rate, and ``hours`` the encoder's schedules (skip rates,
+    dropout, bypass floors; see ``ZipformerMachinery``).
 
-    The loss is summed over frames (SPEC) and divided by the batch's frame count, so its size
-    does not depend on the batch length; Adam-family updates are invariant to that scale."""
+    The loss is summed over frames (SPEC) and divided by the frame count of all the
+    micro-batches together, so a step on k micro-batches computes the gradient of one batch
+    holding them all; Adam-family updates are invariant to that scale. Under DDP only the last
+    micro-batch's backward all-reduces."""
     model.train()
     scheduler.set_progress(step, hours)
-    batch_count = unwrap(model).encoder.cfg.machinery.batch_count(hours)
-    device_type = batch.feats.device.type
-    ctx = (
-        torch.autocast(device_type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
-    with ctx:
-        loss, parts, frames = compute_loss(model, batch, mask, generator, batch_count)
+    student = unwrap(model)
+    batch_count = student.encoder.cfg.machinery.batch_count(hours)
+    micro = [student.features(b) for b in (batch if isinstance(batch, Sequence) else [batch])]
+    total = sum(int(Conv2dSubsampling.output_lengths(b.feat_lens).sum()) for b in micro)
+    total = max(total, 1)
+    device_type = micro[0].feats.device.type
     optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    frames_sum = 0
+    teacher_sum: dict[str, float] = {}
+    teacher_frames: dict[str, int] = {}
+    for i, b in enumerate(micro):
+        last = i == len(micro) - 1
+        no_sync = getattr(model, "no_sync", None)
+        sync = nullcontext() if last or no_sync is None else no_sync()
+        ctx = (
+            torch.autocast(device_type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else nullcontext()
+        )
+        with sync:
+            with ctx:
+                loss, parts, frames = compute_loss(model, b, mask, generator, batch_count)
+            scaled = loss * (frames / total)
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        loss_sum += float(scaled.detach())
+        frames_sum += int(frames)
+        for k, v in parts.per_teacher.items():
+            teacher_sum[k] = teacher_sum.get(k, 0.0) + float(v)
+            teacher_frames[k] = teacher_frames.get(k, 0) + int(parts.frames[k])
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     grad_norm = math.nan
     if grad_clip > 0:
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
@@ -279,17 +349,13 @@ def train_step(
         optimizer.step()
     # A teacher without target frames in this batch (no audio items for Dasheng) is left out
     # rather than logged as a loss of 0.
-    per_teacher = {
-        k: float(v) / int(parts.frames[k])
-        for k, v in parts.per_teacher.items()
-        if int(parts.frames[k]) > 0
-    }
+    per_teacher = {k: v / teacher_frames[k] for k, v in teacher_sum.items() if teacher_frames[k]}
     return StepStats(
         step=step + 1,
-        loss=float(loss.detach()),
+        loss=loss_sum,
         per_teacher=per_teacher,
         lr=float(optimizer.param_groups[0]["lr"]),
-        frames=int(frames),
-        seconds=batch.seconds,
+        frames=frames_sum,
+        seconds=sum(b.seconds for b in micro),
         grad_norm=grad_norm,
     )

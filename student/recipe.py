@@ -5,12 +5,19 @@ One recipe, not a framework (``pipeline/train.py`` is the driver that starts it)
 * :func:`heads_from_shards`, :func:`check_heads` - the heads take their shapes from the shards'
   teachers; a head without tokens is an error.
 * :func:`train_loop` - each worker (``TorchTrainer``, gloo on CPU, NCCL on GPU): DDP student,
-  ScaledAdam + Eden (or AdamW), batches of ``batch_seconds`` audio from length buckets,
-  bf16/fp16 autocast on GPU. Workers agree every step on whether all still have a batch (DDP
-  needs equal step counts) and on the audio seconds seen (Eden's "hours").
+  ScaledAdam + Eden (or AdamW), batches of ``batch_seconds`` audio from length buckets
+  (:func:`spear.student.data.plan_epoch`: this worker's order, a function of (seed, epoch)),
+  decoded and mixed by Ray CPU tasks ahead of training, fbank on the worker's device,
+  ``accum_steps`` batches per optimiser step, bf16/fp16 autocast on GPU. Workers agree every
+  step on whether all still have a batch (DDP needs equal step counts) and on the audio
+  seconds seen (Eden's "hours").
 * Every ``checkpoint_every`` steps: ``student.pt`` + ``train_state.pt`` (rank 0) and
-  ``rng-<rank>.pt`` (every rank) reported as one ``ray.train.Checkpoint``; a resumed run replays
-  the interrupted epoch's data stream and skips the batches already trained on.
+  ``rng-<rank>.pt`` (every rank) reported as one ``ray.train.Checkpoint``; a resumed run
+  recomputes the interrupted epoch's plan and starts preparing at the first batch not trained
+  on (nothing of the batches before it is read, decoded or fbank-ed).
+* Every ``val_every`` steps (and at the end) rank 0 evaluates the loss on the first
+  ``data.val_batches`` batches of the held-out shards (no masking, no mixing) and adds
+  ``val_loss``/``val_loss_<teacher>`` to that step's metrics.
 
 Logs (rank 0, every ``log_every`` steps): step, loss, loss per teacher, lr, audio hours seen,
 audio seconds/s per worker, tokens/s, and the fraction of time spent waiting for data.
@@ -18,7 +25,9 @@ audio seconds/s per worker, tokens/s, and the fraction of time spent waiting for
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -39,9 +48,17 @@ from spear.student.checkpointing import (
     set_rng_state,
     train_state_dict,
 )
-from spear.student.config import HeadConfig, Precision, StudentConfig, TrainConfig
-from spear.student.data import bucket_batches, collate_rows, iter_rows
-from spear.student.model import STUDENT_FILE, StepStats, Student, train_step, unwrap
+from spear.student.config import HeadConfig, MixConfig, Precision, StudentConfig, TrainConfig
+from spear.student.data import ShardRows, plan_epoch, prepare_batch, stream_batches
+from spear.student.model import (
+    STUDENT_FILE,
+    AudioBatch,
+    StepStats,
+    Student,
+    compute_loss,
+    train_step,
+    unwrap,
+)
 from spear.student.optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -127,23 +144,120 @@ def _all_reduce(values: list[float], world: int, device: torch.device) -> list[f
     return [float(v) for v in t.tolist()]
 
 
-def _batches(
-    shard: Any, teachers: dict[str, int], cfg: TrainConfig, stats: dict[str, float]
-) -> Iterator[Any]:
-    """One epoch of collated batches from this worker's stream; ``stats['wait']`` accumulates
-    seconds spent waiting for data."""
-    rows = iter_rows(
-        shard.iter_batches(batch_size=cfg.data.prep_rows, batch_format="numpy", prefetch_batches=4)
-    )
-    it = bucket_batches(rows, cfg.data)
-    while True:
-        t0 = time.perf_counter()
-        group = next(it, None)
-        if group is None:
-            return
-        batch = collate_rows(group, teachers)
-        stats["wait"] += time.perf_counter() - t0
-        yield batch
+class _Data:
+    """This worker's data: the epoch plans over the training shards, decode/mix in Ray CPU
+    tasks (``prepare_batch``), and the held-out validation batches."""
+
+    def __init__(self, config: dict[str, Any], rank: int, world: int) -> None:
+        import ray
+
+        self.cfg: TrainConfig = config["cfg"]
+        self.teachers: dict[str, int] = config["teachers"]
+        self.rank, self.world = rank, world
+        self.files: list[str] = config["files"]
+        self.val_files: list[str] = config.get("val_files", [])
+        self.storage = config["storage"]
+        kwargs = {
+            "teachers": self.teachers,
+            "rates": config["rates"],
+            "data": self.cfg.data,
+            "decode": config["decode"],
+            "storage": self.storage,
+            "seed": self.cfg.seed,
+        }
+        task: Any = ray.remote(num_cpus=self.cfg.data.prep_cpus)(prepare_batch)  # type: ignore[arg-type]
+        self.prepare = lambda rows, mix=self.cfg.mix: task.remote(rows, mix=mix, **kwargs)
+        self.resolve = ray.get
+        self._val: list[AudioBatch] | None = None
+
+    def epoch(self, epoch: int, skip: int, stats: dict[str, float]) -> Iterator[tuple[int, Any]]:
+        """(plan index, batch) from index ``skip`` of ``epoch``; ``stats['wait']`` accumulates
+        seconds spent waiting for data."""
+        reader = ShardRows(self.files, list(self.teachers), self.storage)
+        d = self.cfg.data
+        plan = plan_epoch(
+            len(self.files),
+            reader.light,
+            d,
+            planned=reader.planned,
+            seed=self.cfg.seed,
+            epoch=epoch,
+            rank=self.rank,
+            world=self.world,
+        )
+        it = stream_batches(
+            plan,
+            reader,
+            self.prepare,
+            self.teachers,
+            skip=skip,
+            prep_rows=d.prep_rows,
+            prefetch=d.prefetch_batches,
+            resolve=self.resolve,
+        )
+        while True:
+            t0 = time.perf_counter()
+            nxt = next(it, None)
+            stats["wait"] += time.perf_counter() - t0
+            if nxt is None:
+                return
+            yield nxt
+
+    def validation(self) -> list[AudioBatch]:
+        """The held-out batches: the first ``val_batches`` of the validation shards' epoch-0
+        plan, unweighted and unmixed; prepared once, kept on the host."""
+        if self._val is None:
+            d = dataclasses.replace(self.cfg.data, source_weights={}, domain_weights={})
+            reader = ShardRows(self.val_files, list(self.teachers), self.storage)
+            plan = plan_epoch(
+                len(self.val_files),
+                reader.light,
+                d,
+                planned=reader.planned,
+                seed=self.cfg.seed,
+                epoch=0,
+            )
+            clean = MixConfig(inbatch_prob=0.0, noise_prob=0.0)
+            it = stream_batches(
+                plan,
+                reader,
+                lambda rows: self.prepare(rows, clean),
+                self.teachers,
+                prep_rows=d.prep_rows,
+                prefetch=d.prefetch_batches,
+                resolve=self.resolve,
+            )
+            self._val = [b for _, b in itertools.islice(it, d.val_batches)]
+        return self._val
+
+
+def validation_loss(
+    model: torch.nn.Module,
+    batches: list[AudioBatch],
+    device: torch.device,
+    precision: torch.dtype | None,
+) -> dict[str, float]:
+    """Loss per student frame (and per teacher target frame) over ``batches``: eval mode, no
+    masking."""
+    student = unwrap(model)
+    was_training = student.training
+    student.eval()
+    total = frames = 0.0
+    per: dict[str, float] = {}
+    per_frames: dict[str, float] = {}
+    ctx = torch.autocast(device.type, dtype=precision) if precision else contextlib.nullcontext()
+    with torch.no_grad(), ctx:
+        for b in batches:
+            loss, parts, n = compute_loss(student, student.features(b.to(device)), None, None)
+            total += float(loss) * float(n)
+            frames += float(n)
+            for k, v in parts.per_teacher.items():
+                per[k] = per.get(k, 0.0) + float(v)
+                per_frames[k] = per_frames.get(k, 0.0) + float(parts.frames[k])
+    student.train(was_training)
+    out = {"val_loss": total / max(frames, 1.0)}
+    out |= {f"val_loss_{k}": v / per_frames[k] for k, v in per.items() if per_frames[k] > 0}
+    return out
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -152,7 +266,6 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     cfg: TrainConfig = config["cfg"]
-    teachers: dict[str, int] = config["teachers"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -173,7 +286,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             log.info("resumed from %s at step %d", checkpoint.path, progress.step)
 
-    shard = ray.train.get_dataset_shard("train")
+    data = _Data(config, rank, world)
     grad_clip = cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0
     window: dict[str, float] = {"wait": 0.0, "seconds": 0.0, "frames": 0.0, "steps": 0.0}
     window_start = time.perf_counter()
@@ -184,24 +297,23 @@ def train_loop(config: dict[str, Any]) -> None:
     skip = progress.batches
     done = progress.step >= cfg.max_steps
     while not done:
-        consumed = 0
-        batches = _batches(shard, teachers, cfg, window)
+        consumed = skip
+        epoch_start = progress.step
+        batches = data.epoch(epoch, skip, window)
         while True:
-            batch = next(batches, None)
-            if batch is not None and consumed < skip:
-                consumed += 1  # already trained on before the restart
-                continue
+            group = []  # accum_steps batches, one optimiser step
+            for _, (index, b) in zip(range(cfg.accum_steps), batches, strict=False):
+                group.append(b)
+                consumed = index + 1
+            full = len(group) == cfg.accum_steps
             have, seconds = _all_reduce(
-                [0.0 if batch is None else 1.0, 0.0 if batch is None else batch.seconds],
-                world,
-                device,
+                [1.0 if full else 0.0, sum(b.seconds for b in group)], world, device
             )
             if have < world:  # someone ran out: the epoch ends for all (equal DDP steps)
                 break
-            assert batch is not None
             last = train_step(
                 model,
-                batch.to(device),
+                [b.to(device) for b in group],
                 opt,
                 sched,
                 step=progress.step,
@@ -212,20 +324,22 @@ def train_loop(config: dict[str, Any]) -> None:
                 autocast_dtype=precision,
                 scaler=scaler,
             )
-            consumed += 1
             progress.step += 1
             progress.hours += seconds / 3600.0
             progress.batches = consumed
-            window["seconds"] += batch.seconds
+            window["seconds"] += last.seconds
             window["frames"] += last.frames
             window["steps"] += 1
             done = progress.step >= cfg.max_steps
-            log_now = progress.step % cfg.log_every == 0 or done
+            val_now = bool(data.val_files) and (progress.step % cfg.val_every == 0 or done)
+            log_now = progress.step % cfg.log_every == 0 or done or val_now
             ckpt_now = progress.step % cfg.checkpoint_every == 0 or done
             if log_now or ckpt_now:
                 metrics = _metrics(last, progress, window, time.perf_counter() - window_start)
                 metrics["epoch"] = epoch
                 metrics["start_step"] = start_step
+                if val_now and rank == 0:
+                    metrics |= validation_loss(model, data.validation(), device, precision)
                 if rank == 0 and log_now:
                     log.info("train %s", _format(metrics))
                     # One small object per log line; the driver merges them into
@@ -247,8 +361,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 break
         if done:
             break
-        if progress.batches == 0 and skip == 0:
-            raise SpearError("no training batches: every item was filtered out or failed")
+        if progress.step == epoch_start and skip == 0:
+            raise SpearError(
+                "an epoch without a training step: every item was filtered out or failed, or a "
+                "worker's shards hold fewer than accum_steps batches"
+            )
         epoch += 1
         skip = 0
         progress.batches = 0

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from spear.shards.schema import dasheng_num_frames, wavlm_num_frames
-from spear.student.frontend import fbank_batch
+from spear.student.config import FrontendConfig
+from spear.student.frontend import Frontend
 from spear.student.losses import AUDIO, IGNORE, SPEECH
 from spear.student.model import Batch
 
@@ -96,9 +97,10 @@ def pad_codes(codes: list[np.ndarray | None], num_codebooks: int) -> torch.Tenso
 
 
 def collate(items: list[dict[str, object]], heads: dict[str, int]) -> Batch:
-    """Items -> a :class:`Batch` (fbank computed here). ``heads`` maps prefix -> codebooks."""
+    """Items -> a :class:`Batch` (the default frontend's fbank computed here). ``heads`` maps
+    prefix -> codebooks."""
     audio = [np.asarray(it["audio"]) for it in items]
-    feats, lens = fbank_batch(audio)
+    feats, lens = Frontend(FrontendConfig()).waves(audio)
     domains = torch.tensor([AUDIO if it["domain"] == "audio" else SPEECH for it in items])
     targets = {
         name: pad_codes([it.get(name) for it in items], c)  # type: ignore[misc]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -109,3 +110,31 @@ def test_a_job_that_cannot_fit_beside_its_driver_fails_at_once(
         assert time.monotonic() - t0 < 30  # no Ray Train run was started
     finally:
         ray.kill(holder)
+
+
+@pytest.mark.slow  # ~1.5 min: one Ray Train run on 2 shared cores
+def test_validation_loss_and_accumulation(ray_cluster: str, shards: str, tmp_path: Path) -> None:
+    # One shard of two held out; 2 batches per optimiser step; a validation every 2 steps.
+    cfg = _cfg(
+        max_steps=3,
+        accum_steps=2,
+        val_every=2,
+        checkpoint_every=10,
+        data=dataclasses.replace(_cfg().data, val_shards=1, val_batches=2),
+    )
+    res = run_train(shards, str(tmp_path / "v"), cfg, StorageConfig(), RayConfig())
+    assert res.steps == 3
+    rows = [
+        json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()
+    ]
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [2, 3] and all(0 < v < 20 for v in val.values())
+    assert "val_loss_wavlm" in rows[-1]
+    # Two batches of <= 4 s per step: more audio per step than one batch can hold.
+    assert max(r["hours"] for r in rows) * 3600 / 3 > cfg.data.batch_seconds
+
+
+def test_too_few_shards_for_workers_and_validation(shards: str, tmp_path: Path) -> None:
+    cfg = _cfg(data=dataclasses.replace(_cfg().data, val_shards=2))
+    with pytest.raises(SpearError, match="fewer than the 1 training workers"):
+        run_train(shards, str(tmp_path / "o"), cfg, StorageConfig(), RayConfig())

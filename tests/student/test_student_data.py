@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
-from spear.errors import SpearError
+from spear.errors import ConfigError, SpearError
 from spear.shards.index import open_run
 from spear.stages.decode import DecodeConfig
 from spear.storage import StorageConfig
 from spear.student.config import HeadConfig, MixConfig, StudentConfig, TrainDataConfig
 from spear.student.data import (
     SecondsBucketer,
+    ShardRows,
     bucket_batches,
     collate_rows,
     iter_rows,
+    plan_epoch,
     prepare_batch,
+    stream_batches,
 )
 from spear.student.recipe import check_heads
 from spear.testing import write_synthetic_output
@@ -46,8 +52,10 @@ def test_prepare_and_collate(tmp_path: Path) -> None:
     assert len(out["item_id"]) == int(((secs >= 0.9) & (secs <= 32)).sum()) > 0
     rows = list(iter_rows([out]))
     b = collate_rows(rows, {"wavlm": 2, "dasheng": 1})
-    assert b.feats.shape[0] == len(rows) and b.feats.shape[2] == 128
-    assert int(b.feat_lens.max()) == b.feats.shape[1]
+    # int16 audio travels (32 kB per audio second); the fbank is the training device's work.
+    assert b.audio.dtype == torch.int16 and b.audio.shape[0] == len(rows)
+    assert int(b.num_samples.max()) == b.audio.shape[1]
+    assert sum(len(r["audio"]) for r in rows) == 2 * int(b.num_samples.sum())
     speech = b.domains == 0
     assert (b.targets["dasheng"][speech] == -100).all()  # speech items carry no Dasheng codes
     assert (b.targets["wavlm"][:, 0] >= 0).all()
@@ -114,3 +122,116 @@ def test_the_student_reads_through_the_shard_contract(tmp_path: Path) -> None:
     shutil.copy(other / "tokens/shard-00000.parquet", out / "tokens/shard-00001.parquet")
     with pytest.raises(SpearError, match="mvq-another"):
         open_run(str(out), StorageConfig())
+
+
+HEADS = {"wavlm": 2, "dasheng": 1}
+SMALL = TrainDataConfig(batch_seconds=6.0, max_seconds=4.0, num_buckets=2, shuffle_buffer=6)
+
+
+def _run(tmp_path: Path, n: int = 40) -> list[str]:
+    write_synthetic_output(str(tmp_path), n, (1.0, 3.0), seed=0, items_per_shard=8)
+    return open_run(str(tmp_path), StorageConfig()).urls()
+
+
+def _plan(
+    urls: list[str], data: TrainDataConfig = SMALL, **kw: int
+) -> list[list[tuple[int, int, int]]]:
+    reader = ShardRows(urls, list(HEADS), StorageConfig())
+    args = {"seed": 0, "epoch": 0} | kw
+    return [
+        [(r.shard, r.row, r.copy) for r in b]
+        for b in plan_epoch(len(urls), reader.light, data, **args)
+    ]
+
+
+def test_plan_is_a_function_of_seed_and_epoch(tmp_path: Path) -> None:
+    urls = _run(tmp_path)
+    first = _plan(urls)
+    assert first == _plan(urls)  # recomputed: the same order
+    rows = sorted(r for b in first for r in b)
+    assert rows == sorted(set(rows)) and len(rows) == 40  # every item once (all within 1-3 s)
+    other_epoch, other_seed = _plan(urls, epoch=1), _plan(urls, seed=1)
+    assert other_epoch != first and other_seed != first
+    assert sorted(r for b in other_epoch for r in b) == rows
+    # Shards are shuffled per epoch, and a shard's items do not come out in row order.
+    assert [b[0][0] for b in first[:3]] != [b[0][0] for b in other_epoch[:3]]
+    order = [r[:2] for b in first for r in b]
+    assert order != sorted(order)
+    # Two workers: disjoint shard sets covering the run.
+    ranks = [_plan(urls, rank=r, world=2) for r in (0, 1)]
+    shards = [{r[0] for b in p for r in b} for p in ranks]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(len(urls)))
+
+
+def _prepare(calls: list[str]) -> Callable[[dict[str, np.ndarray]], dict[str, object]]:
+    def prepare(rows: dict[str, np.ndarray]) -> dict[str, object]:
+        calls.extend(str(i) for i in rows["item_id"])
+        return prepare_batch(
+            rows,
+            teachers=HEADS,
+            rates={"wavlm": 50.0, "dasheng": 25.0},
+            data=SMALL,
+            mix=MixConfig(inbatch_prob=0.5, noise_prob=0.0, token_mixing=True),
+            decode=DecodeConfig(),
+            storage=StorageConfig(),
+            seed=0,
+        )
+
+    return prepare
+
+
+def _stream(urls: list[str], skip: int, calls: list[str]) -> list[tuple[int, object]]:
+    reader = ShardRows(urls, list(HEADS), StorageConfig())
+    plan = plan_epoch(len(urls), reader.light, SMALL, planned=reader.planned, seed=0, epoch=1)
+    return list(
+        stream_batches(plan, reader, _prepare(calls), HEADS, skip=skip, prep_rows=2, prefetch=3)
+    )
+
+
+def test_resumed_stream_equals_uninterrupted_and_skips_without_decoding(tmp_path: Path) -> None:
+    urls = _run(tmp_path)
+    full_calls: list[str] = []
+    full = _stream(urls, 0, full_calls)
+    assert [i for i, _ in full] == list(range(len(full))) and len(full) > 8
+    skip = len(full) // 2
+    calls: list[str] = []
+    resumed = _stream(urls, skip, calls)
+    assert [i for i, _ in resumed] == [i for i, _ in full[skip:]]
+    for (_, a), (_, b) in zip(resumed, full[skip:], strict=True):
+        assert torch.equal(a.audio, b.audio) and torch.equal(a.num_samples, b.num_samples)
+        for t in HEADS:
+            assert torch.equal(a.targets[t], b.targets[t])
+    # Only the items of the batches after the resume point were decoded and mixed.
+    plan = _plan(urls, epoch=1)
+    later = sum(len(b) for b in plan[skip:])
+    assert len(calls) == later < len(full_calls) == sum(len(b) for b in plan)
+    assert calls == full_calls[len(full_calls) - later :]
+
+
+def test_sampling_weights_repeat_and_drop_items(tmp_path: Path) -> None:
+    urls = _run(tmp_path)
+    light = ShardRows(urls, list(HEADS), StorageConfig()).light
+    domains = {(s, r): str(d) for s in range(len(urls)) for r, d in enumerate(light(s)["domain"])}
+    n_audio = sum(d == "audio" for d in domains.values())
+    assert 0 < n_audio < len(domains)
+
+    def count(data: TrainDataConfig) -> dict[str, int]:
+        out = {"speech": 0, "audio": 0}
+        for b in _plan(urls, data):
+            for s, r, _ in b:
+                out[domains[(s, r)]] += 1
+        return out
+
+    base = count(SMALL)
+    assert base == {"speech": len(domains) - n_audio, "audio": n_audio}
+    twice = count(dataclasses.replace(SMALL, domain_weights={"audio": 2.0, "speech": 0.0}))
+    assert twice == {"speech": 0, "audio": 2 * n_audio}
+    # Fractional weights: floor(w) copies, one more with probability frac(w); the synthetic
+    # shards' source is "synthetic".
+    half = count(dataclasses.replace(SMALL, source_weights={"synthetic": 1.5}))
+    assert 1.2 * len(domains) < half["speech"] + half["audio"] < 1.8 * len(domains)
+    assert _plan(urls, dataclasses.replace(SMALL, source_weights={"synthetic": 1.5})) == _plan(
+        urls, dataclasses.replace(SMALL, source_weights={"synthetic": 1.5})
+    )
+    with pytest.raises(ConfigError, match="domain_weights"):
+        TrainDataConfig(domain_weights={"audio": -1.0})

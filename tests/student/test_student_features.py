@@ -15,7 +15,6 @@ from spear.pipeline.manifest import read_manifest
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.storage import StorageConfig
 from spear.student.config import StudentConfig
-from spear.student.frontend import fbank_batch
 from spear.student.model import Student
 from spear.synth import write_speech_like
 
@@ -55,8 +54,8 @@ def test_features_match_the_standalone_module(ray_cluster: str, tmp_path: Path) 
     for r in table.to_pylist():
         m = rows[r["item_id"]]
         wave = decode_segment(m["url"], m["start"], m["duration"], DecodeConfig(), StorageConfig())
-        x, n = fbank_batch([wave])
         with torch.inference_mode():
+            x, n = loaded.frontend.waves([wave])
             y, lengths = loaded.encode(x, n)
         assert r["num_frames"] == int(lengths[0])
         got = np.frombuffer(r["embeddings"], "<f2").reshape(r["num_frames"], -1)
