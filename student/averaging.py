@@ -7,12 +7,13 @@ Rank 0 keeps a float64 copy of the weights, the running mean of the model at ste
 saved in every training checkpoint as ``model_avg.pt`` (:data:`AVERAGE_FILE`):
 ``{"step", "period", "model"}``. Two checkpoints' running means give the mean of the model over
 the steps between them (:func:`average_between`): what SPEAR's releases ship, what
-``spear student average`` writes. Floating-point tensors are averaged; integer buffers are taken
-from the newer model.
+``spear student average`` writes. Floating-point tensors are averaged; integer buffers and
+modules' extra state (Whiten's probability) are taken from the newer model.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -48,7 +49,9 @@ class ModelAverage:
         with torch.no_grad():
             for k, cur in model.state_dict().items():
                 avg = self.state[k]
-                if avg.is_floating_point():
+                if not isinstance(avg, Tensor):
+                    self.state[k] = copy.deepcopy(cur)
+                elif avg.is_floating_point():
                     avg.mul_(1.0 - weight).add_(cur.detach().to(avg), alpha=weight)
                 else:
                     avg.copy_(cur)
@@ -69,15 +72,20 @@ class ModelAverage:
             raise ValueError(f"the averaged model's tensors differ: {sorted(missing)[:3]}")
         self.step = int(state["step"])
         for k, v in state["model"].items():
-            self.state[k].copy_(v)
+            if isinstance(self.state[k], Tensor):
+                self.state[k].copy_(v)
+            else:
+                self.state[k] = copy.deepcopy(v)
 
 
-def _f64(t: Tensor) -> Tensor:
+def _f64(t: Any) -> Any:
+    if not isinstance(t, Tensor):  # a module's extra state
+        return copy.deepcopy(t)
     t = t.detach().clone()
     return t.to(torch.float64) if t.is_floating_point() else t
 
 
-def average_between(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Tensor]:
+def average_between(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
     """The mean of the model over the steps in ``(start, end]`` from two running averages
     (:meth:`ModelAverage.state_dict` at two checkpoints; icefall's
     ``average_checkpoints_with_averaged_model``): with ``a, b`` the last averaged steps,
@@ -91,7 +99,9 @@ def average_between(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Ten
         )
     out = {}
     for k, vb in end["model"].items():
-        if vb.is_floating_point():
+        if not isinstance(vb, Tensor):
+            out[k] = copy.deepcopy(vb)
+        elif vb.is_floating_point():
             va = start["model"][k].to(vb)
             # (b * vb - a * va) / (b - a), written so large step counts do not overflow.
             out[k] = (vb + va * (-a / b)) * (b / (b - a))
@@ -101,7 +111,7 @@ def average_between(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Ten
 
 
 def averaged_student(
-    student: dict[str, Any], weights: dict[str, Tensor], info: dict[str, Any]
+    student: dict[str, Any], weights: dict[str, Any], info: dict[str, Any]
 ) -> dict[str, Any]:
     """A ``student.pt`` dict (``student``: the newest checkpoint's) with its weights replaced
     by ``weights`` (in the original dtypes) and ``"averaged": info`` (steps, period) added."""
@@ -110,6 +120,8 @@ def averaged_student(
     if missing:
         raise ValueError(f"the averaged weights do not match the student: {sorted(missing)[:3]}")
     out = dict(student)
-    out["model"] = {k: weights[k].to(model[k]) for k in model}
+    out["model"] = {
+        k: weights[k].to(model[k]) if isinstance(model[k], Tensor) else model[k] for k in model
+    }
     out["averaged"] = dict(info)
     return out
