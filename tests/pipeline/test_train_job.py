@@ -199,6 +199,6 @@ def test_a_run_shows_progress_records_its_tokens_logs_and_averages(
     other = tmp_path / "other-tokens"
     write_synthetic_output(str(other), 12, (1.0, 1.8), seed=1, items_per_shard=6)
     t0 = time.monotonic()
-    with pytest.raises(SpearError, match="trained on token run synthetic-0.*synthetic-1"):
+    with pytest.raises(SpearError, match=r"trained on token run synthetic-0.*synthetic-1"):
         run_train(str(other), str(out), _cfg(max_steps=6), StorageConfig(), RayConfig())
     assert time.monotonic() - t0 < 10
