@@ -225,6 +225,10 @@ class TrainConsole:
         self._task: Any = None
         self._tty = progress._LIVE and sys.stderr.isatty()
 
+    @staticmethod
+    def disabled() -> bool:
+        return os.environ.get("RAY_TRAIN_V2_ENABLED", "1").lower() in ("0", "false")
+
     def __enter__(self) -> TrainConsole:
         if self._tty:
             from rich.console import Console
@@ -519,6 +523,9 @@ def run_train(
     keep_order = options.preserve_order
     options.preserve_order = keep_order or cfg.data.deterministic
     console = TrainConsole(cfg.max_steps, cfg.num_workers)
+    if console.disabled():
+        # Ray Train V1's RunConfig takes Tune callbacks only: no live line, said once.
+        log.warning("train: no live progress line with RAY_TRAIN_V2_ENABLED=0 (Ray Train V1)")
     try:
         with console, _Watch(console) as watch:
             result = _fit(
@@ -532,7 +539,7 @@ def run_train(
                 storage_fs,
                 out_url,
                 on,
-                [_reports_callback(watch.queue)],
+                [] if console.disabled() else [_reports_callback(watch.queue)],
             )
         _merge_metrics(out_url, storage)
     finally:
