@@ -28,6 +28,7 @@ import torch
 from spear.errors import SpearError
 from spear.storage import StorageConfig, join, protocol_of, write_atomic
 from spear.student.averaging import AVERAGE_FILE, ModelAverage
+from spear.student.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +225,8 @@ def restore_extras(
         raise SpearError(f"{avg_file}: {err}") from None
 
 
-def schedule_position(cfg: Any, hours: float, elapsed: float) -> dict[str, Any]:
-    """Where the run stands on its schedules (``cfg``: a ``TrainConfig``): the machinery's
+def schedule_position(cfg: TrainConfig, hours: float, elapsed: float) -> dict[str, Any]:
+    """Where the run stands on its schedules: the machinery's
     batch count (audio seen / its ``batch_seconds``), Eden's horizon (``lr_batches`` steps and
     ``lr_hours``; the run's step and ``hours`` are already in the row) and the run's length."""
     enc = cfg.student.encoder_config()
