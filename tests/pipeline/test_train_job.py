@@ -202,3 +202,20 @@ def test_a_run_shows_progress_records_its_tokens_logs_and_averages(
     with pytest.raises(SpearError, match=r"trained on token run synthetic-0.*synthetic-1"):
         run_train(str(other), str(out), _cfg(max_steps=6), StorageConfig(), RayConfig())
     assert time.monotonic() - t0 < 10
+
+
+def test_spear_train_on_other_tokens_is_refused_before_ray(
+    shards: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spear.cli.main import run
+
+    out = tmp_path / "run"
+    earlier = TrainedOn(token_run="tokenize-earlier", quantizers={"wavlm": "q0"})
+    check_plan(str(out), {"trained_on": earlier.as_dict()}, StorageConfig())
+    (out / "train" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    t0 = time.monotonic()
+    assert run(["train", "--shards", shards, "--out", str(out), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the heads' warnings
+    assert err.startswith(f"error: {out} was trained on token run tokenize-earlier")
+    assert "these shards are token run synthetic-0" in err
+    assert time.monotonic() - t0 < 10  # refused before any Ray work
