@@ -352,6 +352,49 @@ def machinery_off() -> ZipformerMachinery:
     )
 
 
+SCHEDULE_BATCHES = 20_000.0
+"""Where the machinery's long schedules end (dropout 0.3 -> 0.1, bypass floor 0.9 -> 0.2,
+ConvNeXt skip 0.2 -> 0.015), in batches of ``ZipformerMachinery.batch_seconds`` (600 s):
+20,000 x 600 s = 3,333 h of audio."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The shipped recipe's training settings for a run: icefall's machinery, Eden with its
+    warm-up, time masking 0.65 (SPEC)."""
+
+    machinery: ZipformerMachinery
+    optim: OptimConfig
+    mask: MaskConfig
+
+
+def shipped_recipe(s: Settings) -> Recipe:
+    """The recipe's defaults as they ship (tuned for thousands of hours)."""
+    return Recipe(ZipformerMachinery(), OptimConfig(lr=s.lr), MaskConfig())
+
+
+def scaled_recipe(s: Settings) -> Recipe:
+    """The shipped recipe with its time axis compressed to this run, as icefall scales its
+    schedules to a data set: the schedules' batch (icefall's ``--ref-duration``) becomes the
+    run's audio / 20,000, so every schedule reaches its 20,000-batch value at the last step;
+    Eden's step constants (``lr_batches`` 7,500, warm-up 500) scale by steps / 20,000 and its
+    hours (75,000) by the run's audio / 3,333 h. Nothing else changes."""
+    run_seconds = s.steps * s.batch_seconds
+    by_steps = s.steps / SCHEDULE_BATCHES
+    by_audio = run_seconds / (SCHEDULE_BATCHES * ZipformerMachinery().batch_seconds)
+    base = shipped_recipe(s)
+    return Recipe(
+        dataclasses.replace(base.machinery, batch_seconds=run_seconds / SCHEDULE_BATCHES),
+        dataclasses.replace(
+            base.optim,
+            lr_batches=base.optim.lr_batches * by_steps,
+            warmup_batches=base.optim.warmup_batches * by_steps,
+            lr_hours=base.optim.lr_hours * by_audio,
+        ),
+        base.mask,
+    )
+
+
 @dataclass
 class Curve:
     losses: list[float]
@@ -368,10 +411,14 @@ def train(
     teachers: list[TokenTeacherInfo],
     s: Settings,
     machinery: ZipformerMachinery | None = None,
+    recipe: Recipe | None = None,
 ) -> Curve:
     """``s.steps`` steps of the tiny student on ``rows``, epoch after epoch, as the recipe's
-    ``train_loop`` runs them on one worker."""
+    ``train_loop`` runs them on one worker. ``recipe``: the recipe's machinery, Eden and
+    masking instead of ``s``'s (``machinery`` is then ignored)."""
     enc = zipformer_tiny()
+    if recipe is not None:
+        machinery = recipe.machinery
     if machinery is not None:
         enc = dataclasses.replace(enc, machinery=machinery)
     t = {t.prefix: t for t in teachers}[PREFIX]
@@ -384,6 +431,9 @@ def train(
     student_cfg = StudentConfig(encoder=enc, heads=(head,))
     heads = {h.name: h.num_codebooks for h in student_cfg.heads}
     optim = OptimConfig(lr=s.lr, warmup_batches=s.warmup_batches)
+    mask = MaskConfig(time_prob=s.mask_time_prob)
+    if recipe is not None:
+        optim, mask = recipe.optim, recipe.mask
     data = data_config(s)
     torch.manual_seed(s.seed)
     model = Student(student_cfg)
@@ -404,7 +454,7 @@ def train(
                 sched,
                 step=step,
                 hours=hours,
-                mask=MaskConfig(time_prob=s.mask_time_prob),
+                mask=mask,
                 generator=generator,
             )
             times.append(time.process_time() - t0)
@@ -480,6 +530,71 @@ def run(
     return Result(s, shards, curves)
 
 
+SCHEDULES_STEPS = 900
+"""``--schedules``' default run length."""
+
+SCHEDULE_RUNS = {
+    "shipped real": (False, False),
+    "shipped control": (True, False),
+    "scaled real": (False, True),
+    "scaled control": (True, True),
+}
+"""Run name -> (permuted targets, schedules scaled to the run)."""
+
+
+def run_schedules(s: Settings, root: str = POCKETSPHINX, report: Any = None) -> Result:
+    """The shipped recipe as is and with its schedules scaled to the run, real and control."""
+    say = report or (lambda _line: None)
+    files = source_files(root)
+    if not files:
+        raise SystemExit(f"no recordings under {root}: {INSTALL}")
+    with tempfile.TemporaryDirectory(prefix="spear-learning-") as work:
+        audio = os.path.join(work, "audio")
+        os.makedirs(audio)
+        rows = segment_rows([as_wav(p, audio) for p in files], s)
+        shards = write_shards(rows, os.path.join(work, "tokens"), s)
+        say(f"token shards: {shards.items} items, {shards.audio_seconds:.1f} s of windows")
+        real, teachers = training_rows(shards.out, s)
+    control = permuted(real, teachers[0].num_codebooks, s.seed)
+    curves = {}
+    for name, (shuffled, scaled) in SCHEDULE_RUNS.items():
+        t0 = time.perf_counter()
+        recipe = scaled_recipe(s) if scaled else shipped_recipe(s)
+        curves[name] = curve = train(control if shuffled else real, teachers, s, recipe=recipe)
+        say(
+            f"{name}: last-20 loss {curve.tail():.3f} after {s.steps} steps "
+            f"({curve.epochs} epochs, {time.perf_counter() - t0:.0f} s)"
+        )
+    return Result(s, shards, curves)
+
+
+def schedules_table(r: Result, every: int = 100) -> str:
+    """Gap (control - real, mean loss per window of ``every`` steps) of the shipped recipe
+    and of the recipe scaled to the run."""
+    c = r.curves
+    lines = [
+        "| steps | shipped: real | control | gap | scaled: real | control | gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for step in range(every, len(c["shipped real"].losses) + 1, every):
+        cells = []
+        for kind in ("shipped", "scaled"):
+            a = window_mean(c[f"{kind} real"].losses, step, every)
+            b = window_mean(c[f"{kind} control"].losses, step, every)
+            cells.append(f"{a:.3f} | {b:.3f} | {b - a:+.3f}")
+        lines.append(f"| {step - every + 1}-{step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def recipe_text(name: str, r: Recipe) -> str:
+    m, o = r.machinery, r.optim
+    return (
+        f"{name}: schedule batch {m.batch_seconds:g} s, Eden lr_batches {o.lr_batches:g}, "
+        f"warm-up {o.warmup_batches:g}, lr_hours {o.lr_hours:g}, time masking "
+        f"{r.mask.time_prob:g}, machinery on"
+    )
+
+
 def window_mean(losses: list[float], step: int, width: int) -> float:
     """Mean loss of the ``width`` steps ending at ``step`` (1-based)."""
     return float(np.mean(losses[max(0, step - width) : step]))
@@ -531,12 +646,20 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="real against control only (the slow test's run), no machinery table",
     )
+    ap.add_argument(
+        "--schedules",
+        action="store_true",
+        help="the shipped recipe (machinery, Eden warm-up, time masking) as is and with its "
+        "schedules scaled to the run, real against control (default 900 steps)",
+    )
     ap.add_argument("--root", default=POCKETSPHINX, help="where the recordings are")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not source_files(args.root):
         print(f"no recordings under {args.root}: {INSTALL}", file=sys.stderr)
         return 1
+    if args.schedules:
+        return main_schedules(args)
     s = Settings(seed=args.seed, steps=args.steps)
     print(
         f"tiny student, {s.steps} steps, batches of {s.batch_seconds:g} s, seed {s.seed}, "
@@ -554,6 +677,29 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         print()
         print(machinery_table(r))
+    print(f"\ntotal {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def main_schedules(args: argparse.Namespace) -> int:
+    steps = args.steps if args.steps != Settings.steps else SCHEDULES_STEPS
+    s = Settings(seed=args.seed, steps=steps)
+    print(
+        f"tiny student, {s.steps} steps, batches of {s.batch_seconds:g} s "
+        f"({s.steps * s.batch_seconds / 3600:.2f} h seen), seed {s.seed}, {args.threads} "
+        f"thread(s), torch {torch.__version__}",
+        flush=True,
+    )
+    print(recipe_text("shipped", shipped_recipe(s)))
+    print(recipe_text("scaled", scaled_recipe(s)), flush=True)
+    t0 = time.perf_counter()
+    r = run_schedules(s, args.root, report=lambda line: print(line, flush=True))
+    print()
+    print(schedules_table(r))
+    print()
+    for kind in ("shipped", "scaled"):
+        gap = r.gap(f"{kind} real", f"{kind} control")
+        print(f"{kind}: final gap (mean of the last 20 steps) {gap:+.3f} nats/frame")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     return 0
 

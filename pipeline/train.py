@@ -12,15 +12,26 @@ Steps:
    The last ``data.val_shards`` shards are held out for the validation loss.
 3. Checkpoints go to ``OUT/train/`` (any fsspec URL); re-running the same command resumes from
    the latest one. ``FailureConfig`` retries worker failures from the latest checkpoint.
-4. At the end: ``OUT/student.pt`` (loads with ``Student.from_checkpoint``) and
+   ``OUT/plan.json`` records the token run and quantisers; a re-run on other tokens is refused
+   before Ray starts.
+4. While it runs: one live line on the driver (:class:`TrainConsole`), fed by rank 0's
+   ``ray.train.report`` through a Ray Train callback on the controller and a Ray queue;
+   ``OUT/metrics/step-*.json`` and ``OUT/tensorboard/`` from rank 0.
+5. At the end: ``OUT/student.pt`` (loads with ``Student.from_checkpoint``), ``OUT/student-avg.pt``
+   (the running average over the whole run, :mod:`spear.student.averaging`) and
    ``OUT/metrics.jsonl``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import logging
 import os
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +39,21 @@ import torch
 
 from spear.errors import SpearError
 from spear.pipeline.job import Demand, fit_now
+from spear.pipeline.progress import fmt_seconds
 from spear.ray_utils import RayConfig, init_ray
-from spear.shards.index import open_run
+from spear.shards.index import TokenRun, open_run
 from spear.stages.decode import DecodeConfig
-from spear.storage import StorageConfig, check_url, filesystem, join, protocol_of, write_atomic
+from spear.storage import (
+    StorageConfig,
+    check_url,
+    exists,
+    filesystem,
+    join,
+    protocol_of,
+    read_bytes,
+    write_atomic,
+)
+from spear.student.averaging import AVERAGE_FILE, average_between, averaged_student
 from spear.student.config import TrainConfig
 from spear.student.model import STUDENT_FILE, Student
 from spear.student.recipe import (
@@ -41,11 +63,18 @@ from spear.student.recipe import (
     heads_from_shards,
     train_loop,
 )
+from spear.student.runlog import META_FILE, TrainedOn
 
 log = logging.getLogger(__name__)
 
 RUN_NAME = "train"
 """Checkpoints go to ``OUT/train/checkpoint_*``."""
+PLAN_FILE = "plan.json"
+"""``OUT/plan.json``: what the run trains on and with which settings."""
+AVERAGE_STUDENT = "student-avg.pt"
+"""``OUT/student-avg.pt``: the running average of the whole run."""
+CONSOLE_EVERY = 30.0
+"""Seconds between progress lines when stderr is not a terminal."""
 
 
 @dataclass
@@ -57,6 +86,8 @@ class TrainResult:
     """The latest checkpoint folder (URL)."""
     student_url: str
     """``OUT/student.pt``."""
+    average_url: str | None = None
+    """``OUT/student-avg.pt`` (None when the checkpoint holds no running average)."""
 
 
 def _pyarrow_fs(url: str, storage: StorageConfig) -> tuple[str, Any]:
@@ -97,6 +128,281 @@ def split_shards(files: list[str], cfg: TrainConfig) -> tuple[list[str], list[st
     return train, val
 
 
+# ---------------------------------------------------------------- what the run trains on
+
+
+def trained_on(run: TokenRun, shards_url: str) -> TrainedOn:
+    """The token run id (the first shard's ``run_id`` metadata; every shard of one tokenize
+    run carries the same) and the quantiser ids (checked equal over all shards by
+    :func:`open_run`)."""
+    import pyarrow.parquet as pq
+
+    from spear.formats import read_metadata
+
+    fs, path = filesystem(run.url(run.entries[0]), run.storage)
+    with fs.open(path, "rb") as f:
+        meta = read_metadata(pq.ParquetFile(f).schema_arrow)
+    return TrainedOn(
+        token_run=str(meta.get("run_id") or ""),
+        quantizers={t.prefix: t.quantizer_id for t in run.teachers},
+        shards=shards_url,
+    )
+
+
+def _has_checkpoint(out_url: str, storage: StorageConfig) -> bool:
+    fs, path = filesystem(join(out_url, RUN_NAME), storage)
+    return fs.exists(path) and bool(fs.glob(path.rstrip("/") + "/checkpoint_*"))
+
+
+def check_plan(out_url: str, plan: dict[str, Any], storage: StorageConfig) -> None:
+    """Write ``OUT/plan.json``; a run whose OUT already holds checkpoints trained on other
+    tokens is refused (one line, before Ray starts). Without checkpoints the old plan is
+    replaced (nothing was trained on it)."""
+    where = join(out_url, PLAN_FILE)
+    if exists(where, storage):
+        old = json.loads(read_bytes(where, storage))
+        if _has_checkpoint(out_url, storage):
+            TrainedOn.from_dict(plan["trained_on"]).check_resume(
+                TrainedOn.from_dict(old.get("trained_on") or {}), out_url
+            )
+    write_atomic(where, json.dumps(plan, indent=1).encode(), storage)
+
+
+def train_plan(cfg: TrainConfig, run: TokenRun, on: TrainedOn) -> dict[str, Any]:
+    from spear.configio import to_dict
+
+    hours = sum(e.audio_seconds for e in run.entries) / 3600
+    return {
+        "version": 1,
+        "kind": "train",
+        "trained_on": on.as_dict(),
+        "shards": len(run.entries),
+        "items": run.num_rows,
+        "audio_hours": hours,
+        "train": to_dict(cfg),
+    }
+
+
+# ---------------------------------------------------------------- the live line
+
+
+def console_text(m: dict[str, Any], prev: dict[str, Any] | None) -> str:
+    """One progress line from rank 0's reported metrics (``prev``: the report before, for
+    rates over the whole cluster; without it rank 0's own rate x workers is shown)."""
+    step, total = int(m.get("step", 0)), int(m.get("max_steps", 0))
+    heads = sorted(k for k in m if k.startswith("loss_"))
+    parts = [f"step {step:,}/{total:,}" if total else f"step {step:,}"]
+    if isinstance(m.get("loss"), (int, float)):
+        per = ", ".join(f"{k[5:]} {m[k]:.3f}" for k in heads)
+        parts.append(f"loss {m['loss']:.4f}" + (f" ({per})" if per else ""))
+    hours, elapsed = float(m.get("hours", 0.0)), float(m.get("elapsed", 0.0))
+    rate = step_time = None
+    if prev is not None and float(prev.get("elapsed", 0.0)) < elapsed:
+        dt = elapsed - float(prev["elapsed"])
+        rate = (hours - float(prev.get("hours", 0.0))) / dt
+        steps = step - int(prev.get("step", 0))
+        step_time = dt / steps if steps > 0 else None
+    if rate is None and isinstance(m.get("audio_s_per_s"), (int, float)):
+        rate = float(m["audio_s_per_s"]) * int(m.get("workers", 1)) / 3600
+    if step_time is None and isinstance(m.get("step_time"), (int, float)):
+        step_time = float(m["step_time"])
+    if rate is not None:
+        parts.append(f"{rate:.3g} audio h/s")
+    sched = f"{hours:,.2f} h seen"
+    if isinstance(m.get("schedule_batch"), (int, float)):
+        sched += f", schedule batch {m['schedule_batch']:,.0f}"
+    if isinstance(m.get("eden_lr_batches"), (int, float)):
+        sched += (
+            f", Eden {step:,}/{m['eden_lr_batches']:,.0f} steps "
+            f"{hours:,.2f}/{m.get('eden_lr_hours', 0):,.0f} h"
+        )
+    parts.append(sched)
+    eta = (total - step) * step_time if total and step_time is not None else float("inf")
+    parts.append(f"elapsed {fmt_seconds(elapsed)}, ETA {fmt_seconds(eta)}")
+    return " | ".join(parts)
+
+
+class TrainConsole:
+    """The driver's live view of a training run: a rich line on a terminal, an INFO line every
+    ``every`` seconds otherwise. ``show`` takes rank 0's reported metrics."""
+
+    def __init__(self, max_steps: int, workers: int, every: float = CONSOLE_EVERY) -> None:
+        from spear.pipeline import progress
+
+        self.max_steps, self.workers, self.every = max_steps, workers, every
+        self.prev: dict[str, Any] | None = None
+        self.last_text = ""
+        self.shown = 0
+        self._last_log = float("-inf")
+        self._last_logged = ""
+        self._live: Any = None
+        self._task: Any = None
+        self._tty = progress._LIVE and sys.stderr.isatty()
+
+    @staticmethod
+    def disabled() -> bool:
+        return os.environ.get("RAY_TRAIN_V2_ENABLED", "1").lower() in ("0", "false")
+
+    def __enter__(self) -> TrainConsole:
+        if self._tty:
+            from rich.console import Console
+            from rich.progress import BarColumn, TextColumn
+            from rich.progress import Progress as RichProgress
+
+            self._live = RichProgress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.fields[line]}"),
+                console=Console(stderr=True),
+            )
+            self._live.start()
+            self._task = self._live.add_task("train", total=self.max_steps, line="starting")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+        elif self.last_text and self._last_logged != self.last_text:
+            log.info("train: %s", self.last_text)
+
+    def show(self, metrics: dict[str, Any]) -> None:
+        m = {"workers": self.workers, "max_steps": self.max_steps} | metrics
+        self.last_text = console_text(m, self.prev)
+        self.prev, self.shown = m, self.shown + 1
+        if self._live is not None:
+            self._live.update(self._task, completed=int(m.get("step", 0)), line=self.last_text)
+            return
+        now = time.monotonic()
+        if now - self._last_log >= self.every:
+            self._last_log = now
+            self._last_logged = self.last_text
+            log.info("train: %s", self.last_text)
+
+
+def _reports_callback(queue: Any) -> Any:
+    """A Ray Train callback (it runs on the controller) that puts rank 0's reported metrics
+    on ``queue`` for the driver."""
+    from ray.train import UserCallback
+
+    class ToDriver(UserCallback):
+        def after_report(
+            self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any
+        ) -> None:
+            if metrics and metrics[0]:
+                queue.put_nowait(dict(metrics[0]))
+
+    return ToDriver()
+
+
+class _Watch:
+    """Feeds a :class:`TrainConsole` from the callback's queue on a driver thread while
+    ``trainer.fit()`` blocks the main one."""
+
+    def __init__(self, console: TrainConsole) -> None:
+        from ray.util.queue import Queue
+
+        self.console = console
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="spear-train-console", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.queue.shutdown()
+
+    def _run(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except Exception:  # the queue's actor is gone (shutdown): nothing more to show
+                log.debug("train console queue closed", exc_info=True)
+                return
+            self.console.show(item)
+
+
+# ---------------------------------------------------------------- averaging
+
+
+def checkpoint_folders(out_url: str, storage: StorageConfig) -> list[tuple[int, str]]:
+    """(step, URL) of the checkpoints under ``OUT/train/`` that record their step (in
+    ``meta.json``), by step."""
+    fs, path = filesystem(join(out_url, RUN_NAME), storage)
+    if not fs.exists(path):
+        return []
+    metas = fs.glob(path.rstrip("/") + f"/checkpoint_*/{META_FILE}")
+    found = []
+    for meta in metas:
+        step = int(json.loads(fs.cat_file(meta))["step"])
+        folder = meta.rsplit("/", 1)[0].rsplit("/", 1)[1]
+        found.append((step, join(out_url, RUN_NAME, folder)))
+    return sorted(found)
+
+
+def _load(url: str, storage: StorageConfig) -> dict[str, Any]:
+    state: dict[str, Any] = torch.load(
+        io.BytesIO(read_bytes(url, storage)), map_location="cpu", weights_only=True
+    )
+    return state
+
+
+def average_run(
+    out_url: str, storage: StorageConfig, start: int = 0, end: int | None = None
+) -> tuple[dict[str, Any], str]:
+    """A ``student.pt`` dict of the model averaged over steps ``(start, end]`` of the run at
+    ``out_url`` (icefall's ``--use-averaged-model``), from the running averages saved in its
+    checkpoints: ``end`` (default the latest) must be a kept checkpoint, and so must ``start``
+    unless it is 0 (then the whole run's average). Returns the dict and a one-line summary."""
+    found = checkpoint_folders(out_url, storage)
+    if not found:
+        raise SpearError(f"no training checkpoints with a step record under {out_url}/{RUN_NAME}")
+    steps = {s: u for s, u in found}
+    end = found[-1][0] if end is None else end
+    if end not in steps:
+        raise SpearError(f"no checkpoint at step {end} (kept: {sorted(steps)})")
+    if start and start not in steps:
+        raise SpearError(f"no checkpoint at step {start} to average from (kept: {sorted(steps)})")
+    if start >= end:
+        raise SpearError(f"the average must start before it ends (steps {start} and {end})")
+    try:
+        end_avg = _load(join(steps[end], AVERAGE_FILE), storage)
+    except FileNotFoundError:
+        raise SpearError(f"{steps[end]} holds no running average ({AVERAGE_FILE})") from None
+    if start:
+        start_avg = _load(join(steps[start], AVERAGE_FILE), storage)
+    else:
+        start_avg = {"step": 0, "period": end_avg["period"], "model": end_avg["model"]}
+    try:
+        weights = average_between(start_avg, end_avg) if start else end_avg["model"]
+    except ValueError as err:
+        raise SpearError(str(err)) from None
+    base = _load(join(steps[end], STUDENT_FILE), storage)
+    info = {"from_step": int(start_avg["step"]), "to_step": int(end_avg["step"])}
+    state = averaged_student(base, weights, info | {"period": int(end_avg["period"])})
+    Student.from_state(state)  # it loads
+    text = (
+        f"steps {info['from_step']}-{info['to_step']} (every {end_avg['period']}) "
+        f"of checkpoint step {end}"
+    )
+    return state, text
+
+
+def save_state(state: dict[str, Any], url: str, storage: StorageConfig) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    write_atomic(url, buf.getvalue(), storage)
+
+
 def _fit(
     files: list[str],
     val_files: list[str],
@@ -107,6 +413,8 @@ def _fit(
     storage_path: str,
     storage_fs: Any,
     out_url: str,
+    on: TrainedOn,
+    callbacks: list[Any],
 ) -> Any:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -121,7 +429,9 @@ def _fit(
             "val_files": val_files,
             "decode": decode,
             "metrics_url": join(out_url, METRICS_DIR),
+            "out_url": out_url,
             "storage": storage,
+            "trained_on": on.as_dict(),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -135,6 +445,7 @@ def _fit(
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
     try:
@@ -173,6 +484,8 @@ def run_train(
     cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, heads=heads))
     check_heads(cfg.student, teachers)
     train_files, val_files = split_shards(files, cfg)
+    on = trained_on(run, shards_url)
+    check_plan(out_url, train_plan(cfg, run, on), storage)
     init_ray(ray_cfg, out_url)
     import ray
 
@@ -189,23 +502,45 @@ def run_train(
         autoscaling=ray_cfg.autoscaling,
     )
     storage_path, storage_fs = _pyarrow_fs(out_url, storage)
-    result = _fit(
-        train_files, val_files, cfg, decode, storage, use_gpu, storage_path, storage_fs, out_url
-    )
+    console = TrainConsole(cfg.max_steps, cfg.num_workers)
+    if console.disabled():
+        # Ray Train V1's RunConfig takes Tune callbacks only: no live line, said once.
+        log.warning("train: no live progress line with RAY_TRAIN_V2_ENABLED=0 (Ray Train V1)")
+    with console, _Watch(console) as watch:
+        result = _fit(
+            train_files,
+            val_files,
+            cfg,
+            decode,
+            storage,
+            use_gpu,
+            storage_path,
+            storage_fs,
+            out_url,
+            on,
+            [] if console.disabled() else [_reports_callback(watch.queue)],
+        )
     _merge_metrics(out_url, storage)
     ckpt = result.checkpoint
     student_url = join(out_url, STUDENT_FILE)
+    average_url = None
     if ckpt is not None:
         with ckpt.as_directory() as folder:
-            Student.from_state(
-                torch.load(
-                    os.path.join(folder, STUDENT_FILE), map_location="cpu", weights_only=True
-                )
-            ).save(student_url, storage)
+            with open(os.path.join(folder, STUDENT_FILE), "rb") as f:
+                data = f.read()
+            # Checked to load; written as is (it carries what the run trained on).
+            Student.from_state(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            write_atomic(student_url, data, storage)
+            if os.path.exists(os.path.join(folder, AVERAGE_FILE)):
+                state, text = average_run(out_url, storage)
+                average_url = join(out_url, AVERAGE_STUDENT)
+                save_state(state, average_url, storage)
+                log.info("train: averaged student (%s): %s", text, average_url)
     metrics = dict(result.metrics or {})
     return TrainResult(
         steps=int(metrics.get("step", 0)),
         metrics=metrics,
         checkpoint=None if ckpt is None else str(ckpt.path),
         student_url=student_url,
+        average_url=average_url,
     )

@@ -322,3 +322,27 @@ class LoopScaledAdam(torch.optim.Optimizer):
                     new = new.clamp(-group["scalar_max"], group["scalar_max"])
                 p.copy_(new.to(p.dtype))
         return loss
+
+
+def read_tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+    """Tag -> (step, value) of every scalar in the TensorBoard event files under ``folder``
+    (TFRecord framing read directly; tensorboardX's protobuf decodes the events)."""
+    import glob
+    import os
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        at = 0
+        while at + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[at : at + 8])
+            record = data[at + 12 : at + 12 + n]
+            at += 12 + n + 4  # length, its CRC, the record, its CRC
+            event = event_pb2.Event.FromString(record)
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((int(event.step), float(v.simple_value)))
+    return out

@@ -557,6 +557,11 @@ class TrainConfig:
     steps and audio hours as usual."""
     val_every: int = 500
     """Steps between validation losses on ``data.val_shards`` (and one at the end)."""
+    average_period: int = 200
+    """Steps between updates of the running model average (icefall's ``--average-period``;
+    rank 0, saved with every checkpoint, ``OUT/student-avg.pt`` at the end)."""
+    tensorboard: bool = True
+    """TensorBoard event files under ``OUT/tensorboard/`` (rank 0, every logged step)."""
     max_failures: int = 3
     """Worker failures retried from the latest checkpoint before the run fails."""
     seed: int = 0
@@ -566,6 +571,8 @@ class TrainConfig:
             raise ConfigError("max_steps, num_workers must be >= 1 and cpus_per_worker > 0")
         if self.checkpoint_every < 1 or self.log_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError("checkpoint_every, log_every and keep_checkpoints must be >= 1")
+        if self.average_period < 1:
+            raise ConfigError(f"average_period must be >= 1, got {self.average_period}")
         if self.max_failures < 0:
             raise ConfigError("max_failures must be >= 0")
         if self.accum_steps < 1 or self.val_every < 1:

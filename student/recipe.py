@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import os
 import tempfile
@@ -40,7 +39,7 @@ import torch
 
 from spear.errors import SpearError
 from spear.shards.schema import TokenTeacherInfo
-from spear.storage import join, write_atomic
+from spear.student.averaging import ModelAverage
 from spear.student.checkpointing import (
     Progress,
     load_train_state,
@@ -60,6 +59,14 @@ from spear.student.model import (
     unwrap,
 )
 from spear.student.optim import build_optimizer
+from spear.student.runlog import (
+    RankZeroLog,
+    RunClock,
+    TrainedOn,
+    restore_extras,
+    save_extras,
+    schedule_position,
+)
 
 log = logging.getLogger(__name__)
 
@@ -278,13 +285,28 @@ def train_loop(config: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     torch.manual_seed(cfg.seed * 1_000_003 + rank)  # dropout differs per rank
     progress = Progress(extra={"epoch": 0})
+    trained_on = TrainedOn.from_dict(config["trained_on"]) if config.get("trained_on") else None
+    average = ModelAverage(unwrap(model), cfg.average_period) if rank == 0 else None
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             progress = _restore(folder, model, opt, sched, generator, scaler, rank, device)
+            restore_extras(folder, average, trained_on, unwrap(model), progress.step, device)
         if rank == 0:
             log.info("resumed from %s at step %d", checkpoint.path, progress.step)
+    clock = RunClock(float(progress.extra.get("elapsed", 0.0)))
+    record = (
+        RankZeroLog(
+            config["metrics_url"],
+            config["out_url"],
+            config["storage"],
+            progress.step,
+            cfg.tensorboard,
+        )
+        if rank == 0
+        else None
+    )
 
     data = _Data(config, rank, world)
     grad_clip = cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0
@@ -327,6 +349,8 @@ def train_loop(config: dict[str, Any]) -> None:
             progress.step += 1
             progress.hours += seconds / 3600.0
             progress.batches = consumed
+            if average is not None:
+                average.update(unwrap(model), progress.step)
             window["seconds"] += last.seconds
             window["frames"] += last.frames
             window["steps"] += 1
@@ -340,21 +364,29 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["start_step"] = start_step
                 if val_now and rank == 0:
                     metrics |= validation_loss(model, data.validation(), device, precision)
-                if rank == 0 and log_now:
+                metrics |= schedule_position(cfg, progress.hours, clock.elapsed())
+                if record is not None and log_now:
                     log.info("train %s", _format(metrics))
-                    # One small object per log line; the driver merges them into
-                    # metrics.jsonl (the run report's loss curves) when the run ends.
-                    row = json.dumps(metrics | {"time": time.time()}).encode()
-                    write_atomic(
-                        join(config["metrics_url"], f"step-{progress.step:09d}.json"),
-                        row,
-                        config["storage"],
-                    )
+                    record.row(metrics, progress.step)
                 window = dict.fromkeys(window, 0.0)
                 window_start = time.perf_counter()
             if ckpt_now:
                 progress.extra["epoch"] = epoch
-                _report_checkpoint(metrics, model, opt, sched, progress, generator, scaler, rank)
+                progress.extra["elapsed"] = clock.elapsed()
+                _report_checkpoint(
+                    metrics,
+                    model,
+                    opt,
+                    sched,
+                    progress,
+                    generator,
+                    scaler,
+                    rank,
+                    average,
+                    trained_on,
+                )
+                if record is not None:
+                    record.checkpointed()
             elif log_now:
                 ray.train.report(metrics)
             if done:
@@ -371,6 +403,8 @@ def train_loop(config: dict[str, Any]) -> None:
         progress.batches = 0
     if rank == 0 and last is None and progress.step >= cfg.max_steps:
         log.info("nothing to do: the checkpoint is at step %d >= max_steps", progress.step)
+    if record is not None:
+        record.close()
 
 
 def _metrics(
@@ -406,6 +440,8 @@ def _report_checkpoint(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     rank: int,
+    average: ModelAverage | None = None,
+    trained_on: TrainedOn | None = None,
 ) -> None:
     import ray.train
 
@@ -413,12 +449,22 @@ def _report_checkpoint(
         # Each rank's RNG (masks, dropout) so every worker repeats its own next step.
         torch.save(rng_state(generator), os.path.join(folder, f"rng-{rank}.pt"))
         if rank == 0:
-            torch.save(unwrap(model).checkpoint_dict(), os.path.join(folder, STUDENT_FILE))
+            torch.save(student_state(model, trained_on), os.path.join(folder, STUDENT_FILE))
             torch.save(
                 train_state_dict(opt, sched, progress, generator, scaler),
                 os.path.join(folder, "train_state.pt"),
             )
+            meta = {"step": progress.step, "hours": progress.hours}
+            save_extras(folder, average, trained_on, meta | {"elapsed": progress.extra["elapsed"]})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def student_state(model: torch.nn.Module, trained_on: TrainedOn | None) -> dict[str, Any]:
+    """``student.pt``'s dict with what the run trains on (an extra key; loading ignores it)."""
+    state = unwrap(model).checkpoint_dict()
+    if trained_on is not None:
+        state["trained_on"] = trained_on.as_dict()
+    return state
 
 
 def _restore(

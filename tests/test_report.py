@@ -356,6 +356,53 @@ def test_report_cli_train_run_and_errors(tmp_path: Path, capsys) -> None:
     assert "neither report.json" in capsys.readouterr().err
 
 
+def _summary(page: str) -> dict[str, str]:
+    rows = re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", page)
+    return dict(rows)
+
+
+def test_train_elapsed_is_seconds_of_training_not_the_clock(tmp_path: Path) -> None:
+    # Rows as `spear train` writes them: `time` is the wall clock (~1.8e9 s), `elapsed` the
+    # seconds of training; before `elapsed` existed, the report printed `time` as elapsed.
+    out = tmp_path / "run"
+    out.mkdir()
+    t0 = 1_796_584_000.0
+    rows = [{"step": s, "time": t0 + 7 * s, "elapsed": 5.0 * s, "hours": 0.1 * s} for s in (1, 2)]
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    page, _ = build_report(str(out), StorageConfig())
+    assert _summary(page)["elapsed"] == "10 s"
+    assert _summary(page)["status"] == "finished"
+    old = [{k: v for k, v in r.items() if k != "elapsed"} for r in rows]  # an older run
+    (out / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in old))
+    page, _ = build_report(str(out), StorageConfig())
+    assert _summary(page)["elapsed"] == "7 s"  # since its first row, not since 1970
+
+
+def test_train_run_in_progress_is_read_from_rank_zero_rows(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    (out / "metrics").mkdir(parents=True)
+
+    def step_row(s: int) -> None:
+        row = {"step": s, "loss": 5.0 / s, "hours": 0.1 * s, "elapsed": 2.0 * s, "lr": 1e-3}
+        (out / "metrics" / f"step-{s:09d}.json").write_text(json.dumps(row))
+
+    for s in (1, 2, 3):
+        step_row(s)
+    assert run(["report", str(out), "--out", str(tmp_path / "a.html")]) == 0  # no metrics.jsonl
+    page = (tmp_path / "a.html").read_text()
+    assert _summary(page)["status"].startswith("in progress")
+    assert _summary(page)["last step"] == "3" and _summary(page)["elapsed"] == "6 s"
+    # A resumed run: the first run's metrics.jsonl, the second's rows going past it.
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 1.0, "elapsed": 6.0}))
+    step_row(4)
+    page, _ = build_report(str(out), StorageConfig())
+    assert _summary(page)["last step"] == "4" and _summary(page)["logged rows"] == "4"
+    (out / "metrics" / "step-000000004.json").unlink()  # the driver merged: finished
+    page, _ = build_report(str(out), StorageConfig())
+    assert _summary(page)["status"] == "finished" and _summary(page)["last step"] == "3"
+    capsys.readouterr()
+
+
 def test_quarantine_only_run_renders(tmp_path: Path) -> None:
     """A run whose every item failed still renders (no shards: notes instead of plots)."""
     out = tmp_path / "run"

@@ -93,6 +93,9 @@ def _register() -> None:
     from spear.cli import shards
 
     app.add_typer(shards.app, name="shards")
+    from spear.cli import student
+
+    app.add_typer(student.app, name="student")
     from spear.cli import plan, report, submit
 
     app.command("plan")(plan.plan)

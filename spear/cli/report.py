@@ -14,7 +14,7 @@ def report(
         str,
         typer.Argument(
             help="The run: a `spear tokenize` --out (report.json) or a `spear train` --out "
-            "(metrics.jsonl); any fsspec URL.",
+            "(metrics.jsonl, or metrics/ while it trains); any fsspec URL.",
             show_default=False,
         ),
     ],

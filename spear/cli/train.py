@@ -52,7 +52,8 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Pre-train the student on token shards with Ray Train (DDP); re-running the same
-    command resumes from the latest checkpoint under --out."""
+    command resumes from the latest checkpoint under --out (on the same tokens only). Shows a
+    live progress line; TensorBoard logs go to OUT/tensorboard."""
     from spear.pipeline.train import run_train
 
     require_urls(shards=shards, out=out)
@@ -78,7 +79,9 @@ def train(
     echo(
         f"train: {res.steps} steps"
         + (f", loss {loss:.4f}" if isinstance(loss, float) else "")
-        + f"; student {res.student_url}; checkpoint {res.checkpoint}"
+        + f"; student {res.student_url}"
+        + (f", averaged {res.average_url}" if res.average_url else "")
+        + f"; checkpoint {res.checkpoint}"
     )
 
 

@@ -9,8 +9,11 @@
   computed from (a sample of) the token shards, RRL per teacher, and token bytes per audio
   second against SPEC section 3's 1,000 B/s bound;
 * a **train** run (``metrics.jsonl``, one JSON row per logged step: ``step`` and any of
-  ``time`` (seconds since the start), ``loss``, ``loss_wavlm``, ``loss_dasheng``, ``lr``,
-  ``hours``, ``audio_s_per_s``): loss curves, learning rate, audio hours seen, throughput.
+  ``elapsed`` (seconds of training, summed over resumes), ``time`` (the wall clock),
+  ``loss``, ``loss_wavlm``, ``loss_dasheng``, ``lr``, ``hours``, ``audio_s_per_s``): loss
+  curves, learning rate, audio hours seen, throughput. A run still training (no
+  ``metrics.jsonl`` yet, or rank 0's ``metrics/step-*.json`` past it) is drawn from those
+  per-step rows and marked in progress.
 
 Loading (:mod:`spear.report.load`) is separate from drawing (:func:`render_tokenize`,
 :func:`render_train`), which are pure functions of the loaded data; :mod:`spear.report.plots`
@@ -23,9 +26,11 @@ from spear.errors import SpearError
 from spear.report.load import (
     CodebookUsage,
     TokenizeRun,
+    TrainRun,
     count_codes,
     load_tokenize_run,
     load_train_metrics,
+    load_train_run,
     read_report,
 )
 from spear.report.tokenize import (
@@ -35,16 +40,18 @@ from spear.report.tokenize import (
     thin_marks,
 )
 from spear.report.train import render_train
-from spear.storage import StorageConfig, exists, join
+from spear.storage import StorageConfig, exists, filesystem, join
 
 __all__ = [
     "TOKEN_BOUND_BYTES_PER_SECOND",
     "CodebookUsage",
     "TokenizeRun",
+    "TrainRun",
     "build_report",
     "count_codes",
     "load_tokenize_run",
     "load_train_metrics",
+    "load_train_run",
     "quarantine_counts",
     "render_tokenize",
     "render_train",
@@ -60,8 +67,10 @@ def build_report(url: str, storage: StorageConfig, max_shards: int = 16) -> tupl
             return render_tokenize(load_tokenize_run(url, storage, max_shards)), kind
         if kind != "train":
             raise SpearError(f"{url}/report.json: unknown run kind {kind!r}")
-    if exists(join(url, "metrics.jsonl"), storage):
-        return render_train(url, load_train_metrics(url, storage)), "train"
+    fs, live = filesystem(join(url, "metrics"), storage)
+    if exists(join(url, "metrics.jsonl"), storage) or fs.exists(live):
+        run = load_train_run(url, storage)
+        return render_train(url, run.rows, in_progress=run.in_progress), "train"
     raise SpearError(
         f"{url} holds neither report.json (tokenize run) nor metrics.jsonl (train run)"
     )

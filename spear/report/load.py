@@ -135,10 +135,17 @@ def read_report(url: str, storage: StorageConfig) -> dict[str, Any]:
     return data
 
 
-def load_train_metrics(url: str, storage: StorageConfig) -> list[dict[str, Any]]:
-    """The rows of a train run's ``metrics.jsonl`` (blank and truncated last lines skipped)."""
-    where = join(url, "metrics.jsonl")
-    lines = read_bytes(where, storage).decode().splitlines()
+@dataclass(frozen=True)
+class TrainRun:
+    """What the report of a train run is drawn from."""
+
+    rows: list[dict[str, Any]]
+    in_progress: bool
+    """The run's rank 0 has logged steps past ``metrics.jsonl`` (or there is none yet): it is
+    running, or was stopped before it merged them."""
+
+
+def _parse_rows(lines: list[str], where: str) -> list[dict[str, Any]]:
     rows = []
     for n, line in enumerate(lines):
         if not line.strip():
@@ -149,6 +156,39 @@ def load_train_metrics(url: str, storage: StorageConfig) -> list[dict[str, Any]]
             if n == len(lines) - 1:  # a writer killed mid-line
                 continue
             raise SpearError(f"{where}:{n + 1}: not JSON") from None
+    return rows
+
+
+def load_train_metrics(url: str, storage: StorageConfig) -> list[dict[str, Any]]:
+    """The rows of a train run's ``metrics.jsonl`` (blank and truncated last lines skipped)."""
+    where = join(url, "metrics.jsonl")
+    rows = _parse_rows(read_bytes(where, storage).decode().splitlines(), where)
     if not rows:
         raise SpearError(f"{where}: no rows")
     return rows
+
+
+def load_train_run(url: str, storage: StorageConfig) -> TrainRun:
+    """A train run's rows, finished or in progress: ``metrics.jsonl`` (written when a run
+    ends) and the per-step rows rank 0 writes while it runs (``metrics/step-*.json``), whichever
+    reaches the later step; a step logged by both is taken from the per-step rows."""
+    merged = join(url, "metrics.jsonl")
+    rows = load_train_metrics(url, storage) if exists(merged, storage) else []
+    fs, path = filesystem(join(url, "metrics"), storage)
+    names = (
+        sorted(p for p in fs.ls(path, detail=False) if p.endswith(".json"))
+        if fs.exists(path)
+        else []
+    )
+    live = []
+    for name, blob in sorted(fs.cat(names).items()) if names else []:
+        live += _parse_rows([blob.decode()], name)  # a file being replaced reads whole or not
+    if not rows and not live:
+        raise SpearError(f"{url} holds no training rows yet (metrics.jsonl or metrics/step-*.json)")
+    last = max((int(r.get("step", 0)) for r in rows), default=-1)
+    in_progress = not rows or any(int(r.get("step", 0)) > last for r in live)
+    if in_progress:
+        by_step = {int(r.get("step", 0)): r for r in rows}
+        by_step |= {int(r.get("step", 0)): r for r in live}
+        rows = [by_step[k] for k in sorted(by_step)]
+    return TrainRun(rows=rows, in_progress=in_progress)

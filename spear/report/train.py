@@ -9,12 +9,28 @@ from spear.report.page import fmt, kv_table, note, page
 from spear.report.plots import Series, line_plot
 
 
-def render_train(url: str, rows: list[dict[str, Any]]) -> str:
+def elapsed_seconds(rows: list[dict[str, Any]]) -> list[float | None]:
+    """Seconds of training at each row: its ``elapsed`` (runs since it was recorded), else
+    its wall-clock ``time`` minus the first row's (older runs; a resume's pause counts)."""
+    t0 = next((r["time"] for r in rows if isinstance(r.get("time"), (int, float))), None)
+    out: list[float | None] = []
+    for r in rows:
+        if isinstance(r.get("elapsed"), (int, float)):
+            out.append(float(r["elapsed"]))
+        elif t0 is not None and isinstance(r.get("time"), (int, float)):
+            out.append(float(r["time"]) - float(t0))
+        else:
+            out.append(None)
+    return out
+
+
+def render_train(url: str, rows: list[dict[str, Any]], *, in_progress: bool = False) -> str:
     """The HTML report of a train run from its metrics rows (pure: no I/O).
 
     Rows need ``step``; every other figure is drawn when present: ``loss`` and any
-    ``loss_<teacher>``, ``lr``, ``hours`` (audio hours seen; over ``time`` in seconds since
-    the start when rows carry it, else over steps) and ``audio_s_per_s`` (throughput)."""
+    ``loss_<teacher>``, ``lr``, ``hours`` (audio hours seen; over the training time, see
+    :func:`elapsed_seconds`, when rows carry it, else over steps) and ``audio_s_per_s``
+    (throughput). ``in_progress``: the run is still training (said in the summary)."""
 
     def col(name: str, by: str = "step") -> tuple[list[float], list[float]]:
         pts = [
@@ -25,16 +41,18 @@ def render_train(url: str, rows: list[dict[str, Any]]) -> str:
         return [p[0] for p in pts], [p[1] for p in pts]
 
     last = rows[-1]
+    elapsed = elapsed_seconds(rows)
     sections = [
         "<h2>Summary</h2>",
         kv_table(
             [
                 ("run", url),
+                ("status", "in progress (rows logged so far)" if in_progress else "finished"),
                 ("logged rows", len(rows)),
                 ("last step", last.get("step", "-")),
                 ("last loss", fmt(last.get("loss"), "{:.4f}")),
                 ("audio hours seen", fmt(last.get("hours"), "{:,.1f}")),
-                ("elapsed", f"{fmt(last.get('time'), '{:,.0f}')} s"),
+                ("elapsed", f"{fmt(elapsed[-1], '{:,.0f}')} s"),
             ]
         ),
         "<h2>Loss</h2>",
@@ -65,20 +83,24 @@ def render_train(url: str, rows: list[dict[str, Any]]) -> str:
                 integer_x=True,
             )
         )
-    timed = col("hours", by="time")
-    x, y = ([v / 60 for v in timed[0]], timed[1]) if timed[0] else col("hours")
+    timed = [
+        (t / 60, float(r["hours"]))
+        for t, r in zip(elapsed, rows, strict=True)
+        if t is not None and isinstance(r.get("hours"), (int, float))
+    ]
+    x, y = ([p[0] for p in timed], [p[1] for p in timed]) if timed else col("hours")
     rate_x, rate_y = col("audio_s_per_s")
     if x or rate_x:
         sections.append("<h2>Throughput</h2>")
     if x:
         sections.append(
             line_plot(
-                "Audio hours seen over time" if timed[0] else "Audio hours seen",
+                "Audio hours seen over time" if timed else "Audio hours seen",
                 [Series("hours", x, y)],
-                xlabel="minutes since start" if timed[0] else "step",
+                xlabel="minutes of training" if timed else "step",
                 ylabel="audio hours",
                 log=False,
-                integer_x=not timed[0],
+                integer_x=not timed,
             )
         )
     if rate_x:

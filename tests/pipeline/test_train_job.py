@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from spear.errors import SpearError
-from spear.pipeline.train import run_train
+from spear.pipeline.train import (
+    average_run,
+    check_plan,
+    console_text,
+    run_train,
+)
 from spear.ray_utils import RayConfig
 from spear.storage import StorageConfig
 from spear.student.config import (
@@ -24,7 +31,8 @@ from spear.student.config import (
     TrainDataConfig,
 )
 from spear.student.model import Student
-from spear.testing import write_synthetic_output
+from spear.student.runlog import TrainedOn
+from spear.testing import read_tensorboard_scalars, write_synthetic_output
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +146,104 @@ def test_too_few_shards_for_workers_and_validation(shards: str, tmp_path: Path) 
     cfg = _cfg(data=dataclasses.replace(_cfg().data, val_shards=2))
     with pytest.raises(SpearError, match="fewer than the 1 training workers"):
         run_train(shards, str(tmp_path / "o"), cfg, StorageConfig(), RayConfig())
+
+
+def test_console_line_says_step_losses_rate_schedule_and_eta() -> None:
+    prev = {"step": 10, "hours": 1.0, "elapsed": 100.0}
+    m = {
+        "step": 20,
+        "max_steps": 120,
+        "loss": 4.56789,
+        "loss_wavlm": 4.1,
+        "loss_dasheng": 0.5,
+        "hours": 2.0,
+        "elapsed": 150.0,
+        "schedule_batch": 12.0,
+        "eden_lr_batches": 7500.0,
+        "eden_lr_hours": 75000.0,
+    }
+    text = console_text(m, prev)
+    assert text.startswith("step 20/120 | loss 4.5679 (dasheng 0.500, wavlm 4.100)")
+    assert "0.02 audio h/s" in text  # 1 h in 50 s, over the cluster
+    assert "schedule batch 12" in text and "Eden 20/7,500 steps 2.00/75,000 h" in text
+    assert text.endswith("elapsed 0:02:30, ETA 0:08:20")  # 100 steps left at 5 s
+    first = console_text(m | {"audio_s_per_s": 36.0, "workers": 2, "step_time": 1.0}, None)
+    assert "0.02 audio h/s" in first and "ETA 0:01:40" in first  # rank 0's rate x workers
+
+
+def test_plan_refuses_other_tokens_once_a_checkpoint_exists(tmp_path: Path) -> None:
+    out, storage = str(tmp_path / "o"), StorageConfig()
+    a = TrainedOn(token_run="tokenize-a", quantizers={"wavlm": "q1"}, shards="x")
+    b = TrainedOn(token_run="tokenize-b", quantizers={"wavlm": "q1"}, shards="y")
+    check_plan(out, {"trained_on": a.as_dict()}, storage)
+    check_plan(out, {"trained_on": b.as_dict()}, storage)  # nothing trained yet: replaced
+    assert json.loads((tmp_path / "o" / "plan.json").read_text())["trained_on"]["shards"] == "y"
+    (tmp_path / "o" / "train" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    with pytest.raises(SpearError, match="was trained on token run tokenize-b"):
+        check_plan(out, {"trained_on": a.as_dict()}, storage)
+
+
+@pytest.mark.slow  # one Ray Train run of 4 steps (~1-2 min on 2 shared cores)
+def test_a_run_shows_progress_records_its_tokens_logs_and_averages(
+    ray_cluster: str,
+    shards: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("spear.pipeline.train.CONSOLE_EVERY", 0.0)
+    caplog.set_level(logging.INFO, logger="spear.pipeline.train")
+    out = tmp_path / "run"
+    cfg = _cfg(average_period=1, keep_checkpoints=3)
+    res = run_train(shards, str(out), cfg, StorageConfig(), RayConfig())
+    assert res.steps == 4
+    # The driver's live line, fed by rank 0's reports through the controller's callback.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: step")]
+    assert any(t.startswith("train: step 4/4 | loss ") and "ETA 0:00:00" in t for t in lines)
+    assert any("wavlm" in t and "audio h/s" in t and "schedule batch" in t for t in lines)
+    # What it trained on: the plan, student.pt, each checkpoint.
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["trained_on"]["token_run"] == "synthetic-0"
+    state = torch.load(out / "student.pt", weights_only=True)
+    assert state["trained_on"] == plan["trained_on"]
+    assert set(state["trained_on"]["quantizers"]) == {"wavlm", "dasheng"}
+    # TensorBoard from rank 0: every logged step.
+    scalars = read_tensorboard_scalars(str(out / "tensorboard"))
+    assert [s for s, _ in scalars["loss/loss"]] == [1, 2, 3, 4]
+    assert "loss/loss_wavlm" in scalars and "schedule/lr" in scalars
+    # Elapsed is seconds of training, not the wall clock.
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert 0 < rows[-1]["elapsed"] < 3600 and rows[-1]["time"] > 1e9
+    # The running average: the whole run's, and over steps (2, 4] from two checkpoints.
+    assert res.average_url is not None
+    avg = Student.from_checkpoint(res.average_url)
+    last = Student.from_checkpoint(res.student_url)
+    assert torch.load(res.average_url, weights_only=True)["averaged"]["to_step"] == 4
+    w = "encoder.embed.conv1.weight"
+    assert not torch.equal(avg.state_dict()[w], last.state_dict()[w])
+    span, text = average_run(str(out), StorageConfig(), start=2)
+    assert span["averaged"]["from_step"] == 2 and "steps 2-4" in text
+    # A resume onto another token run is refused at once, before Ray work.
+    other = tmp_path / "other-tokens"
+    write_synthetic_output(str(other), 12, (1.0, 1.8), seed=1, items_per_shard=6)
+    t0 = time.monotonic()
+    with pytest.raises(SpearError, match=r"trained on token run synthetic-0.*synthetic-1"):
+        run_train(str(other), str(out), _cfg(max_steps=6), StorageConfig(), RayConfig())
+    assert time.monotonic() - t0 < 10
+
+
+def test_spear_train_on_other_tokens_is_refused_before_ray(
+    shards: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spear.cli.main import run
+
+    out = tmp_path / "run"
+    earlier = TrainedOn(token_run="tokenize-earlier", quantizers={"wavlm": "q0"})
+    check_plan(str(out), {"trained_on": earlier.as_dict()}, StorageConfig())
+    (out / "train" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    t0 = time.monotonic()
+    assert run(["train", "--shards", shards, "--out", str(out), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the heads' warnings
+    assert err.startswith(f"error: {out} was trained on token run tokenize-earlier")
+    assert "these shards are token run synthetic-0" in err
+    assert time.monotonic() - t0 < 10  # refused before any Ray work

@@ -88,6 +88,21 @@ def test_machinery_off_turns_every_random_part_off(bench: ModuleType) -> None:
     assert m.near_identity_init  # ScaledAdam's initial scales stay
 
 
+def test_scaled_recipe_ends_every_schedule_with_the_run(bench: ModuleType) -> None:
+    s = bench.Settings(steps=900, batch_seconds=10.0)
+    shipped, scaled = bench.shipped_recipe(s), bench.scaled_recipe(s)
+    assert shipped.machinery.batch_seconds == 600.0 and shipped.mask.time_prob == 0.65
+    m = scaled.machinery
+    end = m.batch_count(900 * 10.0 / 3600)  # the hours seen at the last step
+    assert end == pytest.approx(20_000)
+    assert m.dropout(end) == pytest.approx(0.1) and m.bypass_floor(end) == pytest.approx(0.2)
+    assert scaled.optim.lr_batches == pytest.approx(7500 * 900 / 20_000)
+    assert scaled.optim.warmup_batches == pytest.approx(500 * 900 / 20_000)
+    # Eden's hours: 75,000 h of 3,333 h, as this run's 2.5 h of audio.
+    assert scaled.optim.lr_hours == pytest.approx(75_000 * 2.5 / (20_000 * 600 / 3600))
+    assert scaled.mask == shipped.mask and scaled.optim.lr == shipped.optim.lr
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(
     not Path(POCKETSPHINX, "librivox").is_dir(),
