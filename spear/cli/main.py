@@ -85,6 +85,7 @@ def _register() -> None:
     from spear.cli import shards
 
     app.add_typer(shards.app, name="shards")
+    app.add_typer(importlib.import_module("spear.cli.student").app, name="student")
     from spear.cli import plan, report, submit
 
     app.command("plan")(plan.plan)
