@@ -9,8 +9,11 @@ Read through forward hooks, so the encoder's own forward is unchanged.
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spear.errors import SpearError
 from spear.student.zipformer import Zipformer2, ZipformerStack, make_pad_mask
 
 
@@ -37,3 +40,31 @@ def encode_layers(
     pad = make_pad_mask(out_lengths, t)[..., None]
     hidden = [h.repeat_interleave(ds, dim=1)[:, :t].masked_fill(pad, 0.0) for ds, h in captured]
     return x, out_lengths, hidden
+
+
+def select_layers(spec: str | None, num_layers: int) -> tuple[int, ...] | None:
+    """``all`` or ``N,M,...`` (0-based indices into the hidden states; negative count from the
+    end) -> sorted distinct indices; None/empty -> None (the final output only)."""
+    if spec is None or not spec.strip():
+        return None
+    if spec.strip() == "all":
+        return tuple(range(num_layers))
+    try:
+        picked = [int(v) for v in spec.split(",")]
+    except ValueError:
+        raise SpearError(
+            f"--layers takes 'all' or comma-separated integers, got {spec!r}"
+        ) from None
+    bad = [v for v in picked if not -num_layers <= v < num_layers]
+    if bad:
+        raise SpearError(
+            f"--layers {spec!r}: the student has layers 0..{num_layers - 1}, not {bad}"
+        )
+    return tuple(sorted({v % num_layers for v in picked}))
+
+
+def stack_layers(hidden: list[Tensor], layers: tuple[int, ...], dim: int) -> Tensor:
+    """The chosen layers as one (B, T, len(layers), dim) tensor; narrower stacks' states are
+    zero-padded to ``dim`` (their channels above the stack's width are 0)."""
+    picked = [F.pad(hidden[i], (0, dim - hidden[i].shape[-1])) for i in layers]
+    return torch.stack(picked, dim=2)
