@@ -9,6 +9,9 @@ Read through forward hooks, so the encoder's own forward is unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -68,3 +71,31 @@ def stack_layers(hidden: list[Tensor], layers: tuple[int, ...], dim: int) -> Ten
     zero-padded to ``dim`` (their channels above the stack's width are 0)."""
     picked = [F.pad(hidden[i], (0, dim - hidden[i].shape[-1])) for i in layers]
     return torch.stack(picked, dim=2)
+
+
+def encode_waveforms(
+    student: Any, waves: Sequence[Tensor], layers: bool = True
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """16 kHz float waveforms in [-1, 1] (any lengths, any device) -> the student's output
+    (B, T, D), lengths, and every layer's state zero-padded to D (empty without ``layers``):
+    the core of the HEAR and s3prl interfaces (:mod:`spear.hear`, :mod:`spear.s3prl`).
+    Waveforms too short for one output frame are zero-padded to :data:`MIN_SAMPLES`."""
+    from spear.student.frontend import fbank_batch
+
+    device = next(student.parameters()).device
+    clips = [w.detach().float().cpu().reshape(-1) for w in waves]
+    clips = [
+        F.pad(c, (0, MIN_SAMPLES - c.numel())) if c.numel() < MIN_SAMPLES else c for c in clips
+    ]
+    feats, lengths = fbank_batch(clips)
+    feats, lengths = feats.to(device), lengths.to(device)
+    if not layers:
+        out, out_len = student.encode(feats, lengths)
+        return out, out_len, []
+    out, out_len, hidden = student.encode(feats, lengths, layers=True)
+    dim = out.shape[-1]
+    return out, out_len, [F.pad(h, (0, dim - h.shape[-1])) for h in hidden]
+
+
+MIN_SAMPLES = 1840
+"""Samples for 9 fbank frames (one output frame) whatever the front end's edge handling."""
