@@ -108,6 +108,33 @@ def perturb(model, torch) -> None:  # type: ignore[no-untyped-def]
             p.copy_(p.half().float())
 
 
+def check_export(out, spear_model, arrays, torch, tmp):  # type: ignore[no-untyped-def]
+    """spear's import of the fixture, exported again, loaded by SPEAR's own code
+    (``from_pretrained``): its outputs must be the reference's (printed)."""
+    from spear.student.hf import export_spear
+    from spear.student.model import Student
+
+    folder = tmp / "exported"
+    export_spear(Student.from_hf(str(out)), str(folder))
+    # SpearConfig from the exported config.json, the weights with strict key matching.
+    # (transformers 5's from_pretrained builds on the meta device, where SPEAR's lhotse front
+    # end cannot be constructed; this is the same load without it.)
+    from safetensors.torch import load_file
+
+    config = spear_model.config_class.from_pretrained(str(folder))
+    loaded = spear_model(config)
+    loaded.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    loaded.eval()
+    worst = 0.0
+    for i in range(len(SECONDS)):
+        wav = torch.from_numpy(arrays[f"audio_{i}"].astype(np.float32) / 32768.0)[None]
+        with torch.no_grad():
+            res = loaded(wav, torch.tensor([wav.shape[1]]))
+        diff = np.abs(res["encoder_out"][0].numpy() - arrays[f"encoder_out_{i}"])
+        worst = max(worst, float(diff.max()))
+    print(f"spear export of the imported fixture, run by SPEAR's code: max |diff| {worst:.3g}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--icefall", help="a clone or bare mirror of marcoyang1998/icefall")
@@ -173,6 +200,7 @@ def main() -> None:
             n = arrays[f"encoder_out_{i}"].shape[0]
             diff = np.abs(res["encoder_out"][i, :n].numpy() - arrays[f"encoder_out_{i}"])
             print(f"reference, item {i} batched vs alone: max |diff| {diff.max():.3g}")
+        check_export(out, SpearModel, arrays, torch, Path(tmp))
     n = sum(p.numel() for p in model.parameters())
     size = sum(f.stat().st_size for f in out.iterdir())
     print(f"{n} parameters, {len(SECONDS)} items, {size / 1e6:.2f} MB in {out}")

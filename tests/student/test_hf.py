@@ -204,3 +204,19 @@ def test_cli_import_and_export(tmp_path, ref, capsys) -> None:
     bad = tmp_path / "bad"
     assert run(["student", "import-hf", _variant(tmp_path, causal=True), "--out", str(bad)]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_export_copies_spear_code_from_a_release_folder(imported, tmp_path) -> None:
+    from spear.student.hf import SPEAR_CODE_FILES, copy_spear_code
+
+    release = tmp_path / "release"
+    release.mkdir()
+    for name in SPEAR_CODE_FILES:  # stand-ins: the copy is byte for byte, whatever they hold
+        (release / name).write_text(f"# {name}\n")
+    out = tmp_path / "export"
+    export_spear(imported, str(out))
+    assert copy_spear_code(str(release), str(out)) == list(SPEAR_CODE_FILES)
+    assert all((out / n).read_text() == f"# {n}\n" for n in SPEAR_CODE_FILES)
+    (release / "zipformer.py").unlink()
+    with pytest.raises(SpearError, match=r"lacks SPEAR's modeling code: zipformer\.py"):
+        copy_spear_code(str(release), str(out))
