@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from contextlib import nullcontext
@@ -133,6 +134,22 @@ class Student(nn.Module):
         x, out_lengths = self.encoder(feats, lengths, batch_count)
         logits = {name: head(x) for name, head in self.heads.items()}
         return StudentOutput(encoder_out=x, lengths=out_lengths, logits=logits)
+
+    def init_encoder_from(self, other: Student) -> None:
+        """Start from ``other``'s encoder and mask embedding (e.g. an imported SPEAR release),
+        keeping this student's own, new heads: continued pre-training. The encoders must have
+        the same settings (the training machinery may differ)."""
+        mine, theirs = self.encoder.cfg, other.encoder.cfg
+        shape = dataclasses.replace(theirs, machinery=mine.machinery)
+        if shape != mine:
+            raise StudentFileError(
+                "the initial student's encoder differs from this one's; set "
+                "train.student.encoder to the initial student's settings"
+            )
+        state = {k: v for k, v in other.state_dict().items() if not k.startswith("heads.")}
+        missing = self.load_state_dict(state, strict=False).missing_keys
+        if any(not k.startswith("heads.") for k in missing):
+            raise StudentFileError(f"the initial student lacks {missing[:3]}")
 
     def checkpoint_dict(self) -> dict[str, Any]:
         return {

@@ -220,3 +220,18 @@ def test_export_copies_spear_code_from_a_release_folder(imported, tmp_path) -> N
     (release / "zipformer.py").unlink()
     with pytest.raises(SpearError, match=r"lacks SPEAR's modeling code: zipformer\.py"):
         copy_spear_code(str(release), str(out))
+
+
+def test_continued_pre_training_starts_new_heads(imported) -> None:
+    heads = (HeadConfig(name="wavlm", num_codebooks=4),)
+    torch.manual_seed(5)
+    fresh = Student(StudentConfig(encoder=imported.encoder.cfg, heads=heads))
+    before = fresh.heads["wavlm"].proj.weight.clone()  # type: ignore[union-attr]
+    fresh.init_encoder_from(imported)
+    ours = dict(fresh.named_parameters())
+    for name, p in imported.named_parameters():
+        if not name.startswith("heads."):
+            assert torch.equal(ours[name], p), name
+    assert torch.equal(fresh.heads["wavlm"].proj.weight, before)  # type: ignore[union-attr]
+    with pytest.raises(SpearError, match="encoder differs"):
+        Student(StudentConfig(preset="tiny")).init_encoder_from(imported)
