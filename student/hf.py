@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -38,6 +38,9 @@ from spear.checkpoints import (
 from spear.errors import SpearError
 from spear.storage import StorageConfig, join, write_atomic
 from spear.student.config import HeadConfig, StudentConfig, ZipformerConfig, default_heads
+
+if TYPE_CHECKING:
+    from spear.student.model import Student
 
 PREFIX = "model.model."
 """Where SPEAR's folders keep the encoder's weights (transformers wrapper -> SpearModel ->
@@ -305,7 +308,7 @@ def import_spear(
     src: str,
     storage: StorageConfig | None = None,
     heads: tuple[HeadConfig, ...] | None = None,
-) -> Any:
+) -> Student:
     """A SPEAR release -> an eval-mode :class:`~spear.student.model.Student` whose encoder (and
     mask embedding) are the release's; the prediction heads are new (``heads``, default
     :func:`~spear.student.config.default_heads`), randomly initialised: SPEAR's releases carry
@@ -355,7 +358,7 @@ def _replace(enc: ZipformerConfig, **changes: Any) -> ZipformerConfig:
 
 
 def export_spear(
-    student: Any, out_url: str, storage: StorageConfig | None = None
+    student: Student, out_url: str, storage: StorageConfig | None = None
 ) -> dict[str, Any]:
     """Write ``config.json`` + ``model.safetensors`` (float32) in SPEAR's release layout to the
     folder ``out_url`` (any fsspec URL). The heads are not written (SPEAR's layout has none).

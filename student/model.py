@@ -117,8 +117,7 @@ class Student(nn.Module):
         (:func:`spear.student.hf.import_spear`)."""
         from spear.student.hf import import_spear
 
-        student: Student = import_spear(src, storage, heads)
-        return student
+        return import_spear(src, storage, heads)
 
     def forward(
         self,
