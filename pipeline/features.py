@@ -91,10 +91,13 @@ def run_features(
 ) -> FeaturesSummary:
     """Write the student's features for every item of ``manifest`` under ``out``."""
     from spear.student.features import FeatureStage
+    from spear.student.hidden import select_layers
     from spear.student.model import Student
 
     t0 = time.time()
-    dim = Student.from_checkpoint(checkpoint, storage).output_dim  # fails here, before Ray
+    student = Student.from_checkpoint(checkpoint, storage)  # fails here, before Ray
+    dim = student.output_dim
+    layers = select_layers(cfg.layers, student.num_layers)
     sha = student_digest(checkpoint, storage)
     table = read_manifest(manifest, storage, columns=list(COLUMNS))
     if table.num_rows == 0:
@@ -109,6 +112,7 @@ def run_features(
         "format": cfg.format,
         "items_per_part": cfg.items_per_part,
         "decode": to_dict(decode) | {"io_threads": None, "io_retries": None},
+        **({"layers": list(layers)} if layers else {}),
     }
     plan = make_plan(
         "features", table, COLUMNS, decides, {"manifest": manifest, "checkpoint": checkpoint}
@@ -130,6 +134,7 @@ def run_features(
                     "checkpoint": checkpoint,
                     "storage": storage.resolved(),
                     "device": cfg.device,
+                    "layers": layers,
                 },
                 num_actors=cfg.num_actors,
                 device=cfg.device,
@@ -137,7 +142,7 @@ def run_features(
                 num_cpus=cfg.num_cpus,
             )
         ],
-        writer=FeaturePartWriter(cfg.format, checkpoint, sha, dim),
+        writer=FeaturePartWriter(cfg.format, checkpoint, sha, dim, layers),
         decode=decode,
     )
     run = run_units(unit_job, plan, table, storage, ray_cfg)
@@ -159,6 +164,8 @@ class FeaturePartWriter:
     checkpoint: str
     sha: str
     dim: int
+    layers: tuple[int, ...] | None = None
+    """Per-layer output: each item is (frames, len(layers), dim)."""
 
     def __call__(
         self, part: int, items: dict[str, np.ndarray]
@@ -185,7 +192,8 @@ class FeaturePartWriter:
         if self.fmt == "numpy":
             for i in good:
                 frames = int(items["num_frames"][i])
-                arr = np.frombuffer(bytes(items["features"][i]), "<f2").reshape(frames, self.dim)
+                shape = (frames, len(self.layers), self.dim) if self.layers else (frames, self.dim)
+                arr = np.frombuffer(bytes(items["features"][i]), "<f2").reshape(shape)
                 buf = io.BytesIO()
                 np.save(buf, arr)
                 files[f"features/{items['item_id'][i]}.npy"] = buf.getvalue()
@@ -196,6 +204,7 @@ class FeaturePartWriter:
                 "dim": self.dim,
                 "frame_rate": FRAME_RATE,
                 "model": "student",
+                **({"layers": list(self.layers)} if self.layers else {}),
             }
             schema = with_metadata(
                 EMBEDDING_SHARD_SCHEMA, "student_features", EMBEDDING_SHARD_VERSION, **meta

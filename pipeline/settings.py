@@ -53,6 +53,9 @@ class FeaturesConfig:
     """GPU share per actor (ignored without GPUs)."""
     num_cpus: float | None = None
     """CPU share per actor; None: 1 beside a GPU, else what the cluster has beside decode."""
+    layers: str | None = None
+    """``all`` or ``N,M`` (0-based encoder layers): write those layers' 50 Hz states, each item
+    ``(frames, len(layers), dim)``, instead of the final output (``spear.student.hidden``)."""
 
     def __post_init__(self) -> None:
         if self.format not in ("parquet", "numpy"):

@@ -2,7 +2,9 @@
 
 * :class:`Student` - an ``nn.Module`` that needs nothing of the training job:
   ``Student.from_checkpoint(url)`` loads a ``student.pt`` (or a training checkpoint folder that
-  holds one) and ``student.encode(feats, lengths)`` gives 50 Hz features for downstream work.
+  holds one) in eval mode, ``Student.from_hf(src)`` a released SPEAR encoder, and
+  ``student.encode(feats, lengths, layers=True)`` gives 50 Hz features (and every layer's) for
+  downstream work.
 * :class:`AudioBatch` - a collated training batch: padded int16 audio, sample counts, domains,
   teacher-rate targets; :meth:`Student.features` turns it into a :class:`Batch` (padded fbank)
   on the model's device with the student's recorded frontend (:mod:`spear.student.frontend`).
@@ -19,12 +21,13 @@ they were trained on.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
@@ -32,9 +35,10 @@ from torch import Tensor, nn
 from spear.configio import from_dict, to_dict
 from spear.errors import SpearError
 from spear.storage import StorageConfig, filesystem, read_bytes, write_atomic
-from spear.student.config import MaskConfig, StudentConfig, legacy_frontend
+from spear.student.config import HeadConfig, MaskConfig, StudentConfig, legacy_frontend
 from spear.student.frontend import Frontend
 from spear.student.heads import CodebookHead
+from spear.student.hidden import encode_layers
 from spear.student.losses import LossOutput, align_targets, dual_domain_loss
 from spear.student.masking import apply_masks, draw_masks
 from spear.student.optim import Eden
@@ -94,10 +98,45 @@ class Student(nn.Module):
             num_samples=batch.num_samples.cpu(),
         )
 
-    def encode(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
-        """fbank (B, T, 128) + frame counts -> encoder output (B, (T-7)//2, D) + lengths."""
+    @overload
+    def encode(
+        self, feats: Tensor, lengths: Tensor, layers: Literal[False] = False
+    ) -> tuple[Tensor, Tensor]: ...
+
+    @overload
+    def encode(
+        self, feats: Tensor, lengths: Tensor, layers: Literal[True]
+    ) -> tuple[Tensor, Tensor, list[Tensor]]: ...
+
+    def encode(
+        self, feats: Tensor, lengths: Tensor, layers: bool = False
+    ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, list[Tensor]]:
+        """fbank (B, T, 128) + frame counts -> encoder output (B, (T-7)//2, D) + lengths; with
+        ``layers``, also every layer's output at 50 Hz, (B, (T-7)//2, d_stack) each (SPEAR's
+        ``hidden_states``; :mod:`spear.student.hidden`)."""
+        if layers:
+            return encode_layers(self.encoder, feats, lengths)
         out: tuple[Tensor, Tensor] = self.encoder(feats, lengths)
         return out
+
+    @property
+    def num_layers(self) -> int:
+        """Encoder layers (the length of ``encode(..., layers=True)``'s list)."""
+        return sum(self.encoder.cfg.num_layers)
+
+    @classmethod
+    def from_hf(
+        cls,
+        src: str,
+        storage: StorageConfig | None = None,
+        heads: tuple[HeadConfig, ...] | None = None,
+    ) -> Student:
+        """A released SPEAR encoder (``marcoyang/spear-*`` transformers folder: local path,
+        fsspec URL, or hub id with ``huggingface_hub``), eval mode, with new heads
+        (:func:`spear.student.hf.import_spear`)."""
+        from spear.student.hf import import_spear
+
+        return import_spear(src, storage, heads)
 
     def forward(
         self,
@@ -113,6 +152,22 @@ class Student(nn.Module):
         x, out_lengths = self.encoder(feats, lengths, batch_count)
         logits = {name: head(x) for name, head in self.heads.items()}
         return StudentOutput(encoder_out=x, lengths=out_lengths, logits=logits)
+
+    def init_encoder_from(self, other: Student) -> None:
+        """Start from ``other``'s encoder and mask embedding (e.g. an imported SPEAR release),
+        keeping this student's own, new heads: continued pre-training. The encoders must have
+        the same settings (the training machinery may differ)."""
+        mine, theirs = self.encoder.cfg, other.encoder.cfg
+        shape = dataclasses.replace(theirs, machinery=mine.machinery)
+        if shape != mine:
+            raise StudentFileError(
+                "the initial student's encoder differs from this one's; set "
+                "train.student.encoder to the initial student's settings"
+            )
+        state = {k: v for k, v in other.state_dict().items() if not k.startswith("heads.")}
+        missing = self.load_state_dict(state, strict=False).missing_keys
+        if any(not k.startswith("heads.") for k in missing):
+            raise StudentFileError(f"the initial student lacks {missing[:3]}")
 
     def checkpoint_dict(self) -> dict[str, Any]:
         return {
@@ -150,7 +205,8 @@ class Student(nn.Module):
     def from_checkpoint(
         cls, url: str, storage: StorageConfig | None = None, map_location: str = "cpu"
     ) -> Student:
-        """Load a ``student.pt`` file, or the one inside a training checkpoint folder."""
+        """Load a ``student.pt`` file, or the one inside a training checkpoint folder; the
+        model comes back in eval mode (call ``.train()`` to train it)."""
         storage = storage or StorageConfig()
         fs, path = filesystem(url, storage)
         if fs.isdir(path):
@@ -160,7 +216,7 @@ class Student(nn.Module):
         except FileNotFoundError:
             raise StudentFileError(f"no student checkpoint at {url!r}") from None
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-        return cls.from_state(state)
+        return cls.from_state(state).eval()
 
 
 def unwrap(model: nn.Module) -> Student:

@@ -100,6 +100,7 @@ def _register() -> None:
 
     app.command("plan")(plan.plan)
     app.command("report")(report.report)
+    app.command("probe")(importlib.import_module("spear.cli.probe").probe)
     # Options `submit` does not know go to the stage (checked against the stage's own).
     app.command(
         "submit",

@@ -1,4 +1,5 @@
-"""``spear student``: work on a trained student (``average``: icefall's averaged model)."""
+"""``spear student``: work on a student: average a training run's checkpoints (icefall's
+averaged model), import and export SPEAR's released transformers folders."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from typing import Annotated
 
 import typer
 
-from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, echo, resolve, url_option
+from spear.cli.common import ConfigOpt, EndpointOpt, SetOpt, echo, require_urls, resolve, url_option
 
-app = typer.Typer(help="Work on a trained student.", no_args_is_help=True)
+app = typer.Typer(
+    help="Work on a student: average a run, import and export SPEAR's released folders.",
+    no_args_is_help=True,
+)
 
 
 @app.command("average")
@@ -57,3 +61,72 @@ def average(
     check_url(out)
     save_state(state, out, storage)
     echo(f"averaged student ({text}): {out}")
+
+
+@app.command("import-hf")
+def import_hf(
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A SPEAR folder (config.json + model.safetensors): local path, any fsspec "
+            "URL, or a hub id such as marcoyang/spear-large-speech (needs huggingface_hub)."
+        ),
+    ],
+    out: Annotated[str, url_option("--out", "-o", help="Where to write student.pt.")] = "",
+    s3_endpoint: EndpointOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """A released SPEAR encoder -> spear's student.pt (new, untrained heads: train.student.heads).
+
+    Causal models and 25 Hz output (output_downsampling_factor 2) are refused."""
+    from spear.student.model import Student
+
+    require_urls(out=out)
+    cfg = resolve(config, set_, **{"storage.endpoint_url": s3_endpoint})
+    storage = cfg.storage.resolved()
+    student = Student.from_hf(src, storage, heads=cfg.train.student.heads)
+    student.save(out, storage)
+    enc = student.encoder.cfg
+    params = sum(p.numel() for n, p in student.named_parameters() if not n.startswith("heads."))
+    echo(
+        f"import-hf: {src} -> {out}: {sum(enc.num_layers)} layers, dim {enc.output_dim}, "
+        f"{params / 1e6:.2f}M encoder parameters; heads {', '.join(student.heads)} are new"
+    )
+
+
+@app.command("export-hf")
+def export_hf(
+    checkpoint: Annotated[
+        str, typer.Argument(help="A student.pt (or a training checkpoint folder holding one).")
+    ],
+    out: Annotated[
+        str, url_option("--out", "-o", help="Folder for config.json + model.safetensors.")
+    ] = "",
+    code_from: Annotated[
+        str | None,
+        url_option(
+            "--code-from",
+            help="Copy SPEAR's modeling code (*.py) from this release folder or hub id, so "
+            "AutoModel.from_pretrained(OUT, trust_remote_code=True) loads the export.",
+            show_default=False,
+        ),
+    ] = None,
+    s3_endpoint: EndpointOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """spear's student.pt -> SPEAR's release layout (the encoder; heads are not written)."""
+    from spear.student.hf import copy_spear_code, export_spear
+    from spear.student.model import Student
+
+    require_urls(out=out)
+    cfg = resolve(config, set_, **{"storage.endpoint_url": s3_endpoint})
+    storage = cfg.storage.resolved()
+    student = Student.from_checkpoint(checkpoint, storage)
+    export_spear(student, out, storage)
+    code = copy_spear_code(code_from, out, storage) if code_from else []
+    echo(
+        f"export-hf: {checkpoint} -> {out}: config.json, model.safetensors"
+        + (f", {len(code)} modeling files from {code_from}" if code else "")
+    )

@@ -103,6 +103,14 @@ def features(
     device: Annotated[
         str | None, typer.Option(help="auto, cuda or cpu (features.device).", show_default=False)
     ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="all or N,M (0-based encoder layers): write those layers' states, "
+            "(frames, layers, dim) per item, instead of the output (features.layers).",
+            show_default=False,
+        ),
+    ] = None,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
@@ -119,6 +127,7 @@ def features(
             "features.format": fmt,
             "features.items_per_part": items_per_part,
             "features.device": device,
+            "features.layers": layers,
             "storage.endpoint_url": s3_endpoint,
             "ray.address": address,
         },

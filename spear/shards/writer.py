@@ -144,9 +144,12 @@ def index_table(entries: list[dict[str, Any]]) -> pa.Table:
 
 
 def write_index(out: str, entries: list[dict[str, Any]], storage: StorageConfig) -> pa.Table:
-    """Write ``OUT/index.parquet`` for ``entries``; returns the table."""
+    """Write ``OUT/index.parquet`` for ``entries``, and the dataset card that lets Hugging Face
+    ``datasets`` load the output (``README.md``, :mod:`spear.shards.card`); returns the table."""
+    from spear.shards.card import write_card
     from spear.shards.schema import INDEX_FILE
 
     table = index_table(entries)
     write_atomic(join(out, INDEX_FILE), parquet_bytes(table), storage)
+    write_card(out, table, storage)
     return table

@@ -70,3 +70,31 @@ def test_features_match_the_standalone_module(ray_cluster: str, tmp_path: Path) 
     Student(StudentConfig(preset="tiny")).eval().save(str(tmp_path / "other.pt"))
     other = [a if a != str(tmp_path / "student.pt") else str(tmp_path / "other.pt") for a in args]
     assert cli(*other) == 2
+
+
+def test_features_of_chosen_layers(ray_cluster: str, tmp_path: Path) -> None:
+    write_speech_like(str(tmp_path / "speech"), 2, seconds=(1, 2), seed=6)
+    assert cli("manifest", f"speech={tmp_path}/speech", "--out", str(tmp_path / "m")) == 0
+    torch.manual_seed(0)
+    Student(StudentConfig(preset="tiny")).save(str(tmp_path / "student.pt"))
+    out = tmp_path / "f"
+    base = ["features", "--checkpoint", str(tmp_path / "student.pt")]
+    base += ["--manifest", str(tmp_path / "m"), "--out", str(out), "--format", "numpy"]
+    assert cli(*base, "--layers", "0,-1") == 0
+    loaded = Student.from_checkpoint(str(tmp_path / "student.pt"))
+    manifest = read_manifest(str(tmp_path / "m"), StorageConfig()).to_pylist()
+    for m in manifest:
+        got = np.load(out / "features" / f"{m['item_id']}.npy")
+        wave = decode_segment(m["url"], m["start"], m["duration"], DecodeConfig(), StorageConfig())
+        x, n = loaded.frontend.waves([wave])
+        with torch.inference_mode():
+            _, _, hidden = loaded.encode(x, n, layers=True)
+        assert got.shape == (hidden[0].shape[1], 2, loaded.output_dim)
+        # tiny's first and last stacks are 64 wide, zero-padded to the output's 96.
+        for col, layer in ((0, 0), (1, 6)):
+            want = hidden[layer][0].numpy()
+            np.testing.assert_allclose(got[:, col, :64], want, rtol=1e-2, atol=1e-2)
+            assert np.all(got[:, col, 64:] == 0)
+    # Other layers into the same output are refused; an impossible layer fails before Ray.
+    assert cli(*base, "--layers", "all") == 2
+    assert cli(*base[:-4], "--out", str(tmp_path / "g"), "--layers", "7") == 2

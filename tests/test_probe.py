@@ -1,0 +1,107 @@
+"""spear probe: per-layer linear probes on labelled clips, for a student and a teacher."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from spear.cli.main import run
+from spear.errors import SpearError
+from spear.probe import ProbeConfig, linear_probe, read_labels, split
+from spear.storage import StorageConfig
+from spear.student.config import StudentConfig
+from spear.student.model import Student
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():  # type: ignore[no-untyped-def]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _clip(kind: str, seed: int, seconds: float = 1.0) -> np.ndarray:
+    """Three sound classes: harmonic tones, white noise, rising chirps (varied per clip)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    if kind == "tone":
+        f0 = rng.uniform(150, 400)
+        x = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in (1, 2, 3))
+    elif kind == "noise":
+        x = rng.standard_normal(t.size)
+    else:
+        f0 = rng.uniform(500, 1500)
+        x = np.sin(2 * np.pi * (f0 + 2000 * t) * t)
+    x = x / np.abs(x).max() * rng.uniform(0.2, 0.6) + 0.01 * rng.standard_normal(t.size)
+    return (x * 32767).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("probe")
+    rows = []
+    for kind in ("tone", "noise", "chirp"):
+        for i in range(8):
+            path = root / f"{kind}-{i}.wav"
+            sf.write(path, _clip(kind, seed=100 * len(rows) + i), 16000, subtype="PCM_16")
+            rows.append({"url": str(path), "sound": kind})
+    with open(root / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["url", "sound"])
+        w.writeheader()
+        w.writerows(rows)
+    return root / "labels.csv"
+
+
+def test_split_is_stratified_and_seeded() -> None:
+    labels = ["a"] * 8 + ["b"] * 4 + ["c"]
+    train, test = split(labels, 0.25, seed=0)
+    assert sorted([*train, *test]) == list(range(13))
+    assert [labels[i] for i in test].count("a") == 2
+    assert [labels[i] for i in test].count("b") == 1 and "c" not in [labels[i] for i in test]
+    assert np.array_equal(split(labels, 0.25, seed=0)[1], test)
+    assert not np.array_equal(split(labels, 0.25, seed=1)[1], test)
+
+
+def test_linear_probe_learns_what_is_there_only() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 40)
+    x = rng.standard_normal((120, 16))
+    x_sep = x + 5.0 * np.eye(16)[y]  # class means 7 sigma apart
+    cfg = ProbeConfig(steps=200)
+    tr, te = split([str(v) for v in y], 0.25, 0)
+    assert linear_probe(x_sep[tr], y[tr], x_sep[te], y[te], 3, cfg) > 0.95
+    assert linear_probe(x[tr], y[tr], x[te], y[te], 3, cfg) < 0.7  # noise: near chance
+
+
+def test_read_labels_refuses_a_table_without_labels(labelled: Path) -> None:
+    with pytest.raises(SpearError, match="lack column"):
+        read_labels(str(labelled), "speaker", StorageConfig())
+    table = read_labels(str(labelled), "sound", StorageConfig())
+    assert table.num_rows == 24 and table["start"].to_pylist()[0] == 0.0
+
+
+def test_cli_probe_student_and_teacher(labelled: Path, tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    pt = tmp_path / "student.pt"
+    Student(StudentConfig(preset="tiny")).save(str(pt))
+    args = ["probe", "--labels", str(labelled), "--label-column", "sound", "--steps", "150"]
+    assert run([*args, "--checkpoint", str(pt), "--json-out", str(tmp_path / "p.json")]) == 0
+    text = capsys.readouterr().out
+    assert "3 classes, 18 train / 6 held-out clips" in text
+    result = json.loads((tmp_path / "p.json").read_text())
+    assert list(result["accuracy"]) == [*map(str, range(7)), "out"]
+    assert result["chance"] == pytest.approx(1 / 3)
+    # Even random features separate tones, noise and chirps: the probes must find it.
+    assert max(result["accuracy"].values()) >= 0.8
+    assert run([*args, "--teacher", "wavlm-tiny"]) == 0
+    text = capsys.readouterr().out
+    assert "probe teacher wavlm-tiny" in text and "best: layer" in text
+    assert run([*args]) == 2  # neither a student nor a teacher
+    assert "exactly one of --checkpoint" in capsys.readouterr().err
