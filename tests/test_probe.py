@@ -105,3 +105,25 @@ def test_cli_probe_student_and_teacher(labelled: Path, tmp_path: Path, capsys) -
     assert "probe teacher wavlm-tiny" in text and "best: layer" in text
     assert run([*args]) == 2  # neither a student nor a teacher
     assert "exactly one of --checkpoint" in capsys.readouterr().err
+
+
+def test_in_loop_probe_metrics_on_a_training_student(labelled: Path) -> None:
+    from spear.probe import InLoopProbe
+
+    cfg = ProbeConfig(label_column="sound", steps=150)
+    probe = InLoopProbe(str(labelled), cfg, StorageConfig(), teacher="wavlm-tiny")
+    assert len(probe.clips) == 24 and probe.teacher is not None
+    torch.manual_seed(0)
+    student = Student(StudentConfig(preset="tiny")).train()
+    first = probe.metrics(student)
+    assert student.training  # the probe restores the training mode
+    assert [k for k in first if k.startswith("probe_") and k[6:].isdigit()] == [
+        f"probe_{i}" for i in range(7)
+    ]
+    assert first["probe_chance"] == pytest.approx(1 / 3)
+    assert first["probe_teacher"] == probe.teacher.best()[1]
+    assert max(v for k, v in first.items() if k not in ("probe_chance", "probe_teacher")) >= 0.8
+    # Same split, same budget, same weights: the same figures (the curves compare over steps).
+    assert probe.metrics(student) == first
+    with pytest.raises(SpearError, match="no clip held out"):  # one clip per class
+        InLoopProbe(str(labelled), ProbeConfig(label_column="url"), StorageConfig())
