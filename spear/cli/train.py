@@ -18,6 +18,7 @@ from spear.cli.common import (
     echo,
     require_urls,
     resolve,
+    url_option,
 )
 
 
@@ -48,16 +49,18 @@ def train(
     ] = None,
     init_from: Annotated[
         str | None,
-        typer.Option(
+        url_option(
+            "--init-from",
             help="Start the encoder from a student.pt or a SPEAR release folder (new heads; "
-            "ignored on resume)."
+            "ignored on resume).",
         ),
     ] = None,
     probe_every: Annotated[
         int | None, typer.Option(help="Steps between linear probes of the layers (0: none).")
     ] = None,
     probe_labels: Annotated[
-        str | None, typer.Option(help="The probes' labelled clips (as spear probe --labels).")
+        str | None,
+        url_option("--probe-labels", help="The probes' labelled clips (as spear probe --labels)."),
     ] = None,
     probe_teacher: Annotated[
         str | None, typer.Option(help="A teacher probed once: the report's reference line.")
