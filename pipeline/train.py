@@ -461,6 +461,17 @@ def _fit(
         raise SpearError(f"training failed: {cause or err}") from err
 
 
+def _check_extras(cfg: TrainConfig, out_url: str, storage: StorageConfig) -> None:
+    """``init_from`` and ``probe_labels`` fail in one line before Ray starts."""
+    from spear.probe import read_labels
+    from spear.student.recipe import build_student
+
+    if cfg.init_from and not _has_checkpoint(out_url, storage):
+        build_student(cfg, storage, resuming=False)  # loads and checks the encoder's shape
+    if cfg.probe_every and cfg.probe_labels:
+        read_labels(cfg.probe_labels, cfg.probe_label_column, storage)
+
+
 def run_train(
     shards_url: str,
     out_url: str,
@@ -485,6 +496,7 @@ def run_train(
     check_heads(cfg.student, teachers)
     train_files, val_files = split_shards(files, cfg)
     on = trained_on(run, shards_url)
+    _check_extras(cfg, out_url, storage)
     check_plan(out_url, train_plan(cfg, run, on), storage)
     init_ray(ray_cfg, out_url)
     import ray

@@ -11,7 +11,12 @@ standardised on the training part) is scored on a held-out part (a stratified sp
 Layers: a student gives every encoder layer (``Student.encode(..., layers=True)``) and its
 output; WavLM every transformer layer up to the configured one (1-based); Dasheng its output.
 Runs on the local machine (CPU, or CUDA when present); it is meant for small labelled sets.
-Probes inside ``spear train`` (accuracy curves during pre-training) are not built yet.
+
+Inside ``spear train`` (``train.probe_every`` > 0), rank 0 decodes the labelled set once
+(:class:`InLoopProbe`), and every ``probe_every`` steps pools the training student's layers
+and adds ``probe_<layer>`` (held-out accuracy), ``probe_chance`` and, with ``probe_teacher``,
+``probe_teacher`` (the teacher's best layer, computed once at the start) to that step's
+metrics row; the training report draws them as curves (:func:`probe_metrics`).
 """
 
 from __future__ import annotations
@@ -170,25 +175,39 @@ def student_pool(checkpoint: str, storage: StorageConfig) -> tuple[str, PoolFn]:
     """A student's layers (``0``..``L-1``) and output (``out``), mean-pooled."""
     import torch
 
-    from spear.student.hidden import encode_waveforms
     from spear.student.model import Student
 
     student = Student.from_checkpoint(checkpoint, storage)
     if torch.cuda.is_available():
         student = student.cuda()
+    return f"student {checkpoint}", module_pool(student)
+
+
+def module_pool(student: Any) -> PoolFn:
+    """The pooling of a :class:`~spear.student.model.Student` module as it is (its device);
+    eval mode while pooling, its mode restored after (the training loop's probes)."""
+    import torch
+
+    from spear.student.hidden import encode_waveforms
+
     names = [str(i) for i in range(student.num_layers)] + ["out"]
 
     def pool(clips: list[np.ndarray]) -> tuple[list[str], np.ndarray]:
         rows = []
-        for clip in clips:  # one at a time: no padding, small sets
-            wave = torch.from_numpy(clip.astype(np.float32) / 32768.0)
-            with torch.inference_mode():
-                out, n, hidden = encode_waveforms(student, [wave])
-            states = torch.stack([*hidden, out], dim=1)[0, :, : int(n[0])]  # (L+1, T, D)
-            rows.append(states.float().mean(1).cpu().numpy())
+        was_training = student.training
+        student.eval()
+        try:
+            for clip in clips:  # one at a time: no padding, small sets
+                wave = torch.from_numpy(clip.astype(np.float32) / 32768.0)
+                with torch.inference_mode():
+                    out, n, hidden = encode_waveforms(student, [wave])
+                states = torch.stack([*hidden, out], dim=1)[0, :, : int(n[0])]  # (L+1, T, D)
+                rows.append(states.float().mean(1).cpu().numpy())
+        finally:
+            student.train(was_training)
         return names, np.stack(rows)
 
-    return f"student {checkpoint}", pool
+    return pool
 
 
 def teacher_pool(name: str, checkpoint: str | None, storage: StorageConfig) -> tuple[str, PoolFn]:
@@ -223,14 +242,11 @@ def teacher_pool(name: str, checkpoint: str | None, storage: StorageConfig) -> t
     return f"teacher {name}", pool
 
 
-def run_probe(
-    labels_url: str,
-    pool: tuple[str, PoolFn],
-    cfg: ProbeConfig,
-    storage: StorageConfig,
-    decode: Any = None,
-) -> ProbeResult:
-    """Decode every labelled clip, pool each layer, train and score one probe per layer."""
+def load_clips(
+    labels_url: str, cfg: ProbeConfig, storage: StorageConfig, decode: Any = None
+) -> tuple[list[np.ndarray], list[str]]:
+    """Every labelled clip decoded (int16, 16 kHz) with its label; undecodable clips are
+    skipped with a warning. Fewer than 2 classes or nothing to hold out is an error."""
     from spear.stages.decode import DecodeConfig, DecodeError, decode_segment
 
     table = read_labels(labels_url, cfg.label_column, storage)
@@ -248,9 +264,17 @@ def run_probe(
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise SpearError(f"the labels at {labels_url!r} need at least 2 classes, got {classes}")
-    train, test = split(labels, cfg.test_fraction, cfg.seed)
-    if not len(test):
+    if not len(split(labels, cfg.test_fraction, cfg.seed)[1]):
         raise SpearError("no clip held out: give at least 2 clips of some class")
+    return clips, labels
+
+
+def probe_clips(
+    clips: list[np.ndarray], labels: list[str], pool: tuple[str, PoolFn], cfg: ProbeConfig
+) -> ProbeResult:
+    """Pool each layer of the clips, train and score one probe per layer."""
+    classes = sorted(set(labels))
+    train, test = split(labels, cfg.test_fraction, cfg.seed)
     model, pool_fn = pool
     names, feats = pool_fn(clips)  # (N, layers, D)
     y = np.array([classes.index(lab) for lab in labels])
@@ -268,3 +292,52 @@ def run_probe(
             x[train], y[train], x[test], y[test], len(classes), cfg
         )
     return result
+
+
+def run_probe(
+    labels_url: str,
+    pool: tuple[str, PoolFn],
+    cfg: ProbeConfig,
+    storage: StorageConfig,
+    decode: Any = None,
+) -> ProbeResult:
+    """Decode every labelled clip, pool each layer, train and score one probe per layer."""
+    clips, labels = load_clips(labels_url, cfg, storage, decode)
+    return probe_clips(clips, labels, pool, cfg)
+
+
+def probe_metrics(result: ProbeResult, teacher: ProbeResult | None = None) -> dict[str, float]:
+    """A training step's probe figures: ``probe_<layer>`` held-out accuracy per layer,
+    ``probe_chance`` (majority class) and ``probe_teacher`` (the teacher's best layer)."""
+    out = {f"probe_{name}": acc for name, acc in result.accuracy.items()}
+    out["probe_chance"] = result.chance
+    if teacher is not None:
+        out["probe_teacher"] = teacher.best()[1]
+    return out
+
+
+class InLoopProbe:
+    """Rank 0's probes inside ``spear train``: the labelled clips decoded once, the teacher's
+    reference scored once, then :meth:`metrics` on the training student every ``probe_every``
+    steps (the same split and budget each time, so the curves compare)."""
+
+    def __init__(
+        self,
+        labels_url: str,
+        cfg: ProbeConfig,
+        storage: StorageConfig,
+        teacher: str | None = None,
+        decode: Any = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clips, self.labels = load_clips(labels_url, cfg, storage, decode)
+        self.teacher: ProbeResult | None = None
+        if teacher:
+            self.teacher = probe_clips(
+                self.clips, self.labels, teacher_pool(teacher, None, storage), cfg
+            )
+            log.info("probe: teacher %s reference %.3f", teacher, self.teacher.best()[1])
+
+    def metrics(self, student: Any) -> dict[str, float]:
+        result = probe_clips(self.clips, self.labels, ("student", module_pool(student)), self.cfg)
+        return probe_metrics(result, self.teacher)

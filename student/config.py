@@ -564,6 +564,22 @@ class TrainConfig:
     """TensorBoard event files under ``OUT/tensorboard/`` (rank 0, every logged step)."""
     max_failures: int = 3
     """Worker failures retried from the latest checkpoint before the run fails."""
+    probe_every: int = 0
+    """Steps between linear probes of the student's layers on ``probe_labels`` (rank 0, see
+    :mod:`spear.probe`); 0: no probes."""
+    probe_labels: str | None = None
+    """A labelled set as ``spear probe --labels`` takes (CSV or Parquet with ``url`` and the
+    label column); keep it small: it is decoded once and pooled at every probe."""
+    probe_label_column: str = "label"
+    probe_steps: int = 300
+    """Optimiser steps per probe (the fixed budget)."""
+    probe_teacher: str | None = None
+    """A teacher of the registry (e.g. ``wavlm-large``) probed once at the start: the
+    report's reference line."""
+    init_from: str | None = None
+    """A ``student.pt`` (or training checkpoint folder) or a SPEAR release folder whose encoder
+    starts the run (continued pre-training; the heads are new). Ignored when the run resumes
+    from its own checkpoints."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -577,3 +593,7 @@ class TrainConfig:
             raise ConfigError("max_failures must be >= 0")
         if self.accum_steps < 1 or self.val_every < 1:
             raise ConfigError("accum_steps and val_every must be >= 1")
+        if self.probe_every < 0 or self.probe_steps < 1:
+            raise ConfigError("probe_every must be >= 0 and probe_steps >= 1")
+        if self.probe_every and not self.probe_labels:
+            raise ConfigError("probe_every > 0 needs probe_labels (a labelled CSV or Parquet)")

@@ -19,6 +19,12 @@ One recipe, not a framework (``pipeline/train.py`` is the driver that starts it)
   ``data.val_batches`` batches of the held-out shards (no masking, no mixing) and adds
   ``val_loss``/``val_loss_<teacher>`` to that step's metrics.
 
+* Every ``probe_every`` steps (and at the end) rank 0 runs the linear probes of
+  :mod:`spear.probe` on ``probe_labels`` and adds ``probe_<layer>`` accuracies to the metrics.
+* :func:`build_student` - the initial student: new, or with ``init_from``'s encoder (a
+  ``student.pt`` or a SPEAR release folder) and new heads; a resumed run loads its checkpoint
+  over it instead.
+
 Logs (rank 0, every ``log_every`` steps): step, loss, loss per teacher, lr, audio hours seen,
 audio seconds/s per worker, tokens/s, and the fraction of time spent waiting for data.
 """
@@ -267,6 +273,39 @@ def validation_loss(
     return out
 
 
+def load_initial(url: str, storage: Any) -> Student:
+    """The student whose encoder ``init_from`` names: a SPEAR release folder (``config.json``
+    + safetensors) or a ``student.pt`` / training checkpoint folder."""
+    from spear.storage import filesystem
+    from spear.student.hf import import_spear
+
+    fs, path = filesystem(url, storage)
+    if fs.isdir(path) and fs.exists(path.rstrip("/") + "/config.json"):
+        return import_spear(url, storage)
+    return Student.from_checkpoint(url, storage)
+
+
+def build_student(cfg: TrainConfig, storage: Any, resuming: bool) -> Student:
+    """The run's initial student (``cfg.seed`` seeds the new weights): its encoder from
+    ``cfg.init_from`` unless the run resumes (its checkpoint wins)."""
+    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts them)
+    student = Student(cfg.student)
+    if cfg.init_from and not resuming:
+        student.init_encoder_from(load_initial(cfg.init_from, storage))
+        log.info("train: encoder initialised from %s (new heads)", cfg.init_from)
+    return student.train()
+
+
+def _in_loop_probe(cfg: TrainConfig, config: dict[str, Any]) -> Any:
+    from spear.probe import InLoopProbe, ProbeConfig
+
+    assert cfg.probe_labels
+    pcfg = ProbeConfig(label_column=cfg.probe_label_column, steps=cfg.probe_steps, seed=cfg.seed)
+    return InLoopProbe(
+        cfg.probe_labels, pcfg, config["storage"], cfg.probe_teacher, config.get("decode")
+    )
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -276,8 +315,8 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.seed)  # same initial weights everywhere (DDP also broadcasts them)
-    model: torch.nn.Module = Student(cfg.student)
+    checkpoint = ray.train.get_checkpoint()
+    model: torch.nn.Module = build_student(cfg, config["storage"], checkpoint is not None)
     model = ray.train.torch.prepare_model(model)
     opt, sched = build_optimizer(model, cfg.optim)
     precision = autocast_dtype(cfg.precision, device)
@@ -288,7 +327,6 @@ def train_loop(config: dict[str, Any]) -> None:
     trained_on = TrainedOn.from_dict(config["trained_on"]) if config.get("trained_on") else None
     average = ModelAverage(unwrap(model), cfg.average_period) if rank == 0 else None
 
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             progress = _restore(folder, model, opt, sched, generator, scaler, rank, device)
@@ -309,6 +347,7 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
     data = _Data(config, rank, world)
+    probe = _in_loop_probe(cfg, config) if rank == 0 and cfg.probe_every else None
     grad_clip = cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0
     window: dict[str, float] = {"wait": 0.0, "seconds": 0.0, "frames": 0.0, "steps": 0.0}
     window_start = time.perf_counter()
@@ -356,7 +395,9 @@ def train_loop(config: dict[str, Any]) -> None:
             window["steps"] += 1
             done = progress.step >= cfg.max_steps
             val_now = bool(data.val_files) and (progress.step % cfg.val_every == 0 or done)
-            log_now = progress.step % cfg.log_every == 0 or done or val_now
+            # Every rank agrees on log_now (ray.train.report is collective); rank 0 probes.
+            probe_now = bool(cfg.probe_every) and (progress.step % cfg.probe_every == 0 or done)
+            log_now = progress.step % cfg.log_every == 0 or done or val_now or probe_now
             ckpt_now = progress.step % cfg.checkpoint_every == 0 or done
             if log_now or ckpt_now:
                 metrics = _metrics(last, progress, window, time.perf_counter() - window_start)
@@ -364,6 +405,8 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics["start_step"] = start_step
                 if val_now and rank == 0:
                     metrics |= validation_loss(model, data.validation(), device, precision)
+                if probe_now and probe is not None:
+                    metrics |= probe.metrics(unwrap(model))
                 metrics |= schedule_position(cfg, progress.hours, clock.elapsed())
                 if record is not None and log_now:
                     log.info("train %s", _format(metrics))

@@ -18,6 +18,7 @@ from spear.cli.common import (
     echo,
     require_urls,
     resolve,
+    url_option,
 )
 
 
@@ -46,6 +47,24 @@ def train(
         bool | None,
         typer.Option("--gpu/--no-gpu", help="Train on GPUs (default: when the cluster has any)."),
     ] = None,
+    init_from: Annotated[
+        str | None,
+        url_option(
+            "--init-from",
+            help="Start the encoder from a student.pt or a SPEAR release folder (new heads; "
+            "ignored on resume).",
+        ),
+    ] = None,
+    probe_every: Annotated[
+        int | None, typer.Option(help="Steps between linear probes of the layers (0: none).")
+    ] = None,
+    probe_labels: Annotated[
+        str | None,
+        url_option("--probe-labels", help="The probes' labelled clips (as spear probe --labels)."),
+    ] = None,
+    probe_teacher: Annotated[
+        str | None, typer.Option(help="A teacher probed once: the report's reference line.")
+    ] = None,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
@@ -70,6 +89,10 @@ def train(
             "train.precision": precision,
             "train.checkpoint_every": checkpoint_every,
             "train.use_gpu": gpu,
+            "train.init_from": init_from,
+            "train.probe_every": probe_every,
+            "train.probe_labels": probe_labels,
+            "train.probe_teacher": probe_teacher,
             "storage.endpoint_url": s3_endpoint,
             "ray.address": address,
         },

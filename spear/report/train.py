@@ -30,7 +30,9 @@ def render_train(url: str, rows: list[dict[str, Any]], *, in_progress: bool = Fa
     Rows need ``step``; every other figure is drawn when present: ``loss`` and any
     ``loss_<teacher>``, ``lr``, ``hours`` (audio hours seen; over the training time, see
     :func:`elapsed_seconds`, when rows carry it, else over steps) and ``audio_s_per_s``
-    (throughput). ``in_progress``: the run is still training (said in the summary)."""
+    (throughput), ``probe_<layer>`` (held-out accuracy of the in-loop linear probes, one curve
+    per layer, with ``probe_teacher`` and ``probe_chance`` as dashed references).
+    ``in_progress``: the run is still training (said in the summary)."""
 
     def col(name: str, by: str = "step") -> tuple[list[float], list[float]]:
         pts = [
@@ -114,4 +116,35 @@ def render_train(url: str, rows: list[dict[str, Any]], *, in_progress: bool = Fa
                 integer_x=True,
             )
         )
+    sections += _probe_section(rows, col)
     return page(f"spear train run: {posixpath.basename(url.rstrip('/'))}", sections)
+
+
+def _probe_section(rows: list[dict[str, Any]], col: Any) -> list[str]:
+    """Per-layer probe accuracy over steps; the teacher's (latest) and the majority class as
+    dashed references."""
+    refs_keys = {"probe_teacher": "teacher", "probe_chance": "majority class"}
+    layers = [k for k in dict.fromkeys(k for r in rows for k in r) if k.startswith("probe_")]
+    layers = [k for k in layers if k not in refs_keys]
+    series = [s for s in (Series(f"layer {k[6:]}", *col(k)) for k in layers) if s.x]
+    if not series:
+        return []
+    refs = []
+    for key, label in refs_keys.items():
+        _, y = col(key)
+        if y:
+            refs.append((f"{label} ({y[-1]:.3f})", y[-1]))
+    best = max(series, key=lambda s: s.y[-1])
+    return [
+        "<h2>Linear probes</h2>",
+        line_plot(
+            "Held-out probe accuracy per layer",
+            series,
+            xlabel="step",
+            ylabel="accuracy",
+            refs=refs,
+            log=False,
+            integer_x=True,
+            caption=f"latest best: {best.name} ({best.y[-1]:.3f})",
+        ),
+    ]

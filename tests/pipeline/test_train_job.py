@@ -247,3 +247,62 @@ def test_spear_train_on_other_tokens_is_refused_before_ray(
     assert err.startswith(f"error: {out} was trained on token run tokenize-earlier")
     assert "these shards are token run synthetic-0" in err
     assert time.monotonic() - t0 < 10  # refused before any Ray work
+
+
+@pytest.mark.slow  # one Ray Train run of 3 steps with probes (~1-2 min on 2 shared cores)
+def test_probes_in_the_loop_and_init_from(ray_cluster: str, shards: str, tmp_path: Path) -> None:
+    import csv
+
+    import numpy as np
+    import soundfile as sf
+
+    from spear.report.train import render_train
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for kind in ("tone", "noise"):
+        for i in range(4):
+            t = np.arange(8000) / 16000
+            x = (
+                np.sin(2 * np.pi * rng.uniform(200, 400) * t)
+                if kind == "tone"
+                else rng.normal(size=t.size)
+            )
+            path = tmp_path / f"{kind}-{i}.wav"
+            sf.write(path, (0.3 * x / np.abs(x).max() * 32767).astype(np.int16), 16000)
+            rows.append({"url": str(path), "label": kind})
+    with open(tmp_path / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["url", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    torch.manual_seed(99)
+    initial = Student(StudentConfig(preset="tiny", heads=HEADS))
+    initial.save(str(tmp_path / "initial.pt"))
+    out = tmp_path / "run"
+    cfg = _cfg(
+        max_steps=3,
+        probe_every=2,
+        probe_labels=str(tmp_path / "labels.csv"),
+        probe_steps=50,
+        init_from=str(tmp_path / "initial.pt"),
+    )
+    res = run_train(shards, str(out), cfg, StorageConfig(), RayConfig())
+    assert res.steps == 3
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["train"]["init_from"] == str(tmp_path / "initial.pt")
+    # Probes at step 2 and at the end, per layer; none at step 1.
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    probed = {r["step"]: r for r in metrics if "probe_out" in r}
+    assert sorted(probed) == [2, 3] and 1 in {r["step"] for r in metrics}
+    assert all(0.0 <= probed[3][f"probe_{i}"] <= 1.0 for i in range(7))
+    assert probed[3]["probe_chance"] == pytest.approx(0.5)
+    assert "Linear probes" in render_train(str(out), metrics)
+    scalars = read_tensorboard_scalars(str(out / "tensorboard"))
+    assert any("probe_out" in k for k in scalars)
+    # The encoder started from initial.pt: 3 small steps away from it, far from a new one.
+    final = Student.from_checkpoint(res.student_url).state_dict()
+    w = "encoder.embed.conv1.weight"
+    start = initial.state_dict()[w]
+    assert (final[w] - start).abs().max() < (
+        Student(StudentConfig(preset="tiny", heads=HEADS)).state_dict()[w] - start
+    ).abs().max()
