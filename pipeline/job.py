@@ -7,7 +7,7 @@ shards, feature parts) and owns, here, everything such a job needs besides its s
    and quantiser digests, and the *content* digest of the job's items, never the manifest's
    URL) goes to ``_work/plan.json``. A re-run into the same ``--out`` must plan the same, or it
    is refused with the differing keys; a copy of the manifest at another URL is the same run.
-2. **Units** (:func:`cut_units`): items sorted by the job's order and cut into units of at
+2. **Units** (``spear/units.py``): items sorted by the job's order and cut into units of at
    most ``items_per_unit`` items and ``max_unit_seconds`` of audio, numbered from 0. Each unit
    is **one row** of a Ray Data dataset holding its items' manifest columns as an Arrow IPC
    stream (no audio): its items stay together, and a unit completes as soon as its row has
