@@ -173,7 +173,7 @@ class Bench:
         import ray
         from ray.cluster_utils import Cluster
 
-        from spear.pipeline.progress import set_live
+        from spear.console import set_live
 
         set_live(False)
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})

@@ -15,21 +15,41 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from typing import Protocol
 
-from spear.config import SpearConfig
 from spear.configio import replace
 from spear.pipeline.embed import EmbedSummary, run_embed
 from spear.pipeline.manifest import ManifestSummary, build_manifest
 from spear.pipeline.quantize import train_quantizer
+from spear.pipeline.settings import EmbedConfig
 from spear.pipeline.tokenize import REPORT, TokenizeSummary, run_tokenize
+from spear.quantizer.config import QuantizerConfig
+from spear.ray_utils import RayConfig
 from spear.shards import validate
-from spear.stages.manifest import SourceConfig
-from spear.storage import exists, join, write_atomic
+from spear.stages.decode import DecodeConfig
+from spear.stages.manifest import ManifestConfig, SourceConfig
+from spear.stages.teachers import TeachersConfig
+from spear.stages.tokenize import TokenizeConfig
+from spear.storage import StorageConfig, exists, join, write_atomic
 from spear.synth import write_corpus, write_speech_like
 
 log = logging.getLogger(__name__)
 
 TINY = {"wavlm": "wavlm-tiny", "dasheng": "dasheng-tiny"}
+
+
+class DemoSections(Protocol):
+    """The sections of ``spear.config.SpearConfig`` the demo reads: a job takes its sections,
+    never the whole config (which sits above the jobs; the CLI passes a ``SpearConfig``)."""
+
+    storage: StorageConfig
+    ray: RayConfig
+    manifest: ManifestConfig
+    decode: DecodeConfig
+    teachers: TeachersConfig
+    embed: EmbedConfig
+    quantizer: QuantizerConfig
+    tokenize: TokenizeConfig
 
 
 @dataclass
@@ -44,7 +64,7 @@ class DemoResult:
     problems: list[str]
 
 
-def run_demo(out: str, cfg: SpearConfig, *, speech_files: int = 24) -> DemoResult:
+def run_demo(out: str, cfg: DemoSections, *, speech_files: int = 24) -> DemoResult:
     out = os.path.abspath(out) if "://" not in out else out
     storage = cfg.storage.resolved()
     corpus = join(out, "corpus")

@@ -11,7 +11,7 @@ Steps (the skeleton of ``pipeline/job.py``):
 2. Ray Data runs the unfinished shards, one dataset row each (the items, no audio): the
    teacher's autoscaling actor pool (GPU when asked or present), whose actors decode the
    items and run the teacher, then a Datasink that builds and commits ``quarantine/shard-N``
-   and ``embeddings/shard-N`` (``pipeline/commit.py``). Embeddings never reach the driver.
+   and ``embeddings/shard-N`` (``spear/commit.py``). Embeddings never reach the driver.
 
 Output under ``--out``: ``embeddings/shard-NNNNN.parquet`` (EMBEDDING_SHARD_SCHEMA, metadata:
 teacher, layer, dim, frame rate, checkpoint sha256), ``quarantine/shard-NNNNN.parquet``,

@@ -8,7 +8,7 @@ Steps (the skeleton of ``pipeline/job.py``):
 2. Ray Data runs the unfinished parts, one dataset row each (the items, no audio): the
    student's autoscaling actor pool (:class:`spear.student.features.FeatureStage`, GPU when
    asked or present), whose actors decode the items and compute the features, then a
-   Datasink that builds and commits each part's files (``pipeline/commit.py``).
+   Datasink that builds and commits each part's files (``spear/commit.py``).
 
 Output under ``out``: ``features/part-NNNNN.parquet`` (the embedding shard layout:
 ``item_id``, ``num_frames``, ``embeddings``; metadata: checkpoint and its sha256, dim, frame

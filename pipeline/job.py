@@ -7,7 +7,7 @@ shards, feature parts) and owns, here, everything such a job needs besides its s
    and quantiser digests, and the *content* digest of the job's items, never the manifest's
    URL) goes to ``_work/plan.json``. A re-run into the same ``--out`` must plan the same, or it
    is refused with the differing keys; a copy of the manifest at another URL is the same run.
-2. **Units** (:func:`cut_units`): items sorted by the job's order and cut into units of at
+2. **Units** (``spear/units.py``): items sorted by the job's order and cut into units of at
    most ``items_per_unit`` items and ``max_unit_seconds`` of audio, numbered from 0. Each unit
    is **one row** of a Ray Data dataset holding its items' manifest columns as an Arrow IPC
    stream (no audio): its items stay together, and a unit completes as soon as its row has
@@ -17,7 +17,7 @@ shards, feature parts) and owns, here, everything such a job needs besides its s
    ``ActorPoolStrategy``, one unit per call). The actor decodes the items it runs on itself,
    in chunks, the next chunk on a thread while the stage computes: decoded audio never enters
    the object store, only the stage's outputs (codes, embeddings) leave the actor.
-4. **Commit** (:func:`commit_sink`, ``pipeline/commit.py``): a Ray Data ``Datasink`` whose
+4. **Commit** (:func:`commit_sink`, ``spear/commit.py``): a Ray Data ``Datasink`` whose
    write tasks build each unit's files and run the commit protocol under the unit's planned
    name (exclusive commit, then publish); a retried or duplicated write loses the race and
    returns the winner's entry. Only the unit's small entry (counts, digests, busy seconds)
@@ -51,20 +51,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from spear.credentials import redact
-from spear.errors import SpearError
-from spear.formats import table_digest
-from spear.pipeline.commit import (
+from spear.commit import (
     clean_attempts,
     commit_unit,
     committed_names,
     read_entries,
     recover,
 )
+from spear.credentials import redact
+from spear.errors import SpearError
+from spear.formats import table_digest
 from spear.pipeline.progress import Progress
 from spear.ray_utils import RayConfig, free_resources, init_ray
 from spear.stages.decode import DecodeConfig, decode_batch
 from spear.storage import StorageConfig, exists, forget_listings, join, read_bytes, write_atomic
+from spear.units import cut_units
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +77,6 @@ PLAN_VERSION = 2
 
 # ---------------------------------------------------------------------------------------------
 # Plan and units
-
-
-def cut_units(
-    table: pa.Table, *, items_per_unit: int, max_unit_seconds: float | None = None
-) -> pa.Table:
-    """``table`` (already in the job's order) with a ``unit`` column: consecutive runs of at
-    most ``items_per_unit`` items and (when given) ``max_unit_seconds`` of ``duration``."""
-    n = table.num_rows
-    if max_unit_seconds is None:
-        unit = np.arange(n, dtype=np.int64) // items_per_unit
-    else:
-        # A greedy cut needs a pass over the items; 10^7 durations take ~1 s in this loop's
-        # vectorised form: cumulative sums restarted at each cut.
-        dur = table["duration"].to_numpy()
-        unit = np.empty(n, dtype=np.int64)
-        u, start = 0, 0
-        csum = np.cumsum(dur)
-        while start < n:
-            base = csum[start - 1] if start else 0.0
-            by_secs = int(np.searchsorted(csum, base + max_unit_seconds, side="right"))
-            stop = min(start + items_per_unit, max(by_secs, start + 1), n)
-            unit[start:stop] = u
-            u, start = u + 1, stop
-    return table.append_column("unit", pa.array(unit.astype(np.int32)))
 
 
 @dataclass
@@ -669,7 +646,7 @@ def write_unit(
 
 def commit_sink(job: UnitJob, storage: StorageConfig, feed: Any) -> Any:
     """The job's Ray Data ``Datasink``: each write task runs the commit protocol
-    (``pipeline/commit.py``) on the units of its blocks, under their planned names, and hands
+    (``spear/commit.py``) on the units of its blocks, under their planned names, and hands
     each committed entry to ``feed``. A task Ray retries (its worker died) or a duplicate loses
     the exclusive commit and returns the winner's entry: every unit ends committed once."""
     from ray.data.block import BlockAccessor

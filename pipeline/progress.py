@@ -14,15 +14,9 @@ import time
 from collections import Counter
 from typing import Any
 
+from spear.console import live
+
 log = logging.getLogger(__name__)
-
-_LIVE = True
-"""Whether a terminal gets the live display; ``spear --quiet`` turns it off."""
-
-
-def set_live(enabled: bool) -> None:
-    global _LIVE
-    _LIVE = enabled
 
 
 def fmt_seconds(s: float) -> str:
@@ -51,7 +45,7 @@ class Progress:
         self._metrics = _metrics(job.split()[0])
 
     def __enter__(self) -> Progress:
-        if _LIVE and sys.stderr.isatty():
+        if live() and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import BarColumn, TextColumn
             from rich.progress import Progress as RichProgress

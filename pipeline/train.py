@@ -227,7 +227,7 @@ class TrainConsole:
     ``every`` seconds otherwise. ``show`` takes rank 0's reported metrics."""
 
     def __init__(self, max_steps: int, workers: int, every: float = CONSOLE_EVERY) -> None:
-        from spear.pipeline import progress
+        from spear.console import live
 
         self.max_steps, self.workers, self.every = max_steps, workers, every
         self.prev: dict[str, Any] | None = None
@@ -237,7 +237,7 @@ class TrainConsole:
         self._last_logged = ""
         self._live: Any = None
         self._task: Any = None
-        self._tty = progress._LIVE and sys.stderr.isatty()
+        self._tty = live() and sys.stderr.isatty()
 
     @staticmethod
     def disabled() -> bool:

@@ -52,8 +52,6 @@ class _Stderr(logging.Handler):
 
 def configure(verbosity: Verbosity = "normal") -> None:
     """Console logging of the ``spear`` command (idempotent)."""
-    from spear.pipeline.progress import set_live
-
     _STATE["verbosity"] = verbosity
     root = logging.getLogger()
     if not any(getattr(h, "_spear", False) for h in root.handlers):
@@ -65,6 +63,15 @@ def configure(verbosity: Verbosity = "normal") -> None:
     level = {"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}
     logging.getLogger("spear").setLevel(level[verbosity])
     set_live(verbosity != "quiet")
+
+
+def set_live(enabled: bool) -> None:
+    _STATE["live"] = enabled
+
+
+def live() -> bool:
+    """Whether a terminal gets the jobs' live progress lines (``spear --quiet`` turns them off)."""
+    return bool(_STATE.get("live", True))
 
 
 _EXPECTED = (

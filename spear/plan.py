@@ -62,7 +62,7 @@ AUDIO_ITEM_SECONDS = 10.0
 SPEECH_ITEM_SECONDS = 20.0
 """Assumed mean speech item: segments of at most 30 s (SPEC section 5), most files longer."""
 STORAGE_OBJECTS_PER_SHARD = 3
-"""Token file, quarantine file, commit entry (``pipeline/commit.py``)."""
+"""Token file, quarantine file, commit entry (``spear/commit.py``)."""
 STORAGE_OBJECTS_PER_RUN = 4
 """``index.parquet``, ``report.json``, ``_work/plan.json``, ``_SUCCESS.json``."""
 _TOKENIZE = TokenizeConfig()
@@ -93,7 +93,7 @@ def manifest_facts(
     ``file_duration``, ``file_size``)."""
     import numpy as np
 
-    from spear.pipeline.job import cut_units
+    from spear.units import cut_units
 
     if table.num_rows == 0:
         raise SpearError("the manifest has no items")

@@ -23,7 +23,7 @@ _FORWARDED_ENV = (
     "AWS_SHARED_CREDENTIALS_FILE",
     "AWS_CONFIG_FILE",
 )
-# Forwarded to any cluster: the commit protocol's fault hook (pipeline/commit.py), no secret.
+# Forwarded to any cluster: the commit protocol's fault hook (spear/commit.py), no secret.
 _TEST_HOOK_ENV = ("SPEAR_FAULTS", "SPEAR_FAULTS_DIR")
 
 

@@ -170,7 +170,7 @@ def _makedirs_racing(path: str, tries: int = 8) -> None:
     write, create and move here makes its folders with it.
 
     Attempts of one unit stage under a shared ``_work/attempts/NAME/``, which a losing attempt
-    removes once empty (``spear.pipeline.commit``). ``os.makedirs`` checks that ancestor, then
+    removes once empty (``spear.commit``). ``os.makedirs`` checks that ancestor, then
     creates the child: an ``rmdir`` between the two fails the ``mkdir`` with FileNotFoundError.
     Once the child exists the ancestor is not empty, so creating the whole chain again wins.
     """

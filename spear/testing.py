@@ -101,7 +101,7 @@ def write_token_batches(
     """A finished tokenize output at ``out`` whose shard N holds the rows of ``batches[N]``
     (the tokenize actors' output columns), written and committed as the job's write tasks
     do; returns the shards' commit entries."""
-    from spear.pipeline.commit import commit_unit
+    from spear.commit import commit_unit
     from spear.shards.writer import TokenShardWriter, write_index
 
     storage = storage or StorageConfig()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spear.pipeline.commit import ATTEMPTS, COMMITS, commit_unit, committed_names, recover
+from spear.commit import ATTEMPTS, COMMITS, commit_unit, committed_names, recover
 from spear.storage import StorageConfig, create_exclusive, filesystem, join, list_names, read_bytes
 
 LOCAL = StorageConfig()
