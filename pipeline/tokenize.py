@@ -11,7 +11,7 @@ Steps (the skeleton of ``pipeline/job.py``):
    whose actors decode the items they run on and run the teacher and its quantiser, so audio
    and float embeddings never enter the object store, only codes; then a Datasink whose write
    tasks build each shard's token and quarantine files and commit them
-   (``pipeline/commit.py``). Token rows never reach the driver: it receives one small entry
+   (``spear/commit.py``). Token rows never reach the driver: it receives one small entry
    per shard.
 3. At the end: ``index.parquet`` (one row per shard), ``report.json`` (counts, hours, the
    lineage's quarantine, per-stage throughput, a timeline, the slowest shards, config and
