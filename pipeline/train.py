@@ -403,6 +403,24 @@ def save_state(state: dict[str, Any], url: str, storage: StorageConfig) -> None:
     write_atomic(url, buf.getvalue(), storage)
 
 
+def in_loop_probe(cfg: TrainConfig, storage: StorageConfig, decode: DecodeConfig) -> Any:
+    """What rank 0 calls to build its in-loop probe (None without ``probe_every``): a picklable
+    partial of :class:`spear.probe.InLoopProbe`, so the recipe needs no import of the probe's
+    teachers."""
+    if not cfg.probe_every:
+        return None
+    if not cfg.probe_labels:
+        raise SpearError("train.probe_every needs train.probe_labels (a labelled manifest)")
+    import functools
+
+    from spear.probe import InLoopProbe, ProbeConfig
+
+    pcfg = ProbeConfig(label_column=cfg.probe_label_column, steps=cfg.probe_steps, seed=cfg.seed)
+    return functools.partial(
+        InLoopProbe, cfg.probe_labels, pcfg, storage, cfg.probe_teacher, decode
+    )
+
+
 def _fit(
     files: list[str],
     val_files: list[str],
@@ -432,6 +450,7 @@ def _fit(
             "out_url": out_url,
             "storage": storage,
             "trained_on": on.as_dict(),
+            "probe": in_loop_probe(cfg, storage, decode),
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

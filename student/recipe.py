@@ -20,7 +20,8 @@ One recipe, not a framework (``pipeline/train.py`` is the driver that starts it)
   ``val_loss``/``val_loss_<teacher>`` to that step's metrics.
 
 * Every ``probe_every`` steps (and at the end) rank 0 runs the linear probes of
-  :mod:`spear.probe` on ``probe_labels`` and adds ``probe_<layer>`` accuracies to the metrics.
+  :mod:`spear.probe` (built by the driver) on ``probe_labels`` and adds ``probe_<layer>``
+  accuracies to the metrics.
 * :func:`build_student` - the initial student: new, or with ``init_from``'s encoder (a
   ``student.pt`` or a SPEAR release folder) and new heads; a resumed run loads its checkpoint
   over it instead.
@@ -296,16 +297,6 @@ def build_student(cfg: TrainConfig, storage: Any, resuming: bool) -> Student:
     return student.train()
 
 
-def _in_loop_probe(cfg: TrainConfig, config: dict[str, Any]) -> Any:
-    from spear.probe import InLoopProbe, ProbeConfig
-
-    assert cfg.probe_labels
-    pcfg = ProbeConfig(label_column=cfg.probe_label_column, steps=cfg.probe_steps, seed=cfg.seed)
-    return InLoopProbe(
-        cfg.probe_labels, pcfg, config["storage"], cfg.probe_teacher, config.get("decode")
-    )
-
-
 def train_loop(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -347,7 +338,12 @@ def train_loop(config: dict[str, Any]) -> None:
     )
 
     data = _Data(config, rank, world)
-    probe = _in_loop_probe(cfg, config) if rank == 0 and cfg.probe_every else None
+    # The probe comes built by the driver (spear.pipeline.train): it may load a teacher, which
+    # the student layer never imports itself.
+    make_probe = config.get("probe")
+    if cfg.probe_every and make_probe is None:
+        raise SpearError("train.probe_every is set but the driver passed no probe")
+    probe = make_probe() if rank == 0 and make_probe is not None else None
     grad_clip = cfg.optim.grad_clip if cfg.optim.name == "adamw" else 0.0
     window: dict[str, float] = {"wait": 0.0, "seconds": 0.0, "frames": 0.0, "steps": 0.0}
     window_start = time.perf_counter()
