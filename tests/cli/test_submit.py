@@ -392,6 +392,7 @@ def test_submitted_tokenize_job_validates_and_reports(
         _random_quantizer(str(tmp_path / "qd"), "dasheng-tiny"),
         "--items-per-shard",
         "3",
+        "--random-teachers",
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert validate(out, StorageConfig()) == []

@@ -75,6 +75,7 @@ def test_codes_equal_the_release(ray_cluster: str, tmp_path: Path) -> None:
         _quantizer(str(tmp_path / "qd"), "dasheng-tiny", 1),
         "--items-per-shard",
         "8",
+        "--random-teachers",
     ]
     assert run(args) == 0
     rows = pq.read_table(out / "tokens").to_pylist()
