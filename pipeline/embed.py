@@ -45,7 +45,7 @@ from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_un
 from spear.pipeline.manifest import read_manifest
 from spear.pipeline.settings import EmbedConfig
 from spear.ray_utils import RayConfig
-from spear.stages.decode import DecodeConfig
+from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.stages.teachers import TeacherConfig, TeacherStage, checkpoint_sha256
 from spear.storage import StorageConfig, join, write_atomic
 
@@ -116,7 +116,9 @@ def run_embed(
     """Embed (or resume embedding) the selected items of ``manifest`` into ``out``."""
     t0 = time.time()
     spec = teacher.spec
-    table = select_items(read_manifest(manifest, storage, columns=list(COLUMNS)), cfg, spec.family)
+    table = select_items(
+        read_manifest(manifest, storage, columns=[*COLUMNS, *PROVENANCE_COLUMNS]), cfg, spec.family
+    )
     if table.num_rows == 0:
         raise SpearError(f"no items of the selected domain in {manifest!r}")
     table = cut_units(table, items_per_unit=cfg.items_per_shard)
@@ -146,7 +148,7 @@ def run_embed(
         kind=f"embed {spec.name}",
         out=out,
         unit_prefix="shard",
-        columns=COLUMNS,
+        columns=(*COLUMNS, *PROVENANCE_COLUMNS),  # decode checks them: `changed`
         outputs=lambda n: [f"quarantine/{n}.parquet", f"embeddings/{n}.parquet"],
         actors=[
             ActorStage(

@@ -44,7 +44,7 @@ from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted
 from spear.pipeline.manifest import read_manifest
 from spear.pipeline.settings import FeaturesConfig, Format
 from spear.ray_utils import RayConfig
-from spear.stages.decode import DecodeConfig
+from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_features(
     dim = student.output_dim
     layers = select_layers(cfg.layers, student.num_layers)
     sha = student_digest(checkpoint, storage)
-    table = read_manifest(manifest, storage, columns=list(COLUMNS))
+    table = read_manifest(manifest, storage, columns=[*COLUMNS, *PROVENANCE_COLUMNS])
     if table.num_rows == 0:
         raise SpearError(f"the manifest at {manifest!r} has no items")
     table = sorted_units(
@@ -121,7 +121,7 @@ def run_features(
         kind="features",
         out=out,
         unit_prefix="part",
-        columns=COLUMNS,
+        columns=(*COLUMNS, *PROVENANCE_COLUMNS),  # decode checks them: `changed`
         outputs=lambda n: (
             [f"quarantine/{n}.parquet"]
             + ([f"features/{n}.parquet"] if cfg.format == "parquet" else [])

@@ -527,7 +527,7 @@ class UnitJob:
     unit_prefix: str
     """Units are named ``{unit_prefix}-NNNNN``."""
     columns: tuple[str, ...]
-    """The item columns a unit carries into the stages (the plan digests them too)."""
+    """The item columns a unit carries into the stages (the plan digests those its job names)."""
     outputs: Callable[[str], list[str]]
     """Files (relative to ``out``) a committed unit of this name must have published."""
     actors: list[ActorStage]

@@ -57,7 +57,7 @@ from spear.shards.schema import (
     token_path,
 )
 from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter, write_index
-from spear.stages.decode import DecodeConfig
+from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.stages.teachers import TeacherConfig, check_quantizer_weights, checkpoint_sha256
 from spear.stages.tokenize import (
     TokenizeConfig,
@@ -70,7 +70,10 @@ from spear.storage import StorageConfig, join, list_names, read_bytes, write_ato
 log = logging.getLogger(__name__)
 
 SUCCESS, REPORT, INDEX = SUCCESS_FILE, REPORT_FILE, INDEX_FILE
-RUN_COLUMNS = INPUT_COLUMNS
+RUN_COLUMNS = (*INPUT_COLUMNS, *PROVENANCE_COLUMNS)
+"""What a unit carries: the shard's item columns and the provenance decode checks (``changed``)
+and copies into the shard. The plan digests :data:`INPUT_COLUMNS` only: the manifest's item id
+already follows the file's version, and runs begun before keep their digests (resume)."""
 SLOWEST = 10
 
 
@@ -217,7 +220,7 @@ def run_tokenize(
         what=f"the manifest at {manifest!r}",
     )
     plan = make_plan(
-        "tokenize", table, RUN_COLUMNS, _decides(job, cfg, decode, encode), {"manifest": manifest}
+        "tokenize", table, INPUT_COLUMNS, _decides(job, cfg, decode, encode), {"manifest": manifest}
     )
     stages = [
         ActorStage(

@@ -56,7 +56,7 @@ import soundfile as sf
 from spear.errors import SpearError
 from spear.formats import SAMPLE_RATE
 from spear.shards import ShardEntry, open_run, read_table, shard_url
-from spear.shards.schema import ITEM_COLUMNS, TokenTeacherInfo, codes_from_bytes
+from spear.shards.schema import ITEM_COLUMNS, SOURCE_COLUMNS, TokenTeacherInfo, codes_from_bytes
 from spear.storage import StorageConfig, filesystem, join, protocol_of, unstrip
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def _export_shar(
     from lhotse.features.io import MemoryRawWriter
     from lhotse.shar import SharWriter
 
-    from spear.stages.decode import DecodeConfig, DecodeError, decode_segment
+    from spear.stages.decode import DecodeConfig, DecodeError, decode_segment, row_checks
 
     decode = _run_decode_config(out, storage, DecodeConfig)
     memory = MemoryRawWriter()
@@ -385,13 +385,24 @@ def _export_shar(
     fields = {"recording": audio_format} | {codebook_field(t.prefix): "numpy" for t in tinfo}
     with SharWriter(summary.dest, fields=fields, shard_size=shard_size) as w:
         for e in entries:
-            table = read_table(shard_url(out, e), storage, columns)
+            table = read_table(shard_url(out, e), storage)
+            # The source columns (shards since version 2): a file changed since the manifest
+            # fails as `changed` rather than export other audio under these tokens.
+            table = table.select(
+                [c for c in (*columns, *SOURCE_COLUMNS) if c in table.schema.names]
+            )
             cols = {c: table[c].to_pylist() for c in table.column_names}
+            checks = row_checks(cols, table.num_rows)
             for i in range(table.num_rows):
                 item, n = cols["item_id"][i], cols["num_samples"][i]
                 try:
                     audio = decode_segment(
-                        cols["url"][i], cols["start"][i], cols["duration"][i], decode, storage
+                        cols["url"][i],
+                        cols["start"][i],
+                        cols["duration"][i],
+                        decode,
+                        storage,
+                        **checks[i],
                     )
                 except DecodeError as err:
                     raise SpearError(f"item {item}: cannot decode its audio: {err}") from None

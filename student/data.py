@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections import deque
+import logging
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 
 from spear.formats import SAMPLE_RATE
-from spear.shards.schema import codes_from_bytes
+from spear.shards.schema import SOURCE_COLUMNS, codes_from_bytes
 from spear.stages.decode import DecodeConfig, decode_batch, decode_segment
 from spear.storage import StorageConfig, filesystem
 from spear.student.config import MixConfig, TrainDataConfig
@@ -49,6 +50,12 @@ AUDIO_DTYPE = np.dtype("<i2")
 LIGHT_COLUMNS = ("item_id", "source", "domain", "num_samples")
 """What the plan reads: 30-odd bytes a row, whatever the codes' size."""
 HEAVY_COLUMNS = ("url", "start", "duration")
+DROPPED = "dropped"
+"""Key of :func:`prepare_batch`'s output that is not a row column: ``{reason: rows}`` it left
+out (decode errors, ``changed`` files); :func:`stream_batches` adds them to
+:attr:`ShardRows.dropped`."""
+
+log = logging.getLogger(__name__)
 
 
 def row_codes(batch: dict[str, Any], i: int, teachers: dict[str, int]) -> Codes:
@@ -87,32 +94,36 @@ def prepare_batch(
     """Token shard rows -> training rows (``item_id``, ``domain``, ``num_samples``, ``audio``
     int16 bytes, per teacher ``{t}_codes`` and ``{t}_frames``).
 
-    ``teachers`` maps prefix -> codebooks, ``rates`` prefix -> token rate. Rows that fail to
-    decode are dropped (the tokenize job already quarantined what it could not read)."""
+    ``teachers`` maps prefix -> codebooks, ``rates`` prefix -> token rate. The rows' source
+    columns (:data:`spear.shards.schema.SOURCE_COLUMNS`, shards since version 2) go to decode:
+    a file changed since the manifest fails as ``changed`` instead of giving other audio. Rows
+    that fail to decode are dropped, logged and counted by reason under :data:`DROPPED`."""
     secs = np.asarray(batch["num_samples"], dtype=np.float64) / SAMPLE_RATE
     keep = (secs >= data.min_seconds) & (secs <= data.max_seconds)
     batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
     n = int(keep.sum())
-    empty = {
+    empty: dict[str, Any] = {
         "item_id": [],
         "domain": [],
         "num_samples": np.zeros(0, np.int64),
         "audio": [],
+        DROPPED: {},
     }
     for t in teachers:
         empty[f"{t}_codes"] = []
         empty[f"{t}_frames"] = np.zeros(0, np.int32)
     if n == 0:
         return empty
-    decoded = decode_batch(
-        {"url": batch["url"], "start": batch["start"], "duration": batch["duration"]},
-        decode,
-        storage,
-    )
-    ok = np.asarray(decoded["error_type"]).astype(str) == ""
-    idx = np.flatnonzero(ok)
+    cols = ("url", "start", "duration", *(c for c in SOURCE_COLUMNS if c in batch))
+    decoded = decode_batch({c: batch[c] for c in cols}, decode, storage)
+    errors = np.asarray(decoded["error_type"]).astype(str)
+    dropped: Counter[str] = Counter()
+    for i in np.flatnonzero(errors != ""):
+        dropped[str(errors[i])] += 1
+        log.warning("training data: dropped %s (%s)", batch["item_id"][i], decoded["error"][i])
+    idx = np.flatnonzero(errors == "")
     if len(idx) == 0:
-        return empty
+        return empty | {DROPPED: dict(dropped)}
     audio = [np.frombuffer(decoded["audio"][i], dtype="<i2") for i in idx]
     codes = [row_codes(batch, int(i), teachers) for i in idx]
     rng = _batch_rng(batch["item_id"][idx], seed)
@@ -123,6 +134,7 @@ def prepare_batch(
         "domain": np.asarray(batch["domain"][idx], dtype=object),
         "num_samples": np.array([len(a) for a in audio], dtype=np.int64),
         "audio": _objects([np.ascontiguousarray(a, dtype=AUDIO_DTYPE).tobytes() for a in audio]),
+        DROPPED: dict(dropped),
     }
     for t in teachers:
         cs = [c[t] for c in codes]
@@ -138,9 +150,9 @@ def _objects(values: Sequence[Any]) -> np.ndarray:
 
 
 def iter_rows(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Column batches -> one dict per row."""
+    """Column batches -> one dict per row (:data:`DROPPED` is not a column)."""
     for b in batches:
-        keys = list(b)
+        keys = [k for k in b if k != DROPPED]
         for i in range(len(b[keys[0]]) if keys else 0):
             yield {k: b[k][i] for k in keys}
 
@@ -322,17 +334,31 @@ class ShardRows:
         self, urls: Sequence[str], teachers: Sequence[str], storage: StorageConfig
     ) -> None:
         self.urls = list(urls)
-        self.columns = (*LIGHT_COLUMNS, *HEAVY_COLUMNS, *(f"{t}_codes" for t in teachers))
+        self.columns = (
+            *LIGHT_COLUMNS,
+            *HEAVY_COLUMNS,
+            *SOURCE_COLUMNS,
+            *(f"{t}_codes" for t in teachers),
+        )
         self.storage = storage
         self._uses: dict[int, dict[int, int]] = {}
         self._rows: dict[tuple[int, int], dict[str, Any]] = {}
         self.heavy_reads = 0
         """Shards whose heavy columns were read (a test and benchmark figure)."""
+        self.dropped: Counter[str] = Counter()
+        """Rows :func:`stream_batches` got back dropped, by reason (``changed``, ...)."""
 
     def _read(self, shard: int, columns: Sequence[str]) -> dict[str, np.ndarray]:
         fs, path = filesystem(self.urls[shard], self.storage)
-        table = pq.read_table(path, columns=list(columns), filesystem=fs)
-        return {c: table.column(c).to_numpy(zero_copy_only=False) for c in columns}
+        names = set(pq.read_schema(path, filesystem=fs).names)
+        # A version 1 shard has no source columns: its rows decode without the `changed` check.
+        have = [c for c in columns if c in names or c not in SOURCE_COLUMNS]
+        table = pq.read_table(path, columns=have, filesystem=fs)
+        out = {c: table.column(c).to_numpy(zero_copy_only=False) for c in have}
+        for c in columns:
+            if c not in out:
+                out[c] = _objects([None] * table.num_rows)
+        return out
 
     def light(self, shard: int) -> dict[str, np.ndarray]:
         return self._read(shard, LIGHT_COLUMNS)
@@ -428,6 +454,8 @@ def stream_batches(
     while pending:
         chunks = resolve(pending.popleft())
         submit()
+        for chunk in chunks:
+            reader.dropped.update(chunk.get(DROPPED, {}))
         rows = list(iter_rows(chunks))
         if rows:
             yield index, collate_rows(rows, teachers)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import soundfile as sf
-from test_shards import build_output
+from test_shards import build_output, rewrite_shard
 
 from spear.cli.main import run
 from spear.errors import SpearError
 from spear.formats import MANIFEST_SCHEMA, SAMPLE_RATE, parquet_bytes, with_metadata
 from spear.lhotse_export import export_lhotse, recording_id
+from spear.stages.audio_io import local_version
 
 lhotse = pytest.importorskip("lhotse")
 
@@ -228,6 +231,30 @@ def test_shar_round_trip_carries_the_decoded_audio(tmp_path: Path) -> None:
         assert cut.custom["audio_start"] == row["start"]
         assert cut.load_audio().shape == (1, row["num_samples"])
         _check_codes(cut, row)
+
+
+def _record_versions(t: pa.Table) -> pa.Table:
+    """Each row's `file_version` as a version 2 manifest records it (tokenize copies it)."""
+    versions = [local_version(os.stat(u)) for u in t["url"].to_pylist()]
+    at = t.schema.get_field_index("file_version")
+    return t.set_column(at, t.schema.field(at), pa.array(versions, pa.string()))
+
+
+def test_shar_refuses_audio_changed_since_the_manifest(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    written = build_output(out, shards=2, rows=2, url_root=str(tmp_path / "audio"))
+    audio_files(written)
+    for shard in (0, 1):
+        rewrite_shard(out, shard, _record_versions)
+    assert export_lhotse(out, str(tmp_path / "shar"), shar=True).cuts == 4
+    # Other audio of the same length (so the sample count check cannot see it): `changed`.
+    row = next(iter(written.values()))
+    sr, ch = _rate(row)
+    old = sf.read(row["url"])[0]
+    time.sleep(0.01)
+    sf.write(row["url"], -old.reshape(len(old), ch), sr, subtype="PCM_16")
+    with pytest.raises(SpearError, match="changed since the manifest"):
+        export_lhotse(out, str(tmp_path / "shar2"), shar=True)
 
 
 def test_unreadable_audio_without_manifest_is_a_clear_error(tmp_path: Path) -> None:

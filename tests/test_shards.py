@@ -39,8 +39,10 @@ from spear.shards import (
     validate,
 )
 from spear.shards.schema import (
+    SOURCE_COLUMNS,
     TOKEN_INDEX_SCHEMA,
     TOKEN_INDEX_VERSION,
+    TOKEN_SHARD_VERSION,
     TokenTeacherInfo,
     codes_to_bytes,
     dasheng_num_frames,
@@ -236,7 +238,7 @@ def test_inspect_output_and_shard(tmp_path: Path) -> None:
     info = inspect(out)
     assert info.kind == "output" and info.finished
     assert (info.shards, info.rows, info.quarantined) == (2, 8, 2)
-    assert info.version == 1 and info.metadata["run_id"] == "test-run"
+    assert info.version == TOKEN_SHARD_VERSION and info.metadata["run_id"] == "test-run"
     assert [t.prefix for t in info.teachers] == ["wavlm", "dasheng"]
     assert info.teachers[1].domains == ("audio",)
     seconds = sum(r["num_samples"] for r in written.values()) / SAMPLE_RATE
@@ -399,6 +401,23 @@ def test_check_shard_table_names_the_rows(tmp_path: Path) -> None:
     bad = _frames(table)
     (problem,) = check_shard_table(bad, TEACHERS, "s")
     assert "00000000-0000" in problem and "on 1 rows" in problem
+
+
+def _version_1(t: pa.Table) -> pa.Table:
+    """A shard as spear wrote it before version 2: no source columns, version 1 metadata."""
+    meta = json.loads(t.schema.metadata[b"spear"])
+    t = t.drop_columns(list(SOURCE_COLUMNS))
+    return t.replace_schema_metadata({b"spear": json.dumps(meta | {"version": 1}).encode()})
+
+
+def test_version_1_shards_still_validate_and_read(tmp_path: Path) -> None:
+    out = str(tmp_path / "out")
+    written = build_output(out, shards=2, rows=3)
+    assert set(SOURCE_COLUMNS) <= set(pq.read_schema(f"{out}/tokens/shard-00000.parquet").names)
+    rewrite_shard(out, 0, _version_1)
+    assert "file_version" not in pq.read_schema(f"{out}/tokens/shard-00000.parquet").names
+    assert validate(out) == []
+    assert sorted(i["item_id"] for i in TokenShardDataset(out)) == sorted(written)
 
 
 def test_an_empty_shard_is_valid_and_readable(tmp_path: Path) -> None:

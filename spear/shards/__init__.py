@@ -23,7 +23,8 @@ from typing import Any
 
 _WHERE = {
     "schema": (
-        "TOKEN_SHARD_VERSION TOKEN_INDEX_VERSION TOKEN_INDEX_SCHEMA INDEX_FILE SUCCESS_FILE "
+        "TOKEN_SHARD_VERSION TOKEN_SHARD_READS SOURCE_COLUMNS TOKEN_INDEX_VERSION "
+        "TOKEN_INDEX_SCHEMA INDEX_FILE SUCCESS_FILE "
         "REPORT_FILE PLAN_FILE TOKENS_DIR QUARANTINE_DIR ITEM_COLUMNS FRAME_FORMULAS "
         "TokenTeacherInfo token_shard_schema token_shard_metadata read_token_teachers "
         "NOT_RUN_FRAMES codes_to_bytes codes_from_bytes wavlm_num_frames dasheng_num_frames "

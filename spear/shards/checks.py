@@ -31,10 +31,11 @@ from spear.shards.schema import (
     ITEM_COLUMNS,
     PLAN_FILE,
     QUARANTINE_DIR,
+    SOURCE_COLUMNS,
     SUCCESS_FILE,
     TOKEN_INDEX_SCHEMA,
     TOKEN_INDEX_VERSION,
-    TOKEN_SHARD_VERSION,
+    TOKEN_SHARD_READS,
     TOKENS_DIR,
     TokenTeacherInfo,
     read_token_teachers,
@@ -81,6 +82,8 @@ def check_shard_table(table: pa.Table, teachers: list[TokenTeacherInfo], name: s
     expected = token_shard_schema([t.prefix for t in teachers])
     for f in expected:
         if f.name not in table.column_names:
+            if f.name in SOURCE_COLUMNS:  # a version 1 shard: read without them
+                continue
             problems.append(f"{name}: column {f.name!r} is missing")
         elif not table.schema.field(f.name).type.equals(f.type):
             problems.append(
@@ -246,9 +249,9 @@ def validate(out: str, storage: StorageConfig | None = None) -> list[str]:
         if meta.get("schema") != "token_shard":
             problems.append(f"{name}: metadata schema is {meta.get('schema')!r}, not 'token_shard'")
             continue
-        if meta.get("version") != TOKEN_SHARD_VERSION:
+        if meta.get("version") not in TOKEN_SHARD_READS:
             problems.append(
-                f"{name}: token shard version {meta.get('version')}, not {TOKEN_SHARD_VERSION}"
+                f"{name}: token shard version {meta.get('version')}, not one of {TOKEN_SHARD_READS}"
             )
             continue
         try:

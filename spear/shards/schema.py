@@ -26,7 +26,10 @@ import pyarrow as pa
 
 from spear.formats import read_metadata, with_metadata
 
-TOKEN_SHARD_VERSION = 1
+TOKEN_SHARD_VERSION = 2
+TOKEN_SHARD_READS = (1, 2)
+"""Versions this spear reads: 2 added the nullable :data:`SOURCE_COLUMNS`; a version 1 shard
+reads with them absent (its items are then decoded without the ``changed`` check)."""
 TOKEN_INDEX_VERSION = 1
 
 INDEX_FILE = "index.parquet"
@@ -42,6 +45,18 @@ writer (the shard stores a null)."""
 
 ITEM_COLUMNS = ("item_id", "source", "domain", "url", "start", "duration", "num_samples")
 """The per-item columns every token shard has before its teachers' columns."""
+
+SOURCE_COLUMNS = (
+    "file_size",
+    "file_version",
+    "seek_offset",
+    "seek_sample",
+    "seek_header_offset",
+    "seek_header_bytes",
+)
+"""The manifest's provenance columns (``spear.stages.decode.PROVENANCE_COLUMNS``), copied into
+shards since version 2 (nullable: null where the manifest was version 1): a reader that decodes
+an item passes them on, so a file changed since the manifest is ``changed``, never other audio."""
 
 
 def shard_name(shard: int) -> str:
@@ -100,6 +115,12 @@ def token_shard_schema(teachers: list[str]) -> pa.Schema:
         pa.field("start", pa.float64(), nullable=False),
         pa.field("duration", pa.float64(), nullable=False),
         pa.field("num_samples", pa.int64(), nullable=False),  # at 16 kHz, after decode
+        pa.field("file_size", pa.int64(), nullable=True),
+        pa.field("file_version", pa.string(), nullable=True),
+        pa.field("seek_offset", pa.int64(), nullable=True),
+        pa.field("seek_sample", pa.int64(), nullable=True),
+        pa.field("seek_header_offset", pa.int64(), nullable=True),
+        pa.field("seek_header_bytes", pa.int64(), nullable=True),
     ]
     for t in teachers:
         fields.append(pa.field(f"{t}_frames", pa.int32(), nullable=True))
@@ -160,9 +181,9 @@ def read_token_teachers(schema: pa.Schema) -> list[TokenTeacherInfo]:
     meta = read_metadata(schema)
     if meta.get("schema") != "token_shard":
         raise ValueError(f"not a spear token shard (metadata schema {meta.get('schema')!r})")
-    if meta.get("version") != TOKEN_SHARD_VERSION:
+    if meta.get("version") not in TOKEN_SHARD_READS:
         raise ValueError(
-            f"token shard version {meta.get('version')} is not {TOKEN_SHARD_VERSION}; "
+            f"token shard version {meta.get('version')} is not one of {TOKEN_SHARD_READS}; "
             "upgrade spear to read it"
         )
     return [TokenTeacherInfo(**(t | {"domains": tuple(t["domains"])})) for t in meta["teachers"]]

@@ -21,6 +21,7 @@ from spear.formats import (
 )
 from spear.shards.schema import (
     NOT_RUN_FRAMES,
+    SOURCE_COLUMNS,
     TOKEN_INDEX_SCHEMA,
     TOKEN_INDEX_VERSION,
     TokenTeacherInfo,
@@ -32,7 +33,9 @@ from spear.shards.schema import (
 from spear.storage import StorageConfig, join, write_atomic
 
 INPUT_COLUMNS = ("item_id", "source", "domain", "url", "start", "duration")
-"""The manifest columns of an item that a shard records (its entry digests them)."""
+"""The manifest columns of an item that a shard's entry digests (with :data:`SOURCE_COLUMNS`,
+what the shard records of it; those are not digested: the manifest's item id already follows
+the file's version, and old runs keep their digests)."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class TokenShardWriter:
             "duration": items["duration"][take].astype(np.float64),
             "num_samples": items["num_samples"][take].astype(np.int64),
         }
+        for c in SOURCE_COLUMNS:  # null where the manifest (version 1) or the unit lacks them
+            cols[c] = _nullable(items[c][take] if c in items else [None] * len(take), c)
         for p in prefixes:
             frames = items[f"{p}_frames"][take].astype(np.int64)
             ran = frames != NOT_RUN_FRAMES
@@ -113,6 +118,14 @@ class TokenShardWriter:
             token_path(shard): data,  # published last
         }
         return files, entry
+
+
+def _nullable(values: Any, column: str) -> pa.Array:
+    """A source column's values (None/NaN where absent) as the shard schema's type."""
+    vals = [None if v is None or v != v or v == "" else v for v in list(values)]
+    if column == "file_version":
+        return pa.array([None if v is None else str(v) for v in vals], pa.string())
+    return pa.array([None if v is None else int(v) for v in vals], pa.int64())
 
 
 def _sum_by(keys: list[str], secs: np.ndarray) -> dict[str, float]:

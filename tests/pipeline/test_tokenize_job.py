@@ -75,13 +75,15 @@ def inputs(ray_cluster: str, s3_server) -> Inputs:
         )
         == 0
     )
-    # Break two files after the manifest listed them: the job must quarantine, not fail.
+    # Break three files after the manifest listed them: the job must quarantine, not fail.
+    # Rewritten (garbage, or other valid audio) is `changed`: never tokens of other audio.
     urls = sorted(
         {r["url"] for r in read_manifest(manifest, storage).to_pylist() if r["domain"] == "speech"}
     )
     write_atomic(urls[0], b"RIFF" + bytes(range(256)) * 8, storage)
     fs, path = filesystem(urls[1], storage)
     fs.rm(path)
+    write_atomic(urls[2], read_bytes(urls[3], storage), storage)
     return Inputs(
         manifest=manifest,
         wavlm_q=make_quantizer(join(root, "q/wavlm"), "wavlm-tiny", 64, 2, 0, storage),
@@ -89,7 +91,7 @@ def inputs(ray_cluster: str, s3_server) -> Inputs:
         other_q=make_quantizer(join(root, "q/other"), "wavlm-tiny", 64, 2, 2, storage),
         endpoint=ep,
         storage=storage,
-        broken={urls[0]: "unreadable", urls[1]: "io"},
+        broken={urls[0]: "changed", urls[1]: "io", urls[2]: "changed"},
     )
 
 
@@ -134,6 +136,12 @@ def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server) -> None:
     assert sorted(ids) == sorted(manifest)  # every item exactly once
     bad = {r["source"]: r["error_type"] for r in quarantine.to_pylist()}
     assert {u: bad.get(u) for u in inputs.broken} == inputs.broken
+    assert not set(tokens["url"].to_pylist()) & set(inputs.broken)  # the others: tokenised
+    # Shards (version 2) carry the manifest's provenance for the readers that decode again.
+    for row in tokens.to_pylist():
+        m = manifest[row["item_id"]]
+        assert row["file_version"] == m["file_version"] and row["file_version"]
+        assert row["file_size"] == m["file_size"] and row["seek_offset"] == m["seek_offset"]
 
     teachers = {t.prefix: t for t in read_token_teachers(tokens.schema)}
     assert set(teachers) == {"wavlm", "dasheng"}
@@ -167,7 +175,7 @@ def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server) -> None:
         assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
         assert pq.read_table(io.BytesIO(data)).num_rows == e["rows"]
     report = json.loads(read_bytes(join(out, "report.json"), storage))
-    assert report["ok"] == tokens.num_rows and sum(report["quarantined"].values()) == 2
+    assert report["ok"] == tokens.num_rows and sum(report["quarantined"].values()) == 3
     assert set(report["stages"]) == {"decode", "wavlm", "dasheng"}
     assert report["hours_by_domain"]["audio"] > 0
 

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from spear.errors import ConfigError, SpearError
 from spear.shards.index import open_run
+from spear.shards.schema import SOURCE_COLUMNS
+from spear.stages.audio_io import local_version
 from spear.stages.decode import DecodeConfig
 from spear.storage import StorageConfig
 from spear.student.config import HeadConfig, MixConfig, StudentConfig, TrainDataConfig
@@ -235,3 +241,60 @@ def test_sampling_weights_repeat_and_drop_items(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="domain_weights"):
         TrainDataConfig(domain_weights={"audio": -1.0})
+
+
+def _with_versions(urls: list[str], drop_sources: bool = False) -> list[str]:
+    """The shards as tokenize writes them from a version 2 manifest: each row's `file_version`
+    is its file's (what `spear manifest` records); ``drop_sources``: a version 1 shard."""
+    for url in urls:
+        table = pq.read_table(url)
+        if drop_sources:
+            table = table.drop_columns(list(SOURCE_COLUMNS))
+        else:
+            versions = [local_version(os.stat(u)) for u in table["url"].to_pylist()]
+            at = table.schema.get_field_index("file_version")
+            table = table.set_column(at, "file_version", pa.array(versions, pa.string()))
+        pq.write_table(table, url)
+    return urls
+
+
+def _stream_ids(urls: list[str]) -> tuple[list[str], ShardRows]:
+    reader = ShardRows(urls, list(HEADS), StorageConfig())
+    plan = plan_epoch(len(urls), reader.light, SMALL, planned=reader.planned, seed=0, epoch=1)
+    prepared: list[str] = []
+    prepare = _prepare([])
+
+    def record(rows: dict[str, np.ndarray]) -> dict[str, object]:
+        out = prepare(rows)
+        prepared.extend(str(i) for i in out["item_id"])  # type: ignore[attr-defined]
+        return out
+
+    list(stream_batches(plan, reader, record, HEADS, prep_rows=4, prefetch=2))
+    return prepared, reader
+
+
+def test_a_file_changed_since_the_manifest_is_dropped_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    urls = _with_versions(_run(tmp_path, 16))
+    rows = pq.read_table(urls[0]).to_pylist()
+    planned = {r["item_id"] for u in urls for r in pq.read_table(u).to_pylist()}
+    before, _ = _stream_ids(urls)
+    assert before and set(before) <= planned
+    # Replaced by another (valid) recording: never trained on, as the tokens are not of it.
+    victim = next(r for r in rows if r["item_id"] in before)
+    other = next(r for r in rows if r["url"] != victim["url"])
+    time.sleep(0.01)
+    Path(victim["url"]).write_bytes(Path(other["url"]).read_bytes())
+    with caplog.at_level(logging.WARNING, logger="spear.student.data"):
+        after, reader = _stream_ids(urls)
+    assert sorted(after) == sorted(i for i in before if i != victim["item_id"])
+    assert reader.dropped == {"changed": 1}
+    assert any(victim["item_id"] in m and "changed" in m for m in caplog.messages)
+
+
+def test_a_version_1_shard_without_source_columns_still_reads(tmp_path: Path) -> None:
+    urls = _with_versions(_run(tmp_path, 16), drop_sources=True)
+    assert "file_version" not in pq.read_schema(urls[0]).names
+    ids, reader = _stream_ids(urls)
+    assert ids and not reader.dropped
