@@ -9,6 +9,7 @@ signal first, as a Ray error about a dead actor or task; :func:`install` records
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import threading
 from collections.abc import Sequence
@@ -22,6 +23,10 @@ COMMITS = "_work/commits"
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     _SIGNALLED.set()
+    # The job is being abandoned: what Ray's threads log while the process ends (Ray Data's
+    # executor finding Ray shut down, with its traceback) would bury the one line we print.
+    for name in ("ray", "ray.data", "ray.data._internal.stats", "ray._private.worker"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     signal.default_int_handler(signum, frame)
 
 

@@ -361,7 +361,10 @@ def test_ctrl_c_says_what_was_committed(manifest: str, ray_cluster: str, tmp_pat
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    last = err.strip().splitlines()[-1]
+    # Ray Data's executor thread may still log a warning of its own while the process ends.
+    said = [line for line in err.strip().splitlines() if line.startswith("interrupted: ")]
+    assert len(said) == 1, err
+    last = said[0]
     assert last.startswith("interrupted: ") and f"units committed under {out}, kept" in last, err
     assert "run the same command again to resume" in last and "Traceback" not in err, err
 

@@ -144,7 +144,9 @@ def test_teacher_actor_killed_mid_run(
 
     def ready() -> bool:
         nonlocal pid
-        pid = teacher_actor() if shards(out) else None
+        # Killed once it is alive and the job has started (on 2 cores the whole job can
+        # finish within one poll of the first committed shard).
+        pid = teacher_actor()
         return pid is not None or proc.poll() is not None
 
     wait_for(ready, what="a running teacher actor")
@@ -251,6 +253,9 @@ def test_manifest_copy_resumes_and_changed_manifest_is_refused(
         command(job, out, str(copy)), capture_output=True, text=True, timeout=300
     )
     assert changed.returncode == 2
+    # One error line; before it only the warnings this run gives by design (random teachers,
+    # a quantiser that records no teacher weights).
     lines = changed.stderr.strip().splitlines()
-    assert len(lines) == 1 and "manifest content" in lines[0], changed.stderr
+    assert lines[-1].startswith("error: ") and "manifest content" in lines[-1], changed.stderr
+    assert all(line.startswith("warning: ") for line in lines[:-1]), changed.stderr
     assert codes(out) == reference.codes
