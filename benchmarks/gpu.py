@@ -16,8 +16,8 @@ on the weights). Parts, in order; each prints a line when done, then a table per
    device name, or ``--peak-tflops``).
 2. **mvq** (``mvq.wavlm``, ``mvq.dasheng``): that teacher's quantiser at SPEC's sizes (16 x 256
    on 1024-d, 8 x 256 on 1536-d; random centres as in ``benchmarks/pipeline.py``, saved and
-   read back through ``spear.checkpoints.load_quantizer``) encoding part 1's embeddings, already
-   on the device, with 5 refinement rounds: x real time = vectors/s / frame rate.
+   read back through ``spear.stages.quantizers.load_quantizer``) encoding part 1's embeddings,
+   already on the device, with 5 refinement rounds: x real time = vectors/s / frame rate.
 3. **tokenize** (``tokenize.wavlm``, ``tokenize.dasheng``): the fused actor's pure path,
    :func:`spear.stages.tokenize.tokenize_batch`, with that teacher and quantiser at the
    actor's default ``batch_seconds``, in process (no Ray): int16 bytes in, uint8 codes out.
@@ -59,10 +59,10 @@ from rates import RATES_DIR, device_name, record  # benchmarks/rates.py
 from teachers import analytic_gflops_per_second  # benchmarks/teachers.py
 from torch.utils.flop_counter import FlopCounterMode
 
-from spear.checkpoints import load_quantizer
 from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.rates import peak_tflops
+from spear.stages.quantizers import load_quantizer
 from spear.stages.teachers import TEACHERS, LoadedTeacher, TeacherConfig, load_teacher, run_teacher
 from spear.stages.tokenize import tokenize_batch
 from spear.storage import StorageConfig

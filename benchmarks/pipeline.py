@@ -37,7 +37,6 @@ import pyarrow.parquet as pq
 import torch
 from rates import device_name, record  # benchmarks/rates.py
 
-from spear.checkpoints import load_quantizer
 from spear.pipeline.manifest import build_manifest, read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.pipeline.tokenize import run_tokenize
@@ -47,6 +46,7 @@ from spear.ray_utils import RayConfig
 from spear.shards.schema import codes_to_bytes
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.manifest import ManifestConfig, SourceConfig
+from spear.stages.quantizers import load_quantizer
 from spear.stages.teachers import TEACHERS, TeacherConfig, load_teacher, run_teacher
 from spear.stages.tokenize import DashengTokenizeConfig, TokenizeConfig, TokenizeTeacherConfig
 from spear.storage import StorageConfig

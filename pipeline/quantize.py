@@ -31,7 +31,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from spear.checkpoints import load_quantizer
 from spear.errors import SpearError
 from spear.formats import EMBEDDING_DTYPE, read_metadata
 from spear.quantizer.config import QuantizerConfig, QuantizerDataConfig
@@ -46,6 +45,7 @@ from spear.quantizer.serial import (
     quantizer_to_bytes,
 )
 from spear.quantizer.train import QuantizerTrainer, fit, normalisation_stats, pick_device
+from spear.stages.quantizers import load_quantizer
 from spear.storage import (
     StorageConfig,
     canonical_url,
@@ -385,7 +385,7 @@ def train_quantizer(
 
 def save_quantizer(q: Quantizer, url: str, storage: StorageConfig) -> str:
     """Write ``q`` to a folder (its ``quantizer.safetensors``) or a ``.safetensors`` URL;
-    returns the file's URL. Readers load it with :func:`spear.checkpoints.load_quantizer`."""
+    returns the file's URL. Readers load it with :func:`spear.stages.quantizers.load_quantizer`."""
     target = url if url.endswith(".safetensors") else join(url, QUANTIZER_FILE)
     write_atomic(target, quantizer_to_bytes(q), storage)
     return target

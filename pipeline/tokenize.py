@@ -121,7 +121,7 @@ def resolve_teachers(
     storage: StorageConfig,
 ) -> list[JobTeacher]:
     """The teachers with a quantiser configured, checked against each other (driver side)."""
-    from spear.checkpoints import load_quantizer
+    from spear.stages.quantizers import load_quantizer
 
     out = []
     for prefix, tcfg in teachers.items():

@@ -9,8 +9,9 @@ Weights are read with ``safetensors`` or ``torch.load(weights_only=True)``: arbi
 objects are never executed. Hub ids (``org/name``) are resolved through ``huggingface_hub`` only
 when the user names one.
 
-Trained MVQ quantisers load here too (:func:`load_quantizer`), for inference: through
-``spear.quantizer.serial``, never the training code.
+Generic on purpose: the teachers (``spear.stages.teachers.weights`` reads their layouts) and the
+student's SPEAR folders (``spear.student.hf``) fetch through it; it knows no model. Quantisers
+load through ``spear.stages.quantizers``.
 """
 
 from __future__ import annotations
@@ -24,16 +25,12 @@ import re
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from spear.errors import SpearError
-from spear.storage import StorageConfig, exists, filesystem, join, protocol_of, read_bytes
-
-if TYPE_CHECKING:
-    from spear.quantizer.mvq import Quantizer
+from spear.storage import StorageConfig, filesystem, protocol_of
 
 DEFAULT_CACHE_DIR = os.path.join(
     os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "spear", "checkpoints"
@@ -249,108 +246,8 @@ def weights_in_dir(path: Path) -> dict[str, Any]:
     return state
 
 
-# Weight names only one family has (any layout: transformers, unilm, torchaudio, the dasheng
-# package, spear's own), and where a checkpoint of each family is given.
-_FAMILY_KEYS = {
-    "WavLM": ("gru_rel_pos", "grep_linear", "rel_attn_embed", "relative_attention_bias"),
-    "Dasheng": ("init_bn.", "patch_embed.", "time_pos_embed", "freq_pos_embed"),
-}
-_FAMILY_OPTION = {
-    "WavLM": "--wavlm-checkpoint, teachers.wavlm.checkpoint or embed --teacher wavlm",
-    "Dasheng": "--dasheng-checkpoint, teachers.dasheng.checkpoint or embed --teacher dasheng",
-}
-
-
-def checkpoint_family(keys: Iterable[str], config: dict[str, Any] | None = None) -> str | None:
-    """The model family a checkpoint holds, from its config (a transformers ``model_type``,
-    the dasheng package's ``encoder_kwargs``) or else its weight names: ``WavLM``,
-    ``Dasheng``, another ``model_type`` (``hubert``, ...), or None when nothing tells."""
-    if config:
-        kind = str(config.get("model_type") or "")
-        if kind.lower() == "wavlm":
-            return "WavLM"
-        if kind.lower().startswith("dasheng"):
-            return "Dasheng"
-        if kind:
-            return kind
-        if "encoder_kwargs" in config or str(config.get("name", "")).startswith("dasheng"):
-            return "Dasheng"
-    names = list(keys)
-    for family, marks in _FAMILY_KEYS.items():
-        if any(m in k for k in names for m in marks):
-            return family
-    return None
-
-
-def require_family(
-    path: Path, expected: str, keys: Iterable[str], config: dict[str, Any] | None = None
-) -> None:
-    """Fail in one line when the checkpoint at ``path`` is of another family than
-    ``expected`` (a WavLM folder given as Dasheng), instead of listing missing weights."""
-    found = checkpoint_family(keys, config)
-    if found is None or found == expected:
-        return
-    where = _FAMILY_OPTION.get(found)
-    raise CheckpointError(
-        f"{str(path)!r} is a {found} checkpoint, not {expected}: give a {expected} checkpoint"
-        + (f", or this one to the {found} teacher ({where})" if where else "")
-    )
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {str(path)!r}: {err}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object")
-    return data
-
-
 def fetch(source: str, storage: StorageConfig, cache_dir: str | None = None) -> LocalCheckpoint:
     """A hub id through :func:`fetch_hub`, anything else through :func:`fetch_checkpoint`."""
     if is_hub_id(source):
         return fetch_hub(source, cache_dir)
     return fetch_checkpoint(source, storage, cache_dir)
-
-
-# -- MVQ quantisers (inference side: no training code) --------------------------------------
-
-
-def quantizer_url(url: str) -> str:
-    """A quantiser given as its ``spear quantizer train`` folder or its ``.safetensors`` file ->
-    the file."""
-    from spear.quantizer.serial import QUANTIZER_FILE
-
-    return url if url.endswith(".safetensors") else join(url, QUANTIZER_FILE)
-
-
-def load_quantizer(url: str, storage: StorageConfig, device: str = "cpu") -> Quantizer:
-    """The quantiser at ``url`` (a ``spear quantizer train`` folder or its file), on ``device``.
-
-    One-line errors tell a missing quantiser from an unfinished training (a folder holding only
-    a checkpoint) and from a file that is not a quantiser."""
-    from spear.quantizer.serial import CHECKPOINT_FILE, quantizer_from_bytes
-
-    target = quantizer_url(url)
-    if not exists(target, storage):
-        folder = target.rsplit("/", 1)[0] if "/" in target else "."
-        if exists(join(folder, CHECKPOINT_FILE), storage):
-            raise CheckpointError(
-                f"quantiser {url!r} is unfinished: its training stopped before the end (only "
-                f"{CHECKPOINT_FILE} there); rerun spear quantizer train with --out {folder} to "
-                "finish it"
-            )
-        raise CheckpointError(
-            f"no quantiser at {target!r}: give a spear quantizer train output folder or its "
-            ".safetensors file"
-        )
-    try:
-        data = read_bytes(target, storage)
-    except SpearError:
-        raise
-    except Exception as err:  # a folder named *.safetensors, permissions, a dropped connection
-        raise CheckpointError(
-            f"cannot read quantiser {target!r}: {type(err).__name__}: {err}"
-        ) from None
-    return quantizer_from_bytes(data, target).to(device)

@@ -188,7 +188,7 @@ class TokenizeStage:
         keep_audio: tuple[str, ...],
         quantizer_id: str | None = None,
     ):
-        from spear.checkpoints import load_quantizer
+        from spear.stages.quantizers import load_quantizer
 
         self.teacher = load_teacher(teacher, storage)
         self.quantizer = load_quantizer(quantizer_url, storage, str(self.teacher.device)).eval()

@@ -62,12 +62,8 @@ TOOLS = (
 )
 BOXES = ("spear.quantizer", "spear.checkpoints", "spear.shards", "spear.stages", "spear.student")
 TRAINER = ("spear.quantizer.train", "spear.quantizer.data")
-TEACHERS = (
-    "spear.stages.teachers",
-    "spear.stages.wavlm",
-    "spear.stages.dasheng",
-    "spear.stages.tokenize",
-)
+TEACHERS = ("spear.stages.teachers", "spear.stages.tokenize")
+"""The teacher package (registry, architectures, weights) and the actor that runs one."""
 
 # Bottom to top; docs/architecture.md "Layering" states the same rules in words.
 LAYERS = (
@@ -79,12 +75,8 @@ LAYERS = (
         may=("spear.errors", "spear.quantizer"),
         never=("fsspec", "s3fs", "ray", "pyarrow"),
     ),
-    Layer(
-        "checkpoints",
-        ("spear.checkpoints",),
-        may=(*FOUNDATIONS, "spear.quantizer"),
-        never=("ray", *TRAINER),
-    ),
+    # Generic fetching: it knows no model and no quantiser (those load in stages/).
+    Layer("checkpoints", ("spear.checkpoints",), may=FOUNDATIONS, never=("ray",)),
     Layer(
         "shards",
         ("spear.shards",),
@@ -281,14 +273,18 @@ PLANTED = [
     ("spear.quantizer.mvq", "spear.storage"),  # quantizer: torch, numpy, safetensors only
     ("spear.quantizer.mvq", "fsspec"),
     ("spear.quantizer.mvq", "spear.config"),
-    ("spear.checkpoints", "spear.quantizer.train"),  # inference never imports the trainer
-    ("spear.stages.tokenize", "spear.quantizer.train"),
+    ("spear.checkpoints", "spear.quantizer.train"),  # checkpoints: generic, foundations only
+    ("spear.checkpoints", "spear.quantizer.serial"),
+    ("spear.checkpoints", "spear.stages.teachers.weights"),
+    ("spear.stages.tokenize", "spear.quantizer.train"),  # inference never imports the trainer
+    ("spear.stages.quantizers", "spear.quantizer.train"),
     ("spear.stages.decode", "spear.pipeline.job"),  # stages: no job, student, CLI, config
     ("spear.stages.decode", "spear.student.model"),
     ("spear.stages.decode", "spear.cli.main"),
     ("spear.stages.decode", "spear.config"),
     ("spear.student.data", "spear.stages.teachers"),  # student: no teacher, config or job
     ("spear.student.data", "spear.stages.tokenize"),
+    ("spear.student.data", "spear.stages.teachers.weights"),
     ("spear.student.data", "spear.config"),
     ("spear.student.data", "spear.pipeline.job"),
     ("spear.shards.index", "spear.stages.decode"),  # shards: formats and storage only
@@ -423,7 +419,7 @@ def test_no_layer_pulls_in_a_banned_package_at_import_time() -> None:
 def test_quantizer_inference_does_not_import_the_trainer(tmp_path: Path) -> None:
     code = f"""
 import json, sys
-from spear.checkpoints import load_quantizer
+from spear.stages.quantizers import load_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.quantizer.serial import quantizer_to_bytes
 import spear.stages.tokenize

@@ -462,7 +462,7 @@ def _dasheng_pt(path: Path) -> Path:
     """spear's tiny Dasheng saved in the dasheng package's {'model', 'config'} layout."""
     import torch
 
-    from spear.stages.dasheng import build_dasheng, dasheng_tiny
+    from spear.stages.teachers.dasheng import build_dasheng, dasheng_tiny
 
     arch = dasheng_tiny()
     config = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
@@ -503,7 +503,7 @@ def test_a_teacher_checkpoint_that_is_wrong(
     if kind == "wrong-shape":
         import torch
 
-        from spear.stages.dasheng import build_dasheng, dasheng_tiny
+        from spear.stages.teachers.dasheng import build_dasheng, dasheng_tiny
 
         state = build_dasheng(dasheng_tiny()).state_dict()
         state["blocks.0.mlp.fc1.weight"] = torch.zeros(5, 64)

@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spear.checkpoints import load_quantizer
 from spear.cli.main import run
 from spear.pipeline.manifest import read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.shards.schema import codes_from_bytes, read_token_teachers
 from spear.stages.decode import DecodeConfig, decode_segment
+from spear.stages.quantizers import load_quantizer
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
 from spear.synth import write_speech_like

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from spear.checkpoints import load_quantizer
 from spear.cli.main import run
 from spear.config import SpearConfig
 from spear.configio import replace
@@ -21,6 +20,7 @@ from spear.pipeline.quantize import train_quantizer, write_embedding_shards
 from spear.quantizer.mvq import content_id
 from spear.quantizer.serial import quantizer_to_bytes
 from spear.quantizer.synthetic import mixture_of_low_rank_gaussians
+from spear.stages.quantizers import load_quantizer
 from spear.storage import StorageConfig, exists, read_bytes
 
 ARGS = ["--codebooks", "2", "--phase-steps", "6", "--batch-size", "64", "--device", "cpu"]

@@ -1,24 +1,36 @@
-"""Teacher stage: audio batch -> float16 frame embeddings of one teacher (WavLM or Dasheng).
+"""Teachers: audio batch -> float16 frame embeddings of one teacher (WavLM or Dasheng).
 
-* :data:`TEACHERS` - plain-dict registry of :class:`TeacherSpec` by name (``wavlm``, ``dasheng``,
-  ``dasheng-base``, ``dasheng-0.6b`` and the tiny presets ``wavlm-tiny``, ``dasheng-tiny``).
-* :class:`TeacherConfig` - which teacher, which checkpoint, how to run it.
-* :func:`checkpoint_sha256` - the driver's check of a teacher's weights before any actor
-  starts: a checkpoint is fetched and read against the preset (keys and shapes, one line on
-  error); no checkpoint is refused unless ``allow_random`` (``--random-teachers``), and a
-  random-weights run says so once. :func:`check_quantizer_weights` refuses a quantiser trained
-  on other weights than the teacher runs.
-* :func:`load_teacher` - weights once (random init when no checkpoint is named).
-* :func:`embed_batch` - the pure function: an audio batch dict in, embeddings out; no Ray.
-* :class:`TeacherStage` - the actor stage (``__init__`` loads, ``__call__`` embeds); the jobs
-  in ``pipeline/`` run it on their units.
+The package, one file per concern:
+
+* ``__init__`` (this module) - the registry and the stage:
+
+  * :data:`TEACHERS` - plain-dict registry of :class:`TeacherSpec` by name (``wavlm``,
+    ``dasheng``, ``dasheng-base``, ``dasheng-0.6b`` and the tiny presets ``wavlm-tiny``,
+    ``dasheng-tiny``).
+  * :class:`TeacherConfig` - which teacher, which checkpoint, how to run it.
+  * :func:`checkpoint_sha256` - the driver's check of a teacher's weights before any actor
+    starts: a checkpoint is fetched and read against the preset (keys and shapes, one line on
+    error); no checkpoint is refused unless ``allow_random`` (``--random-teachers``), and a
+    random-weights run says so once. :func:`check_quantizer_weights` refuses a quantiser trained
+    on other weights than the teacher runs.
+  * :func:`load_teacher` - weights once (random init when no checkpoint is named).
+  * :func:`run_teacher` / :func:`embed_batch` - the pure functions: waveforms (an audio batch
+    dict) in, embeddings out; no Ray.
+  * :class:`TeacherStage` - the actor stage (``__init__`` loads, ``__call__`` embeds); the jobs
+    in ``pipeline/`` run it on their units.
+
+* :mod:`~spear.stages.teachers.wavlm`, :mod:`~spear.stages.teachers.dasheng` - the
+  architectures (this project's own, batch-safe; parity-tested against the references).
+* :mod:`~spear.stages.teachers.weights` - the checkpoint layouts of each source read into them,
+  and the one strict loader (fetching is :mod:`spear.checkpoints`).
 
 Batch in (``spear.formats`` audio batch): ``item_id``, ``num_samples`` (int64), ``audio`` (binary,
 int16 LE mono 16 kHz) plus any other columns, which pass through. Batch out: the same rows with
 ``{prefix}num_frames`` (int32) and ``{prefix}embeddings`` (binary, float16 LE ``(num_frames, dim)``
 C-order, as in ``EMBEDDING_SHARD_SCHEMA``); ``audio`` is dropped unless ``keep_audio``.
 
-This module imports no torch at import time, so the CLI can list teachers quickly.
+This module imports no torch at import time (the architectures and weights are imported when a
+model is built), so the CLI can list teachers quickly.
 """
 
 from __future__ import annotations
@@ -78,14 +90,12 @@ class TeacherSpec:
         ``meta``: build the model on PyTorch's meta device, so every key and shape of the
         checkpoint is checked against the architecture without holding the model's weights
         (the driver's check before any actor starts)."""
+        from spear.stages.teachers.weights import read_dasheng_checkpoint, read_wavlm_checkpoint
+
         arch: Any
         if self.family == "wavlm":
-            from spear.stages.wavlm import read_wavlm_checkpoint
-
             arch, state, layout = read_wavlm_checkpoint(checkpoint.path, self.arch())
         else:
-            from spear.stages.dasheng import read_dasheng_checkpoint
-
             arch, state, layout = read_dasheng_checkpoint(checkpoint.path, self.arch())
         dim = getattr(arch, "dim", None) or getattr(arch, "embed_dim", None)
         if dim != self.dim:
@@ -112,34 +122,45 @@ class TeacherSpec:
 
 
 def _build(spec: TeacherSpec, arch: Any, layer: int, state: Any) -> torch.nn.Module:
+    """The model of ``arch`` up to ``layer``: random init when ``state`` is None, else the
+    checkpoint's weights through the one strict loader."""
+    from spear.stages.teachers.weights import hf_to_ours, load_strict
+
+    model: torch.nn.Module
     if spec.family == "wavlm":
-        from spear.stages.wavlm import build_wavlm
+        from spear.stages.teachers.wavlm import build_wavlm
 
         if not 1 <= layer <= arch.num_layers:
             raise ConfigError(f"teacher {spec.name}: layer {layer} is outside 1..{arch.num_layers}")
-        return build_wavlm(arch, layer, state)
-    from spear.stages.dasheng import build_dasheng
+        model = build_wavlm(arch, layer)
+        if state is not None:
+            load_strict(model, hf_to_ours(state, arch, layer), "WavLM")
+        return model
+    from spear.stages.teachers.dasheng import build_dasheng
 
     if layer != arch.depth:
         raise ConfigError(f"teacher {spec.name}: only the final layer ({arch.depth}) is supported")
-    return build_dasheng(arch, state)
+    model = build_dasheng(arch)
+    if state is not None:
+        load_strict(model, state, "Dasheng")
+    return model
 
 
 def _wavlm_large() -> Any:
-    from spear.stages.wavlm import wavlm_large
+    from spear.stages.teachers.wavlm import wavlm_large
 
     return wavlm_large()
 
 
 def _wavlm_tiny() -> Any:
-    from spear.stages.wavlm import wavlm_tiny
+    from spear.stages.teachers.wavlm import wavlm_tiny
 
     return wavlm_tiny()
 
 
 def _dasheng(preset: str) -> Callable[[], Any]:
     def make() -> Any:
-        from spear.stages import dasheng
+        from spear.stages.teachers import dasheng
 
         return getattr(dasheng, preset)()
 
@@ -478,7 +499,7 @@ def run_teacher(teacher: LoadedTeacher, waves: list[np.ndarray]) -> list[np.ndar
         wave, lens = wave.to(dev, non_blocking=True), lens.to(dev)
         with torch.inference_mode():
             if spec.family == "wavlm":
-                from spear.stages.wavlm import normalize_waveform
+                from spear.stages.teachers.wavlm import normalize_waveform
 
                 wave = normalize_waveform(wave, lens)
             with torch.autocast(

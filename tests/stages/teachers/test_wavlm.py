@@ -13,7 +13,7 @@ import torch
 
 from spear.checkpoints import fetch_checkpoint
 from spear.stages.teachers import TEACHERS, TeacherConfig, load_teacher, run_teacher
-from spear.stages.wavlm import WavLMArch, frame_lengths, normalize_waveform, wavlm_tiny
+from spear.stages.teachers.wavlm import WavLMArch, frame_lengths, normalize_waveform, wavlm_tiny
 from spear.storage import StorageConfig
 
 transformers = pytest.importorskip("transformers")

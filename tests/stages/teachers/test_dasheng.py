@@ -16,8 +16,8 @@ import pytest
 import soxr
 import torch
 
-from spear.stages.dasheng import DashengArch, build_dasheng, dasheng_tiny, mel_filterbank
 from spear.stages.teachers import TEACHERS, TeacherConfig, load_teacher, run_teacher
+from spear.stages.teachers.dasheng import DashengArch, build_dasheng, dasheng_tiny, mel_filterbank
 
 REL_TOL = 1e-5
 KWARGS = {"embed_dim": 64, "depth": 2, "num_heads": 4}

@@ -1,4 +1,5 @@
-"""Teacher registry, config, the pure stage function, checkpoint fetching and the Ray actor."""
+"""Teacher registry, config, the pure stage function, fetching a teacher's checkpoint, the
+driver's check of its weights and the Ray actor."""
 
 from __future__ import annotations
 
@@ -206,22 +207,6 @@ def test_ray_actor_stage(ray_cluster: str) -> None:
     ray.kill(actor)
 
 
-def test_remote_model_folder_is_fetched_whole_once(s3_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from spear.checkpoints import _dir_sha256, fetch_checkpoint
-    from spear.storage import filesystem
-
-    bucket = s3_server.bucket("ckpt-folder")
-    fs, _ = filesystem(bucket, s3_server.storage)
-    fs.pipe_file("ckpt-folder/wavlm/config.json", b'{"a": 1}')
-    fs.pipe_file("ckpt-folder/wavlm/model.safetensors", b"\x00" * 1000)
-    got = fetch_checkpoint(f"{bucket}/wavlm", s3_server.storage, str(tmp_path / "cache"))
-    assert sorted(p.name for p in got.path.iterdir()) == ["config.json", "model.safetensors"]
-    assert got.sha256 == _dir_sha256(got.path)
-    fs.rm("ckpt-folder/wavlm", recursive=True)  # a second call must not fetch again
-    again = fetch_checkpoint(f"{bucket}/wavlm", s3_server.storage, str(tmp_path / "cache"))
-    assert again.path == got.path and again.sha256 == got.sha256
-
-
 # ---------------------------------------------------------------- the driver's check of weights
 
 
@@ -239,7 +224,7 @@ def test_random_weights_need_allow_random_and_say_so(caplog: pytest.LogCaptureFi
 
 
 def _dasheng_pt(path: Path, state: dict[str, Any] | None = None) -> Path:
-    from spear.stages.dasheng import build_dasheng, dasheng_tiny
+    from spear.stages.teachers.dasheng import build_dasheng, dasheng_tiny
 
     arch = dasheng_tiny()
     config = {"embed_dim": arch.embed_dim, "depth": arch.depth, "num_heads": arch.num_heads}
@@ -250,7 +235,7 @@ def _dasheng_pt(path: Path, state: dict[str, Any] | None = None) -> Path:
 def test_driver_reads_the_checkpoint_against_the_preset(tmp_path: Path) -> None:
     """Keys and shapes are checked on the meta device before any actor exists; the sha256 is
     the file's."""
-    from spear.stages.dasheng import build_dasheng, dasheng_tiny
+    from spear.stages.teachers.dasheng import build_dasheng, dasheng_tiny
 
     good = _dasheng_pt(tmp_path / "good.pt")
     cfg = TeacherConfig(name="dasheng-tiny", checkpoint=str(good))

@@ -22,28 +22,18 @@ Unlike the package, padding never changes an item's output:
 Frame count: ``(1 + n // 160) // 4`` for ``n`` samples (mel frames with ``center=True``, then whole
 4-frame patches).
 
-Checkpoints: the package's ``.pt`` (``{'model': state_dict, 'config': kwargs}``) or a hub mirror
-(``mispeech/dasheng-*``: ``config.json`` + weights under ``encoder.``).
+The architecture only: reading checkpoints (the package's ``.pt``, a hub mirror folder) into it
+is :mod:`spear.stages.teachers.weights`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from spear.checkpoints import (
-    CheckpointError,
-    load_weights,
-    read_json,
-    require_family,
-    weights_in_dir,
-)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -261,109 +251,7 @@ class Dasheng(nn.Module):
         return x, frames
 
 
-# --- checkpoint layouts -------------------------------------------------------------------------
-
-_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "target_length")
-
-
-def arch_from_config(cfg: dict[str, Any], default: DashengArch) -> DashengArch:
-    """The package's ``config`` kwargs (or a hub ``config.json``) -> :class:`DashengArch`."""
-    if "encoder_kwargs" in cfg and isinstance(cfg["encoder_kwargs"], dict):
-        cfg = cfg["encoder_kwargs"]
-    if cfg.get("pooling", "mean") == "token":
-        raise CheckpointError(
-            "Dasheng checkpoints with a CLS token (pooling='token') are not supported"
-        )
-    for key in ("patch_size", "patch_stride"):
-        if key in cfg and [int(v) for v in cfg[key]] != [default.n_mels, default.patch_frames]:
-            raise CheckpointError(f"Dasheng {key}={cfg[key]} is not supported (only 64x4 patches)")
-    kwargs: dict[str, Any] = {k: cfg[k] for k in _ARCH_KEYS if k in cfg}
-    for key, ours in (
-        ("n_fft", "n_fft"),
-        ("n_mels", "n_mels"),
-        ("hop_size", "hop_length"),
-        ("win_size", "win_length"),
-        ("f_min", "f_min"),
-        ("f_max", "f_max"),
-        ("top_db", "top_db"),
-    ):
-        if key in cfg:
-            kwargs[ours] = cfg[key]
-    kwargs["layer_scale"] = bool(cfg.get("init_values"))
-    fields = {**default.__dict__, **kwargs}
-    try:
-        return DashengArch(
-            **{k: type(getattr(default, k))(v) for k, v in fields.items()}  # coerce JSON numbers
-        )
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"bad Dasheng config: {err}") from None
-
-
-def package_to_ours(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """``dasheng`` package keys -> :class:`Dasheng` keys (the front end's fixed buffers dropped)."""
-    out: dict[str, Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("encoder.")
-        if key.startswith(("front_end.", "outputlayer.", "decoder.")):
-            continue
-        if key.startswith("init_bn.1."):
-            key = "init_bn." + key.removeprefix("init_bn.1.")
-        out[key] = value
-    return out
-
-
-def read_dasheng_checkpoint(
-    path: Path, default: DashengArch
-) -> tuple[DashengArch, dict[str, Tensor], str]:
-    """Read the package ``.pt`` or a hub mirror folder into (arch, our-keyed state, layout)."""
-    if path.is_dir():
-        cfg_file = path / "config.json"
-        cfg = read_json(cfg_file) if cfg_file.is_file() else {}
-        require_family(path, "Dasheng", (), cfg)
-        weights = weights_in_dir(path)
-        require_family(path, "Dasheng", weights)
-        arch = arch_from_config(cfg, _named(cfg.get("name"), default))
-        return arch, package_to_ours(weights), "hub"
-    obj = load_weights(path)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{str(path)!r} does not hold a state dict")
-    inner = obj.get("model")
-    require_family(path, "Dasheng", inner if isinstance(inner, dict) else obj)
-    if isinstance(inner, dict):
-        cfg = obj.get("config") or {}
-        if not isinstance(cfg, dict):
-            raise CheckpointError("Dasheng checkpoint's 'config' is not a plain dict")
-        return arch_from_config(cfg, default), package_to_ours(inner), "dasheng"
-    if any(k.startswith(("blocks.", "encoder.blocks.")) for k in obj):
-        return default, package_to_ours(obj), "state_dict"
-    raise CheckpointError(
-        f"{str(path)!r} is not a Dasheng checkpoint ({{'model','config'}} .pt or hub folder)"
-    )
-
-
-def _named(name: Any, default: DashengArch) -> DashengArch:
-    presets = {
-        "dasheng-base": dasheng_base,
-        "dasheng-0.6B": dasheng_06b,
-        "dasheng-1.2B": dasheng_12b,
-    }
-    return presets[name]() if name in presets else default
-
-
-def build_dasheng(arch: DashengArch, state: dict[str, Tensor] | None = None) -> Dasheng:
-    """A :class:`Dasheng` in eval mode; random init (with unit BatchNorm) when ``state`` is None."""
-    model = Dasheng(arch)
-    if state is not None:
-        expected = model.state_dict()
-        for k, v in state.items():
-            if k in expected and tuple(expected[k].shape) != tuple(v.shape):
-                raise CheckpointError(
-                    f"Dasheng weight {k!r} has shape {tuple(v.shape)}, the architecture expects "
-                    f"{tuple(expected[k].shape)}"
-                )
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"Dasheng weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-    return model.eval()
+def build_dasheng(arch: DashengArch) -> Dasheng:
+    """A random-initialised :class:`Dasheng` (unit BatchNorm) in eval mode (weights:
+    ``weights.load_strict``)."""
+    return Dasheng(arch).eval()
