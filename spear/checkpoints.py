@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,32 @@ _CHUNK = 8 << 20
 
 class CheckpointError(SpearError):
     """A checkpoint cannot be fetched, read or understood."""
+
+
+def _keys(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
+
+
+def check_state(expected: Mapping[str, Any], state: Mapping[str, Any], what: str) -> None:
+    """The one strict check before weights are copied into a model (teachers and imported
+    students alike): every shape fits, every key ``expected`` has is in ``state`` and no other.
+    Values are anything with a ``.shape`` (tensors, arrays); else one :class:`CheckpointError`
+    naming the keys (``what`` names the model in it)."""
+    wrong = [
+        f"{k!r} has shape {tuple(v.shape)}, the architecture expects {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and tuple(expected[k].shape) != tuple(v.shape)
+    ]
+    if wrong:
+        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise CheckpointError(f"{what} weight " + "; ".join(wrong[:3]) + more)
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what} weights do not fit: missing {_keys(missing)}, unexpected {_keys(unexpected)}"
+        )
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from spear.checkpoints import (
     CheckpointError,
+    check_state,
     fetch_checkpoint,
     fetch_hub,
     is_hub_id,
@@ -333,20 +334,10 @@ def import_spear(
         for k, v in student.state_dict().items()
         if not k.startswith("heads.") and not k.endswith("._extra_state")
     }
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise SpearFormatError(
-            f"{src!r} does not match its config.json: {len(missing)} weights missing "
-            f"{missing[:3]}, {len(extra)} unexpected {extra[:3]}"
-        )
-    bad = [k for k, v in state.items() if v.shape != expected[k].shape]
-    if bad:
-        k = bad[0]
-        raise SpearFormatError(
-            f"{src!r}: {len(bad)} weights have other shapes than config.json implies "
-            f"(first: {k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)})"
-        )
+    try:
+        check_state(expected, state, f"{src!r} does not match its config.json:")
+    except CheckpointError as err:
+        raise SpearFormatError(str(err)) from None
     student.load_state_dict(state, strict=False)
     return student.eval()
 

@@ -30,37 +30,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spear.checkpoints import CheckpointError, load_weights, weights_in_dir
+from spear.checkpoints import CheckpointError, check_state, load_weights, weights_in_dir
 from spear.stages.teachers.dasheng import DashengArch, dasheng_06b, dasheng_12b, dasheng_base
 from spear.stages.teachers.wavlm import WavLMArch
 
 # -- the one strict loader ------------------------------------------------------------------------
 
 
-def _keys(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(repr(k) for k in keys[:limit])
-    return f"{len(keys)} ({shown}{', ...' if len(keys) > limit else ''})"
-
-
 def load_strict(model: nn.Module, state: Mapping[str, Tensor], what: str) -> nn.Module:
     """Copy ``state`` (our key names) into ``model``: every shape must fit, every key the model
-    has must be there and no other; else one :class:`CheckpointError` naming the keys (``what``
-    names the model in it). On the meta device only keys and shapes are checked."""
-    expected = model.state_dict()
-    wrong = [
-        f"{k!r} has shape {tuple(v.shape)}, the architecture expects {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and tuple(expected[k].shape) != tuple(v.shape)
-    ]
-    if wrong:
-        more = f"; and {len(wrong) - 3} more" if len(wrong) > 3 else ""
-        raise CheckpointError(f"{what} weight " + "; ".join(wrong[:3]) + more)
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{what} weights do not fit: missing {_keys(missing)}, unexpected {_keys(unexpected)}"
-        )
+    has must be there and no other (:func:`spear.checkpoints.check_state`, whose error names the
+    keys; ``what`` names the model in it). On the meta device only keys and shapes are checked."""
+    check_state(model.state_dict(), state, what)
     model.load_state_dict(state, strict=True)
     return model
 

@@ -163,8 +163,8 @@ def _variant(tmp_path: Path, **changes: object) -> str:
         ({"causal": True}, "causal"),
         ({"output_downsampling_factor": 2}, "output_downsampling_factor 2"),
         ({"architectures": ["WavLMModel"]}, "not a SPEAR release"),
-        ({"encoder_dim": "16,16,32,32,32,16,24"}, "weights have other shapes"),
-        ({"num_encoder_layers": "1,1,1,3,1,1,1"}, "weights missing"),
+        ({"encoder_dim": "16,16,32,32,32,16,24"}, "has shape"),
+        ({"num_encoder_layers": "1,1,1,3,1,1,1"}, "do not fit: missing"),
         ({"num_heads": "1,x"}, "not comma-separated integers"),
     ],
 )
