@@ -11,7 +11,7 @@ import pytest
 
 from spear.cli.main import main
 from spear.formats import SAMPLE_RATE, audio_from_bytes, read_metadata
-from spear.pipeline.manifest import read_manifest
+from spear.formats.manifest import read_manifest
 from spear.storage import StorageConfig, filesystem
 from spear.synth import write_corpus
 

@@ -11,8 +11,8 @@ import pytest
 
 from spear.cli.main import run
 from spear.formats import EMBEDDING_DTYPE, read_metadata
+from spear.formats.manifest import read_manifest
 from spear.pipeline.embed import EmbedConfig, select_items
-from spear.pipeline.manifest import read_manifest
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig

@@ -19,7 +19,7 @@ import torch
 
 from spear.checkpoints import load_quantizer
 from spear.cli.main import run
-from spear.pipeline.manifest import read_manifest
+from spear.formats.manifest import read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.shards.schema import codes_from_bytes, read_token_teachers

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spear.cli.main import run
-from spear.pipeline.manifest import read_manifest
+from spear.formats.manifest import read_manifest
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.storage import StorageConfig
 from spear.student.config import StudentConfig
