@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from rates import device_name, record  # benchmarks/rates.py
 
-from spear.pipeline.manifest import build_manifest, read_manifest
+from spear.formats.manifest import read_manifest
+from spear.pipeline.manifest import build_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.pipeline.tokenize import run_tokenize
 from spear.quantizer.config import QuantizerEncodeConfig

@@ -401,7 +401,7 @@ _PLAN_CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pyarrow as pa, pyarrow.compute as pc
 from spear.pipeline.job import check_plan, make_plan, sorted_units, unit_rows
-from spear.pipeline.manifest import read_manifest
+from spear.formats.manifest import read_manifest
 from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
 from spear.storage import StorageConfig
 manifest, out = sys.argv[1], sys.argv[2]

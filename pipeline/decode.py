@@ -1,18 +1,26 @@
-"""The decode job: a manifest -> 16 kHz mono int16 audio shards + quarantine, resumably.
+"""The decode job: a validation pass over a manifest -> quarantine + report (and 16 kHz parts).
+
+What it is for: finding, before a GPU job runs, which items of a manifest decode and which
+would be quarantined (and why), and how fast decoding runs on this cluster. No spear job reads
+its audio: tokenize, embed, features and the student decode each item from the original file
+(checked against the manifest's ``file_version``), so the audio parts it writes are a
+by-product for a person or an outside tool (``spear decode --check-only`` skips them), read
+with :func:`spear.formats.audio.read_audio_part`. Its quarantine is the one the later jobs
+will find at decode.
 
 Steps:
 1. Read the manifest's part list; each manifest part is one decode task (the resume unit).
 2. For every part without an output yet (Ray Data ``map_batches``, one part a row): decode its
    rows with :func:`spear.stages.decode.decode_batch` a batch at a time (at most
-   ``rows_per_batch`` items and :data:`BATCH_SECONDS` of audio), streaming each batch into
+   ``rows_per_batch`` items and :data:`ROW_GROUP_SECONDS` of audio), streaming each batch into
    ``audio/part-*.parquet`` as a row group (memory per task: one batch, whatever the part's
    size); write ``quarantine/part-*.parquet``, then let the audio part appear whole (the commit
    marker; with ``--check-only`` an empty-schema marker holding only the item ids that
    decoded).
 3. Write ``_SUCCESS.json``: items decoded and quarantined (per reason), hours, x real time.
 
-The audio shards hold the audio-batch columns (``spear.formats.AUDIO_BATCH_COLUMNS``) plus the
-manifest columns: a 16 kHz cache that later stages can read instead of the original files.
+The audio parts hold the manifest's columns, ``num_samples`` and ``audio``
+(:mod:`spear.formats.audio`, ``schema: audio_shard``).
 """
 
 from __future__ import annotations
@@ -36,24 +44,21 @@ import pyarrow.parquet as pq
 
 from spear.credentials import redact
 from spear.errors import SpearError
-from spear.formats import (
-    MANIFEST_SCHEMA,
-    SAMPLE_RATE,
-    parquet_bytes,
-    quarantine_table,
-    with_metadata,
-)
-from spear.pipeline.manifest import require_finished
+from spear.formats.audio import SAMPLE_RATE, audio_shard_schema, audio_shard_table
+from spear.formats.manifest import require_finished
+from spear.formats.parquet import parquet_bytes
+from spear.formats.quarantine import quarantine_table
 from spear.ray_utils import RayConfig, init_ray
 from spear.stages.decode import DecodeConfig, decode_batch, split_decoded
 from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
-AUDIO_SHARD_VERSION = 1
 SUCCESS = "_SUCCESS.json"
-BATCH_SECONDS = 600.0
-"""Most audio a decode batch holds (10 min: 19 MB of int16); a longer item is a batch alone."""
+ROW_GROUP_SECONDS = 600.0
+"""Most audio a task decodes and holds at once, written as one row group of its part (10 min:
+19 MB of int16); a longer item is a row group alone. (Not the teachers' ``batch_seconds``,
+which is the padded audio of one forward pass.)"""
 
 
 @dataclass
@@ -111,7 +116,7 @@ def _decode_part(
     storage: StorageConfig,
     check_only: bool,
     rows_per_batch: int,
-    batch_seconds: float = BATCH_SECONDS,
+    row_group_seconds: float = ROW_GROUP_SECONDS,
 ) -> dict[str, Any]:
     """Ray Data map_batches: decode whole manifest parts, write their outputs."""
     stats: dict[str, list[Any]] = {
@@ -127,11 +132,12 @@ def _decode_part(
         rows = pq.read_table(io.BytesIO(read_bytes(join(manifest, part), storage)))
         quarantine: list[dict[str, str]] = []
         decoded = samples = 0
-        with _StreamedParquet(join(out, "audio", part), _audio_schema(check_only), storage) as w:
+        schema = audio_shard_schema(check_only)
+        with _StreamedParquet(join(out, "audio", part), schema, storage) as w:
             # One batch of items decoded and written at a time (a row group each): what the
             # task holds is one batch's audio, whatever the part's size.
             dur = rows["duration"].to_numpy() if "duration" in rows.column_names else None
-            for a, b in _batches(rows.num_rows, dur, rows_per_batch, batch_seconds):
+            for a, b in _batches(rows.num_rows, dur, rows_per_batch, row_group_seconds):
                 sub = rows.slice(a, b - a)
                 got = decode_batch(
                     {c: sub[c].to_numpy(zero_copy_only=False) for c in sub.column_names},
@@ -141,7 +147,7 @@ def _decode_part(
                 ok, bad = split_decoded(got)
                 del got
                 quarantine += bad
-                table = _audio_table(ok, check_only)
+                table = audio_shard_table(ok, check_only)
                 del ok
                 w.write(table)
                 decoded += table.num_rows
@@ -224,24 +230,6 @@ class _StreamedParquet:
         self.file.close()
         if self.local:
             os.replace(self.path, self.target)
-
-
-def _audio_schema(check_only: bool) -> pa.Schema:
-    fields = [MANIFEST_SCHEMA.field(n) for n in MANIFEST_SCHEMA.names]
-    fields.append(pa.field("num_samples", pa.int64(), nullable=False))
-    if not check_only:
-        fields.append(pa.field("audio", pa.binary(), nullable=False))
-    meta = {"sample_rate": SAMPLE_RATE, "sample_format": "int16le", "check_only": check_only}
-    return with_metadata(pa.schema(fields), "audio_shard", AUDIO_SHARD_VERSION, **meta)
-
-
-def _audio_table(ok: dict[str, np.ndarray], check_only: bool) -> pa.Table:
-    schema = _audio_schema(check_only)
-    if not ok or len(ok.get("url", [])) == 0:
-        return schema.empty_table()
-    return pa.table(
-        {n: pa.array(ok[n], type=schema.field(n).type) for n in schema.names}, schema=schema
-    )
 
 
 def run_decode(

@@ -13,9 +13,10 @@ Steps (the skeleton of ``pipeline/job.py``):
    items and run the teacher, then a Datasink that builds and commits ``quarantine/shard-N``
    and ``embeddings/shard-N`` (``spear/commit.py``). Embeddings never reach the driver.
 
-Output under ``--out``: ``embeddings/shard-NNNNN.parquet`` (EMBEDDING_SHARD_SCHEMA, metadata:
-teacher, layer, dim, frame rate, checkpoint sha256), ``quarantine/shard-NNNNN.parquet``,
-``_work/``, ``_SUCCESS.json``.
+Output under ``--out`` (the format: :mod:`spear.formats.embeddings`):
+``embeddings/shard-NNNNN.parquet`` (metadata: teacher, layer, dim, frame rate, checkpoint
+sha256), ``quarantine/shard-NNNNN.parquet``, ``index.parquet`` (the committed shards, written
+once all are: what readers read), ``_work/``, ``_SUCCESS.json``.
 """
 
 from __future__ import annotations
@@ -33,16 +34,11 @@ import pyarrow as pa
 
 from spear.configio import to_dict
 from spear.errors import SpearError
-from spear.formats import (
-    EMBEDDING_SHARD_SCHEMA,
-    EMBEDDING_SHARD_VERSION,
-    parquet_bytes,
-    quarantine_row,
-    quarantine_table,
-    with_metadata,
-)
+from spear.formats.embeddings import embedding_shard_table, shard_path, write_embedding_index
+from spear.formats.manifest import read_manifest
+from spear.formats.parquet import parquet_bytes
+from spear.formats.quarantine import quarantine_row, quarantine_table
 from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
-from spear.pipeline.manifest import read_manifest
 from spear.pipeline.settings import EmbedConfig
 from spear.ray_utils import RayConfig
 from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
@@ -149,7 +145,7 @@ def run_embed(
         out=out,
         unit_prefix="shard",
         columns=(*COLUMNS, *PROVENANCE_COLUMNS),  # decode checks them: `changed`
-        outputs=lambda n: [f"quarantine/{n}.parquet", f"embeddings/{n}.parquet"],
+        outputs=lambda n: [f"quarantine/{n}.parquet", shard_path(n)],
         actors=[
             ActorStage(
                 name=spec.name,
@@ -179,6 +175,7 @@ def run_embed(
     summary.quarantined = dict(q)
     summary.wall_seconds = time.time() - t0
     report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
+    write_embedding_index(out, run.entries, storage)  # what readers read: the committed shards
     write_atomic(join(out, SUCCESS), json.dumps(report, indent=1).encode(), storage)
     return summary
 
@@ -216,27 +213,19 @@ class EmbeddingShardWriter:
                 )
             else:
                 good.append(int(i))
-        meta = {
-            "teacher": spec.name,
-            "layer": self.teacher.layer or spec.layer,
-            "dim": spec.dim,
-            "frame_rate": spec.frame_rate,
-            "checkpoint": self.teacher.checkpoint,
-            "checkpoint_sha256": self.sha,
-            "weights": self.sha or "random",
-        }
-        schema = with_metadata(
-            EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION, **meta
-        )
         take = np.array(good, dtype=np.int64)
         frames = items["num_frames"][take].astype(np.int32)
-        table = pa.table(
-            {
-                "item_id": items["item_id"][take].astype(str).tolist(),
-                "num_frames": pa.array(frames, pa.int32()),
-                "embeddings": pa.array([bytes(x) for x in items["embeddings"][take]], pa.binary()),
-            },
-            schema=schema,
+        table = embedding_shard_table(
+            items["item_id"][take].astype(str).tolist(),
+            frames,
+            items["embeddings"][take],
+            dim=spec.dim,
+            teacher=spec.name,
+            layer=self.teacher.layer or spec.layer,
+            frame_rate=spec.frame_rate,
+            checkpoint=self.teacher.checkpoint,
+            checkpoint_sha256=self.sha,
+            weights=self.sha or "random",
         )
         by_stage: dict[str, Counter[str]] = {}
         for r in bad:
@@ -252,6 +241,6 @@ class EmbeddingShardWriter:
         }
         files = {
             f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(bad)),
-            f"embeddings/{name}.parquet": parquet_bytes(table),
+            shard_path(name): parquet_bytes(table),  # published last
         }
         return files, entry

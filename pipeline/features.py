@@ -12,8 +12,9 @@ Steps (the skeleton of ``pipeline/job.py``):
 
 Output under ``out``: ``features/part-NNNNN.parquet`` (the embedding shard layout:
 ``item_id``, ``num_frames``, ``embeddings``; metadata: checkpoint and its sha256, dim, frame
-rate, so ``spear quantizer train`` can read it too) or, with ``numpy``, ``features/ITEM_ID.npy``
-per item (float16); ``quarantine/part-NNNNN.parquet``; ``_work/``; ``_SUCCESS.json``.
+rate; :mod:`spear.formats.embeddings`, with ``index.parquet`` listing the committed parts, so
+``spear quantizer train`` can read it too) or, with ``numpy``, ``features/ITEM_ID.npy`` per
+item (float16); ``quarantine/part-NNNNN.parquet``; ``_work/``; ``_SUCCESS.json``.
 """
 
 from __future__ import annotations
@@ -28,20 +29,19 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from spear.configio import to_dict
 from spear.errors import SpearError
-from spear.formats import (
-    EMBEDDING_SHARD_SCHEMA,
-    EMBEDDING_SHARD_VERSION,
-    parquet_bytes,
-    quarantine_row,
-    quarantine_table,
-    with_metadata,
+from spear.formats.embeddings import (
+    STUDENT_FEATURES_KIND,
+    embedding_shard_table,
+    shard_path,
+    write_embedding_index,
 )
+from spear.formats.manifest import read_manifest
+from spear.formats.parquet import parquet_bytes
+from spear.formats.quarantine import quarantine_row, quarantine_table
 from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
-from spear.pipeline.manifest import read_manifest
 from spear.pipeline.settings import FeaturesConfig, Format
 from spear.ray_utils import RayConfig
 from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
@@ -50,6 +50,7 @@ from spear.storage import StorageConfig, filesystem, join, read_bytes, write_ato
 log = logging.getLogger(__name__)
 
 FRAME_RATE = 50.0
+FEATURES_DIR = "features"
 COLUMNS = ("item_id", "url", "start", "duration")
 
 
@@ -124,7 +125,7 @@ def run_features(
         columns=(*COLUMNS, *PROVENANCE_COLUMNS),  # decode checks them: `changed`
         outputs=lambda n: (
             [f"quarantine/{n}.parquet"]
-            + ([f"features/{n}.parquet"] if cfg.format == "parquet" else [])
+            + ([shard_path(n, FEATURES_DIR)] if cfg.format == "parquet" else [])
         ),
         actors=[
             ActorStage(
@@ -152,6 +153,8 @@ def run_features(
     summary.ok = summary.items - summary.quarantined
     summary.wall_seconds = time.time() - t0
     report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
+    if cfg.format == "parquet":  # the committed parts, what readers read
+        write_embedding_index(out, run.entries, storage, FEATURES_DIR)
     write_atomic(join(out, "_SUCCESS.json"), json.dumps(report, indent=1).encode(), storage)
     return summary
 
@@ -198,29 +201,20 @@ class FeaturePartWriter:
                 np.save(buf, arr)
                 files[f"features/{items['item_id'][i]}.npy"] = buf.getvalue()
         else:
-            meta = {
-                "checkpoint": self.checkpoint,
-                "checkpoint_sha256": self.sha,
-                "dim": self.dim,
-                "frame_rate": FRAME_RATE,
-                "model": "student",
-                **({"layers": list(self.layers)} if self.layers else {}),
-            }
-            schema = with_metadata(
-                EMBEDDING_SHARD_SCHEMA, "student_features", EMBEDDING_SHARD_VERSION, **meta
-            )
             take = np.array(good, dtype=np.int64)
-            table = pa.table(
-                {
-                    "item_id": items["item_id"][take].astype(str).tolist(),
-                    "num_frames": pa.array(items["num_frames"][take].astype(np.int32), pa.int32()),
-                    "embeddings": pa.array(
-                        [bytes(x) for x in items["features"][take]], pa.binary()
-                    ),
-                },
-                schema=schema,
+            table = embedding_shard_table(
+                items["item_id"][take].astype(str).tolist(),
+                items["num_frames"][take],
+                items["features"][take],
+                dim=self.dim,
+                kind=STUDENT_FEATURES_KIND,
+                checkpoint=self.checkpoint,
+                checkpoint_sha256=self.sha,
+                frame_rate=FRAME_RATE,
+                model="student",
+                **({"layers": list(self.layers)} if self.layers else {}),
             )
-            files[f"features/{name}.parquet"] = parquet_bytes(table)
+            files[shard_path(name, FEATURES_DIR)] = parquet_bytes(table)
         by_stage: dict[str, Counter[str]] = {}
         for r in bad:
             by_stage.setdefault(r["stage"], Counter())[r["error_type"]] += 1
@@ -229,6 +223,7 @@ class FeaturePartWriter:
             "items": len(order),
             "rows": len(good),
             "quarantined": len(bad),
+            "frames": int(items["num_frames"][np.array(good, dtype=np.int64)].sum()),
             "audio_seconds": float(items["num_samples"][np.array(good, dtype=np.int64)].sum())
             / 16_000,
             "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},

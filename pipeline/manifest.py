@@ -17,6 +17,9 @@ Output layout under ``--out``::
     skipped/part-SSS-LLLLL.parquet           # SKIPPED_SCHEMA: listed paths that are no item
     _work/plan.json, _work/listing/...       # resume state
     _SUCCESS.json                            # summary of a finished run
+
+The format (schemas, :func:`~spear.formats.manifest.read_manifest`) is
+:mod:`spear.formats.manifest`; this module is the job that writes it.
 """
 
 from __future__ import annotations
@@ -38,14 +41,14 @@ import pyarrow.parquet as pq
 from spear.configio import to_dict
 from spear.credentials import redact
 from spear.errors import SpearError
-from spear.formats import (
+from spear.formats.manifest import (
     MANIFEST_VERSION,
-    MANIFEST_WRITE_SCHEMA,
-    parquet_bytes,
-    quarantine_table,
+    SUCCESS,
+    manifest_table,
     skipped_table,
-    with_metadata,
 )
+from spear.formats.parquet import parquet_bytes
+from spear.formats.quarantine import quarantine_table
 from spear.ray_utils import RayConfig, init_ray
 from spear.stages.manifest import (
     ManifestConfig,
@@ -70,7 +73,6 @@ from spear.storage import (
 log = logging.getLogger(__name__)
 
 PLAN = "_work/plan.json"
-SUCCESS = "_SUCCESS.json"
 
 
 @dataclass
@@ -187,8 +189,7 @@ def _probe_batch(
             parquet_bytes(quarantine_table(res.quarantine)),
             storage,
         )
-        schema = with_metadata(MANIFEST_WRITE_SCHEMA, "manifest", MANIFEST_VERSION)
-        table = pa.Table.from_pylist(res.rows, schema=schema)
+        table = manifest_table(res.rows)
         # Written last: its presence marks the chunk done.
         write_atomic(join(out, "manifest", f"part-{part}.parquet"), parquet_bytes(table), storage)
         stats["chunk"].append(chunk)
@@ -370,33 +371,3 @@ def _summarise(out: str, storage: StorageConfig, summary: ManifestSummary) -> Ma
     summary.dropped_hours = max(0.0, dropped) / 3600
     summary.quarantined = dict(reasons)
     return summary
-
-
-def require_finished(out: str, storage: StorageConfig) -> None:
-    """Fail unless ``out`` holds a finished manifest run (a partial one would silently give
-    later stages a subset)."""
-    if not exists(join(out, SUCCESS), storage):
-        if not exists(out, storage):
-            raise SpearError(
-                f"manifest {out!r} does not exist; check the URL or run `spear manifest`"
-            )
-        raise SpearError(
-            f"{out!r} is not a finished manifest (no {SUCCESS}); run or resume `spear manifest`"
-        )
-
-
-def read_manifest(out: str, storage: StorageConfig, columns: list[str] | None = None) -> pa.Table:
-    """The manifest table of a finished run at ``out`` (only ``columns``, when given)."""
-    require_finished(out, storage)
-    fs, mpath = filesystem(join(out, "manifest"), storage)
-    if not fs.exists(mpath):
-        raise SpearError(f"no manifest at {out!r} (expected {join(out, 'manifest')})")
-    # Version 1 parts lack MANIFEST_V2_FIELDS: read as nulls (no provenance check, no seek).
-    return pq.read_table(mpath, filesystem=fs, schema=MANIFEST_WRITE_SCHEMA, columns=columns)
-
-
-def read_quarantine(out: str, storage: StorageConfig) -> pa.Table:
-    fs, qpath = filesystem(join(out, "quarantine"), storage)
-    if not fs.exists(qpath):
-        return quarantine_table([])
-    return pq.read_table(qpath, filesystem=fs)

@@ -3,9 +3,9 @@
 This is the storage side of :mod:`spear.quantizer` (a pure torch library): it reads embedding
 shards, and reads and writes quantisers and training checkpoints.
 
-Embeddings: Parquet files with :data:`spear.formats.EMBEDDING_SHARD_SCHEMA` (float16 (frames, dim)
-per item): one file, a folder searched recursively for ``*.parquet``, or a ``spear embed`` output
-folder (its ``embeddings/``), which must be finished (``_SUCCESS.json``).
+Embeddings (:mod:`spear.formats.embeddings`: float16 (frames, dim) per item): one shard file, or
+a finished ``spear embed`` (or ``spear features``) output, whose ``index.parquet`` lists the
+shards read (other files in its folders are never read).
 
 ``spear quantizer train --out OUT`` writes, in this order::
 
@@ -21,18 +21,22 @@ are refused (train into another ``--out``).
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from spear.errors import SpearError
-from spear.formats import EMBEDDING_DTYPE, read_metadata
+from spear.formats.embeddings import (
+    EmbeddingDataError,
+    committed_shards,
+    embedding_frames,
+    read_embedding_shard,
+)
+from spear.formats.parquet import read_metadata
 from spear.quantizer.config import QuantizerConfig, QuantizerDataConfig
 from spear.quantizer.data import choose_heldout, shuffled_batches
 from spear.quantizer.eval import EvalReport, evaluate, heldout_items
@@ -50,23 +54,15 @@ from spear.storage import (
     StorageConfig,
     canonical_url,
     exists,
-    filesystem,
     join,
     read_bytes,
-    unstrip,
     write_atomic,
 )
 
-EMBED_SUCCESS = "_SUCCESS.json"
-"""The marker ``spear embed`` writes when every shard is done."""
 LEGACY_CHECKPOINT = "checkpoint.pt"
 """The pickled checkpoint earlier spear versions wrote; never read."""
 SPEED_ONLY = ("device", "log_every", "checkpoint_every")
 """Train settings that do not change the result: a resume may change them."""
-
-
-class EmbeddingDataError(SpearError):
-    """Embedding shards are missing, unfinished or inconsistent."""
 
 
 # -- embeddings ------------------------------------------------------------------------------
@@ -103,62 +99,17 @@ class EmbeddingSet:
         }
 
 
-def list_shards(url: str, storage: StorageConfig) -> list[str]:
-    """The shard URLs under ``url``: missing and unfinished embeddings are one-line errors."""
-    if not exists(url, storage):
-        raise EmbeddingDataError(
-            f"no embeddings at {url!r}: nothing is there (write them with spear embed --out URL)"
-        )
-    fs, path = filesystem(url, storage)
-    if fs.isfile(path):
-        return [url]
-    base = path.rstrip("/")
-    # A `spear embed` output folder: its shards sit under embeddings/, beside the quarantine.
-    if fs.exists(base + "/_work/plan.json") or fs.isdir(base + "/embeddings"):
-        if not fs.exists(f"{base}/{EMBED_SUCCESS}"):
-            done = fs.find(base + "/embeddings") if fs.isdir(base + "/embeddings") else []
-            n = sum(p.endswith(".parquet") for p in done)
-            raise EmbeddingDataError(
-                f"embeddings {url!r} are unfinished: spear embed has written {n} shard(s) and "
-                f"no {EMBED_SUCCESS}; rerun the same spear embed command to finish them"
-            )
-        base += "/embeddings"
-    found = sorted(p for p in fs.find(base) if p.endswith(".parquet"))
-    if not found:
-        raise EmbeddingDataError(f"no embedding shards (*.parquet) under {url!r}")
-    return [unstrip(fs, p) for p in found]
-
-
-def _read_table(url: str, storage: StorageConfig, columns: list[str]) -> Any:
-    fs, path = filesystem(url, storage)
-    try:
-        with fs.open(path, "rb") as f:
-            return pq.read_table(io.BytesIO(f.read()), columns=columns)
-    except Exception as err:  # ArrowInvalid for a damaged file, KeyError for a missing column
-        raise EmbeddingDataError(
-            f"{url}: not an embedding shard ({type(err).__name__}: {err})"
-        ) from None
-
-
 def open_embeddings(
     url: str, storage: StorageConfig, data: QuantizerDataConfig, seed: int = 0
 ) -> EmbeddingSet:
     """Index the shards (item ids and frame counts only) and choose the held-out items."""
-    shards = list_shards(url, storage)
+    shards = committed_shards(url, storage)
     dims: set[int] = set()
     weights: set[str] = set()
     emb = EmbeddingSet(url=url, shards=shards, dim=0)
     for shard in shards:
-        fs, path = filesystem(shard, storage)
-        try:
-            with fs.open(path, "rb") as f:
-                pf = pq.ParquetFile(f)
-                meta = read_metadata(pf.schema_arrow)
-                table = pf.read(columns=["item_id", "num_frames"])
-        except Exception as err:  # a damaged file or another table
-            raise EmbeddingDataError(
-                f"{shard}: not an embedding shard ({type(err).__name__}: {err})"
-            ) from None
+        table = read_embedding_shard(shard, storage, ["item_id", "num_frames"])
+        meta = read_metadata(table.schema)
         if "dim" not in meta:
             raise EmbeddingDataError(f"{shard}: no 'dim' in the shard's spear metadata")
         dims.add(int(meta["dim"]))
@@ -197,7 +148,7 @@ def _frames(table: Any, dim: int, keep: set[str] | None, drop: set[str]) -> np.n
     for item, blob in zip(ids, blobs, strict=True):
         if item in drop or (keep is not None and item not in keep):
             continue
-        parts.append(np.frombuffer(blob, dtype=EMBEDDING_DTYPE).reshape(-1, dim))
+        parts.append(embedding_frames(blob, dim))
     if not parts:
         return np.zeros((0, dim), np.float32)
     return np.concatenate(parts).astype(np.float32)
@@ -209,7 +160,7 @@ def load_frames(
     """All frames (float32 (N, dim)) of ``items`` (None: all), at most ``max_frames`` (0: all)."""
     parts, total = [], 0
     for shard in emb.shards:
-        table = _read_table(shard, storage, ["item_id", "embeddings"])
+        table = read_embedding_shard(shard, storage, ["item_id", "embeddings"])
         arr = _frames(table, emb.dim, items, set())
         parts.append(arr)
         total += len(arr)
@@ -228,49 +179,10 @@ def train_batches(
         raise EmbeddingDataError(f"no training frames left under {emb.url!r}")
 
     def read(shard: int) -> np.ndarray:
-        table = _read_table(emb.shards[shard], storage, ["item_id", "embeddings"])
+        table = read_embedding_shard(emb.shards[shard], storage, ["item_id", "embeddings"])
         return _frames(table, emb.dim, None, drop)
 
     return shuffled_batches(read, len(emb.shards), emb.dim, batch_size, shuffle_frames, seed)
-
-
-def write_embedding_shards(
-    url: str,
-    x: np.ndarray,
-    *,
-    shards: int = 2,
-    item_frames: int = 50,
-    storage: StorageConfig | None = None,
-    **meta: Any,
-) -> list[str]:
-    """Write frames (N, dim) as embedding shards (float16, items of ``item_frames``) under
-    ``url``, as ``spear embed`` would (for tests and benchmarks); returns the shard URLs."""
-    import pyarrow as pa
-
-    from spear.formats import EMBEDDING_SHARD_SCHEMA, EMBEDDING_SHARD_VERSION, with_metadata
-
-    storage = storage or StorageConfig()
-    schema = with_metadata(
-        EMBEDDING_SHARD_SCHEMA, "embedding_shard", EMBEDDING_SHARD_VERSION, dim=x.shape[1], **meta
-    )
-    items = [x[i : i + item_frames] for i in range(0, len(x), item_frames)]
-    urls = []
-    for s in range(shards):
-        rows = [
-            {
-                "item_id": f"item{i:06d}",
-                "num_frames": len(a),
-                "embeddings": np.ascontiguousarray(a, EMBEDDING_DTYPE).tobytes(),
-            }
-            for i, a in enumerate(items)
-            if i % shards == s
-        ]
-        buf = io.BytesIO()
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf)
-        u = join(url, f"shard-{s:05d}.parquet")
-        write_atomic(u, buf.getvalue(), storage)
-        urls.append(u)
-    return urls
 
 
 # -- train -------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from spear import __version__
 from spear.configio import to_dict
 from spear.credentials import redact
 from spear.errors import SpearError
+from spear.formats.manifest import read_manifest
 from spear.pipeline.job import (
     PROGRESS,
     ActorStage,
@@ -45,7 +46,6 @@ from spear.pipeline.job import (
     run_units,
     sorted_units,
 )
-from spear.pipeline.manifest import read_manifest
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.ray_utils import RayConfig
 from spear.shards.schema import (

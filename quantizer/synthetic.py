@@ -3,7 +3,7 @@
 Each of ``components`` clusters has its own mean and a random ``rank``-dimensional subspace, plus
 a little isotropic noise, so the data has the clustered, anisotropic structure of real teacher
 embeddings (unlike white noise, which no quantiser can compress). Writing them as embedding
-shards: :func:`spear.pipeline.quantize.write_embedding_shards`.
+shards: :func:`spear.testing.write_embedding_shards`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@
 commit entries, plan, index, ``_SUCCESS.json``) from items the caller describes, through
 :class:`spear.shards.writer.TokenShardWriter` and the commit protocol, so it is exactly what
 ``spear tokenize`` would have written for those codes (``spear shards validate`` passes).
+:func:`write_embedding_shards` does the same for a ``spear embed`` output.
 """
 
 from __future__ import annotations
@@ -118,6 +119,51 @@ def write_token_batches(
     summary = {"items": n, "shards": len(entries)}
     write_atomic(join(out, SUCCESS_FILE), json.dumps(summary).encode(), storage)
     return entries
+
+
+def write_embedding_shards(
+    url: str,
+    x: np.ndarray,
+    *,
+    shards: int = 2,
+    item_frames: int = 50,
+    storage: StorageConfig | None = None,
+    **meta: Any,
+) -> list[str]:
+    """A finished ``spear embed`` output at ``url`` holding the frames ``x`` (N, dim) as
+    float16 items of ``item_frames`` (item ``i`` in shard ``i % shards``), with ``meta`` in
+    every shard's metadata; written and committed as the job's write tasks do, then indexed.
+    Returns the shard URLs."""
+    from spear.commit import commit_unit
+    from spear.formats.embeddings import (
+        EMBEDDING_DTYPE,
+        embedding_shard_table,
+        shard_path,
+        write_embedding_index,
+    )
+    from spear.formats.parquet import parquet_bytes
+
+    storage = storage or StorageConfig()
+    items = [x[i : i + item_frames] for i in range(0, len(x), item_frames)]
+    entries = []
+    for s in range(shards):
+        mine = [(f"item{i:06d}", a) for i, a in enumerate(items) if i % shards == s]
+        frames = np.array([len(a) for _, a in mine], dtype=np.int64)
+        table = embedding_shard_table(
+            [i for i, _ in mine],
+            frames,
+            [np.ascontiguousarray(a, EMBEDDING_DTYPE).tobytes() for _, a in mine],
+            dim=x.shape[1],
+            **meta,
+        )
+        name = f"shard-{s:05d}"
+        files = {shard_path(name): parquet_bytes(table)}
+        entry = {"unit": s, "rows": len(mine), "frames": int(frames.sum())}
+        entries.append(commit_unit(url, name, files, entry, storage))
+    write_embedding_index(url, entries, storage)
+    summary = {"embedded": len(items), "shards": shards}
+    write_atomic(join(url, SUCCESS_FILE), json.dumps(summary).encode(), storage)
+    return [join(url, shard_path(e["name"])) for e in entries]
 
 
 def cut(items: Sequence[TokenItem], items_per_shard: int) -> list[list[TokenItem]]:

@@ -225,10 +225,13 @@ KNOWN = set(MODULES)
 def test_every_library_module_is_found_and_in_a_layer() -> None:
     for folder in FOLDERS:
         assert (ROOT / "spear" / folder).resolve() == (ROOT / folder).resolve()
-    for name in ("pipeline", "stages", "quantizer", "student", "shards", "cli", "report"):
+    packages = ("pipeline", "stages", "quantizer", "student", "shards", "cli", "report", "formats")
+    for name in packages:
         assert sum(_under(m, f"spear.{name}") for m in MODULES) >= 3, name
     assert {"spear", "spear.config", "spear.plan", "spear.cli.main"} <= KNOWN
     assert [m for m in MODULES if layer_of(m) is None] == []
+    formats = [m for m in MODULES if _under(m, "spear.formats")]
+    assert {layer_of(m).name for m in formats} == {"foundations"}  # type: ignore[union-attr]
     assert {layer_of(m).name for m in MODULES} == {x.name for x in LAYERS}  # type: ignore[union-attr]
 
 
@@ -292,6 +295,9 @@ PLANTED = [
     ("spear.errors", "torch"),  # foundations: no torch, no Ray, nothing above them
     ("spear.storage", "ray"),
     ("spear.formats", "spear.shards.schema"),
+    ("spear.formats.embeddings", "spear.pipeline.quantize"),  # a format owes nothing to a job
+    ("spear.formats.manifest", "spear.pipeline.manifest"),
+    ("spear.formats.audio", "torch"),
     ("spear.configio", "spear.config"),
     ("spear.report.load", "torch"),  # report: no torch, Ray, job, stage or student
     ("spear.report.load", "spear.pipeline.job"),

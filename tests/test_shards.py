@@ -580,3 +580,31 @@ def test_ray_dataset_reads_shards_from_s3(ray_cluster: str, s3_server, tmp_path:
         assert r["wavlm_codes"] == written[r["item_id"]]["wavlm_codes"]
     ids = _ids(TokenShardDataset(out, s3_server.storage), workers=2)  # forked workers on S3
     assert sorted(ids) == sorted(written)
+
+
+def test_every_re_export_is_typed_and_lazy() -> None:
+    """``spear.shards`` loads its names on first use (``__getattr__``), which mypy types as
+    ``Any``; the ``if TYPE_CHECKING:`` imports give mypy each name from its module. They, the
+    lazy table and ``__all__`` must list the same names from the same modules, and each name
+    must resolve at run time."""
+    import ast
+
+    import spear.shards as shards
+
+    tree = ast.parse(Path(shards.__file__).read_text())
+    typed: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom) and imp.module, ast.unparse(imp)
+                for alias in imp.names:
+                    typed[alias.asname or alias.name] = imp.module.removeprefix("spear.shards.")
+    lazy = shards._MODULE_OF
+    assert typed == lazy
+    assert sorted(shards.__all__) == sorted(lazy) and len(set(shards.__all__)) == len(lazy)
+    import importlib
+
+    for name, mod in lazy.items():
+        assert getattr(shards, name) is getattr(
+            importlib.import_module(f"spear.shards.{mod}"), name
+        )

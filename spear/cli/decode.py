@@ -1,4 +1,5 @@
-"""``spear decode``: decode a manifest to 16 kHz mono int16 audio shards (and quarantine)."""
+"""``spear decode``: a validation pass over a manifest (quarantine + report; 16 kHz audio parts
+that no job reads, see :mod:`spear.pipeline.decode`)."""
 
 from __future__ import annotations
 
@@ -30,17 +31,19 @@ def decode(
     ] = None,
     check_only: Annotated[
         bool,
-        typer.Option(help="Decode everything but store no audio: a validation pass."),
+        typer.Option(help="Decode everything but store no audio parts (item ids only)."),
     ] = False,
     s3_endpoint: EndpointOpt = None,
     address: AddressOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Decode every manifest item (range reads, downmix, resample to 16 kHz, int16).
+    """Validate a manifest: decode every item (range reads, downmix, resample to 16 kHz, int16).
 
-    Items that fail become quarantine rows with their reason; the job goes on. Re-running with
-    the same --out resumes.
+    Items that fail become quarantine rows with their reason (the ones tokenize, embed and
+    features would meet); the job goes on and reports rates. The 16 kHz audio parts it writes
+    are for a person or an outside tool: no spear job reads them. Re-running with the same
+    --out resumes.
     """
     from spear.pipeline.decode import run_decode
 

@@ -138,7 +138,7 @@ def plan(
     if manifest is not None:
         if hours is not None:
             raise SpearError("give --hours or --manifest, not both")
-        from spear.pipeline.manifest import read_manifest
+        from spear.formats.manifest import read_manifest
 
         cols = ["item_id", "url", "domain", "duration", "file_duration", "file_size"]
         table = read_manifest(manifest, cfg.storage.resolved(), cols)

@@ -13,13 +13,80 @@
 * :mod:`spear.testing` - a valid tokenize output built with the real writer, for tests.
 
 Names are loaded on first use, so ``spear.shards.schema`` (imported by the teachers) pulls in
-neither torch nor fsspec.
+neither torch nor fsspec; mypy sees them through the ``TYPE_CHECKING`` imports, which
+``tests/test_shards.py`` holds equal to the lazy table.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the same names, typed for mypy (loaded lazily at run time)
+    from spear.shards.checks import (
+        MAX_EXAMPLES,
+        check_shard_table,
+        validate,
+    )
+    from spear.shards.dataset import (
+        ReadTask,
+        TokenShardDataset,
+        collate_tokens,
+        plan_reads,
+        ray_dataset,
+    )
+    from spear.shards.index import (
+        ShardEntry,
+        ShardError,
+        TokenRun,
+        list_shards,
+        open_index,
+        open_run,
+        read_table,
+        shard_teachers,
+        shard_url,
+        shard_urls,
+        teachers_of,
+    )
+    from spear.shards.schema import (
+        FRAME_FORMULAS,
+        INDEX_FILE,
+        ITEM_COLUMNS,
+        NOT_RUN_FRAMES,
+        PLAN_FILE,
+        QUARANTINE_DIR,
+        REPORT_FILE,
+        SOURCE_COLUMNS,
+        SUCCESS_FILE,
+        TOKEN_INDEX_SCHEMA,
+        TOKEN_INDEX_VERSION,
+        TOKEN_SHARD_READS,
+        TOKEN_SHARD_VERSION,
+        TOKENS_DIR,
+        TokenTeacherInfo,
+        codes_from_bytes,
+        codes_to_bytes,
+        dasheng_num_frames,
+        quarantine_path,
+        read_token_teachers,
+        shard_name,
+        token_path,
+        token_shard_metadata,
+        token_shard_schema,
+        wavlm_num_frames,
+    )
+    from spear.shards.summary import (
+        Inspection,
+        TeacherStats,
+        TokenStats,
+        inspect,
+        stats,
+    )
+    from spear.shards.writer import (
+        TokenShardWriter,
+        index_table,
+        write_index,
+    )
 
 _WHERE = {
     "schema": (
@@ -42,7 +109,61 @@ _WHERE = {
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names.split()}
 
-__all__ = sorted(_MODULE_OF)
+__all__ = [
+    "FRAME_FORMULAS",
+    "INDEX_FILE",
+    "ITEM_COLUMNS",
+    "MAX_EXAMPLES",
+    "NOT_RUN_FRAMES",
+    "PLAN_FILE",
+    "QUARANTINE_DIR",
+    "REPORT_FILE",
+    "SOURCE_COLUMNS",
+    "SUCCESS_FILE",
+    "TOKENS_DIR",
+    "TOKEN_INDEX_SCHEMA",
+    "TOKEN_INDEX_VERSION",
+    "TOKEN_SHARD_READS",
+    "TOKEN_SHARD_VERSION",
+    "Inspection",
+    "ReadTask",
+    "ShardEntry",
+    "ShardError",
+    "TeacherStats",
+    "TokenRun",
+    "TokenShardDataset",
+    "TokenShardWriter",
+    "TokenStats",
+    "TokenTeacherInfo",
+    "check_shard_table",
+    "codes_from_bytes",
+    "codes_to_bytes",
+    "collate_tokens",
+    "dasheng_num_frames",
+    "index_table",
+    "inspect",
+    "list_shards",
+    "open_index",
+    "open_run",
+    "plan_reads",
+    "quarantine_path",
+    "ray_dataset",
+    "read_table",
+    "read_token_teachers",
+    "shard_name",
+    "shard_teachers",
+    "shard_url",
+    "shard_urls",
+    "stats",
+    "teachers_of",
+    "token_path",
+    "token_shard_metadata",
+    "token_shard_schema",
+    "validate",
+    "wavlm_num_frames",
+    "write_index",
+]
+"""Every name above, lazily loaded (``tests/test_shards.py`` holds it equal to ``_WHERE``)."""
 
 
 def __getattr__(name: str) -> Any:

@@ -327,7 +327,7 @@ def manifest_run(ray_head: Head, tmp_path_factory: pytest.TempPathFactory) -> Ma
 @pytest.mark.integration
 @pytest.mark.slow  # starts a Ray head with a job server: ~1 min
 def test_submitted_manifest_job_completes(manifest_run: ManifestRun) -> None:
-    from spear.pipeline.manifest import read_manifest
+    from spear.formats.manifest import read_manifest
     from spear.storage import StorageConfig
 
     res = manifest_run.result

@@ -11,7 +11,8 @@ import pytest
 
 from spear.cli.main import main
 from spear.formats import SAMPLE_RATE, audio_from_bytes, read_metadata
-from spear.pipeline.manifest import read_manifest
+from spear.formats.audio import read_audio_part
+from spear.formats.manifest import read_manifest
 from spear.storage import StorageConfig, filesystem
 from spear.synth import write_corpus
 
@@ -44,6 +45,9 @@ def test_decode_job_local_resume(ray_cluster: str, tmp_path: Path) -> None:
         assert abs(row["num_samples"] - want) <= 2, row["url"]
         assert len(audio_from_bytes(row["audio"])) == row["num_samples"]
     good = {cf.name for cf in files if not cf.bad} - {"pcm16_8k_mono.wav"}
+    # The format's reader reads a part back (what a person or an outside tool would use).
+    part = sorted((tmp_path / "d" / "audio").iterdir())[0]
+    assert read_audio_part(str(part), StorageConfig()).num_rows == pq.read_table(part).num_rows
     assert {u.rsplit("/", 1)[1] for u in audio["url"].to_pylist()} == good
 
     # Killed half-way: two parts lost, no summary. A re-run redoes exactly those.

@@ -11,8 +11,9 @@ import pytest
 
 from spear.cli.main import run
 from spear.formats import EMBEDDING_DTYPE, read_metadata
+from spear.formats.embeddings import committed_shards, validate_embeddings
+from spear.formats.manifest import read_manifest
 from spear.pipeline.embed import EmbedConfig, select_items
-from spear.pipeline.manifest import read_manifest
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
 from spear.storage import StorageConfig
@@ -68,6 +69,9 @@ def test_embed_matches_direct_computation(manifest: str, tmp_path: Path, name: s
     want_domain = "speech" if family == "wavlm" else "audio"
     want = {r["item_id"]: r for r in rows if r["domain"] == want_domain}
     assert set(table["item_id"].to_pylist()) == set(want)
+    # The index lists every committed shard; readers read those (spear.formats.embeddings).
+    assert len(committed_shards(out, StorageConfig())) == -(-len(want) // 3)
+    assert validate_embeddings(out, StorageConfig()) == []
 
     # Tokens' ground truth: the same teacher and decode, one item at a time, no Ray.
     teacher = load_teacher(TeacherConfig(name=name))
@@ -87,6 +91,7 @@ def test_embed_matches_direct_computation(manifest: str, tmp_path: Path, name: s
     assert sorted(again["item_id"].to_pylist()) == sorted(table["item_id"].to_pylist())
     summary = json.loads((tmp_path / "e" / "_SUCCESS.json").read_text())
     assert summary["shards_done_before"] == len(shards) - 1
+    assert validate_embeddings(out, StorageConfig()) == []
 
     # Another teacher into the same output is refused.
     other = "dasheng-tiny" if family == "wavlm" else "wavlm-tiny"

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from spear.cli.main import main
-from spear.pipeline.manifest import read_manifest, read_quarantine
+from spear.formats.manifest import read_manifest
+from spear.formats.quarantine import read_quarantine
 from spear.storage import StorageConfig, filesystem, join
 from spear.synth import write_corpus
 

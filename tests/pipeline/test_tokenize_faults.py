@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from spear.cli.main import main
-from spear.pipeline.manifest import read_manifest
+from spear.formats.manifest import read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.storage import StorageConfig

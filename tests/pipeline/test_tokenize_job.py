@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from spear.cli.main import run
-from spear.pipeline.manifest import read_manifest
+from spear.formats.manifest import read_manifest
 from spear.pipeline.quantize import save_quantizer
 from spear.quantizer.mvq import Quantizer, QuantizerInfo
 from spear.shards.schema import codes_from_bytes, read_token_teachers

@@ -16,12 +16,13 @@ import pytest
 from spear.cli.main import run
 from spear.config import SpearConfig
 from spear.configio import replace
-from spear.pipeline.quantize import train_quantizer, write_embedding_shards
+from spear.pipeline.quantize import train_quantizer
 from spear.quantizer.mvq import content_id
 from spear.quantizer.serial import quantizer_to_bytes
 from spear.quantizer.synthetic import mixture_of_low_rank_gaussians
 from spear.stages.quantizers import load_quantizer
 from spear.storage import StorageConfig, exists, read_bytes
+from spear.testing import write_embedding_shards
 
 ARGS = ["--codebooks", "2", "--phase-steps", "6", "--batch-size", "64", "--device", "cpu"]
 SMALL = ["--set", "quantizer.train.codebook_size=16", "--set", "quantizer.train.log_every=4"]

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from spear.cli.main import run
-from spear.pipeline.manifest import read_manifest
+from spear.formats.embeddings import committed_shards, validate_embeddings
+from spear.formats.manifest import read_manifest
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.storage import StorageConfig
 from spear.student.config import StudentConfig
@@ -62,6 +63,9 @@ def test_features_match_the_standalone_module(ray_cluster: str, tmp_path: Path) 
         np.testing.assert_allclose(got, y[0, : r["num_frames"]].numpy(), rtol=1e-2, atol=1e-2)
     summary = json.loads((out / "_SUCCESS.json").read_text())
     assert summary["ok"] == len(rows)
+    # The parts are embedding shards with an index: the quantiser's reader reads them.
+    assert validate_embeddings(str(out), StorageConfig()) == []
+    assert len(committed_shards(str(out), StorageConfig())) == summary["parts"]
     # Re-running finds every part done.
     assert cli(*args) == 0
     assert json.loads((out / "_SUCCESS.json").read_text())["parts_done_before"] == summary["parts"]
