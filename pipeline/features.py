@@ -1,10 +1,10 @@
 """The features job: a trained student's 50 Hz frame features for every item of a manifest.
 
 Steps (the skeleton of ``pipeline/job.py``):
-1. Plan: the manifest's items sorted by id, cut into parts of ``items_per_part`` (the resume
-   unit); the plan records the items' content digest, the student checkpoint's sha256, the
-   output format and the decode settings, so a re-run with another checkpoint into the same
-   ``--out`` is refused instead of mixing features of two models.
+1. Record: the manifest's items sorted by id, cut into parts of ``items_per_part`` (the resume
+   unit); the run record (``spear/record.py``) keeps the items' content digest, the student
+   checkpoint's sha256, the output format and the decode settings, so a re-run with another
+   checkpoint into the same ``--out`` is refused instead of mixing features of two models.
 2. Ray Data runs the unfinished parts, one dataset row each (the items, no audio): the
    student's autoscaling actor pool (:class:`spear.student.features.FeatureStage`, GPU when
    asked or present), whose actors decode the items and compute the features, then a
@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,16 +35,17 @@ from spear.formats import (
     EMBEDDING_SHARD_SCHEMA,
     EMBEDDING_SHARD_VERSION,
     parquet_bytes,
-    quarantine_row,
     quarantine_table,
     with_metadata,
 )
-from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
+from spear.pipeline.job import ActorStage, UnitJob, run_units
 from spear.pipeline.manifest import read_manifest
 from spear.pipeline.settings import FeaturesConfig, Format
 from spear.ray_utils import RayConfig
+from spear.record import items_record
 from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
+from spear.units import sorted_units, split_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_features(
         "decode": to_dict(decode) | {"io_threads": None, "io_retries": None},
         **({"layers": list(layers)} if layers else {}),
     }
-    plan = make_plan(
+    record = items_record(
         "features", table, COLUMNS, decides, {"manifest": manifest, "checkpoint": checkpoint}
     )
     unit_job = UnitJob(
@@ -145,13 +145,13 @@ def run_features(
         writer=FeaturePartWriter(cfg.format, checkpoint, sha, dim, layers),
         decode=decode,
     )
-    run = run_units(unit_job, plan, table, storage, ray_cfg)
-    summary = FeaturesSummary(out=out, parts=plan.units, parts_done_before=run.done_before)
+    run = run_units(unit_job, record, table, storage, ray_cfg)
+    summary = FeaturesSummary(out=out, parts=record.units or 0, parts_done_before=run.done_before)
     summary.items = sum(int(e["items"]) for e in run.entries)
     summary.quarantined = sum(int(e["quarantined"]) for e in run.entries)
     summary.ok = summary.items - summary.quarantined
     summary.wall_seconds = time.time() - t0
-    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
+    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": record.digest}
     write_atomic(join(out, "_SUCCESS.json"), json.dumps(report, indent=1).encode(), storage)
     return summary
 
@@ -171,24 +171,9 @@ class FeaturePartWriter:
         self, part: int, items: dict[str, np.ndarray]
     ) -> tuple[dict[str, bytes], dict[str, Any]]:
         name = f"part-{part:05d}"
-        order = np.argsort(items["item_id"].astype(str), kind="stable")
-        good, bad = [], []
-        for i in order:
-            err = str(items["error_type"][i] or "")
-            if err or int(items["num_frames"][i]) == 0:
-                url = str(items["url"][i])
-                bad.append(
-                    quarantine_row(
-                        item_id=str(items["item_id"][i]),
-                        source=url,
-                        stage="decode" if err else "student",
-                        error_type=err or "too_short",
-                        message=str(items["error"][i]) or f"{url}: no student frame",
-                    )
-                )
-            else:
-                good.append(int(i))
-        files = {f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(bad))}
+        split = split_quarantine(items, stage="student", model="student", frames="num_frames")
+        good = split.good
+        files = {f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(split.quarantine))}
         if self.fmt == "numpy":
             for i in good:
                 frames = int(items["num_frames"][i])
@@ -209,7 +194,7 @@ class FeaturePartWriter:
             schema = with_metadata(
                 EMBEDDING_SHARD_SCHEMA, "student_features", EMBEDDING_SHARD_VERSION, **meta
             )
-            take = np.array(good, dtype=np.int64)
+            take = good
             table = pa.table(
                 {
                     "item_id": items["item_id"][take].astype(str).tolist(),
@@ -221,16 +206,12 @@ class FeaturePartWriter:
                 schema=schema,
             )
             files[f"features/{name}.parquet"] = parquet_bytes(table)
-        by_stage: dict[str, Counter[str]] = {}
-        for r in bad:
-            by_stage.setdefault(r["stage"], Counter())[r["error_type"]] += 1
         entry = {
             "name": name,
-            "items": len(order),
+            "items": len(split.order),
             "rows": len(good),
-            "quarantined": len(bad),
-            "audio_seconds": float(items["num_samples"][np.array(good, dtype=np.int64)].sum())
-            / 16_000,
-            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+            "quarantined": len(split.quarantine),
+            "audio_seconds": float(items["num_samples"][good].sum()) / 16_000,
+            "quarantine_by_stage": split.by_stage,
         }
         return files, entry
