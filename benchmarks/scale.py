@@ -195,7 +195,7 @@ class Bench:
         self.cluster.shutdown()
 
     def _table(self, units: int) -> pa.Table:
-        from spear.pipeline.job import cut_units
+        from spear.units import cut_units
 
         self.runs += 1
         return cut_units(
@@ -204,8 +204,9 @@ class Bench:
 
     def new(self, actors: int, units: int, stall: float = 600) -> dict[str, Any]:
         """The Ray Data path: ``run_units`` as the jobs call it."""
-        from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units
+        from spear.pipeline.job import ActorStage, UnitJob, run_units
         from spear.ray_utils import RayConfig
+        from spear.record import items_record
         from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
         from spear.stages.decode import DecodeConfig
         from spear.storage import StorageConfig
@@ -233,9 +234,9 @@ class Bench:
             decode=DecodeConfig(),
             decode_fn=stub_decode,
         )
-        plan = make_plan("bench", table, INPUT_COLUMNS, {})
+        record = items_record("bench", table, INPUT_COLUMNS, {})
         cpu0, t0 = _cpu(), time.perf_counter()
-        run = run_units(job, plan, table, StorageConfig(), RayConfig(stall_seconds=stall))
+        run = run_units(job, record, table, StorageConfig(), RayConfig(stall_seconds=stall))
         wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
         marks = run.progress.timeline if run.progress else []
         return {"wall": wall, "cpu": cpu, "units": units, "marks": marks}
@@ -400,16 +401,18 @@ def write_big_manifest(root: Path, n: int, parts: int = 20) -> None:
 _PLAN_CHILD = r"""
 import json, resource, sys, time
 import numpy as np, pyarrow as pa, pyarrow.compute as pc
-from spear.pipeline.job import check_plan, make_plan, sorted_units, unit_rows
+from spear.pipeline.job import unit_rows
 from spear.formats.manifest import read_manifest
+from spear.record import check_record, items_record
 from spear.shards.writer import INPUT_COLUMNS as RUN_COLUMNS
 from spear.storage import StorageConfig
+from spear.units import sorted_units
 manifest, out = sys.argv[1], sys.argv[2]
 t0 = time.perf_counter()
 table = read_manifest(manifest, StorageConfig(), columns=list(RUN_COLUMNS))
 table = sorted_units(table, items_per_unit=10000, max_unit_seconds=36000, what="the manifest")
-plan = make_plan("tokenize", table, RUN_COLUMNS, {}, {"manifest": manifest})
-check_plan(out, plan, 0, StorageConfig())
+plan = items_record("tokenize", table, RUN_COLUMNS, {}, {"manifest": manifest})
+check_record(out, plan, StorageConfig(), made=False)
 t1 = time.perf_counter()
 rss_plan = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 rows = unit_rows(table, RUN_COLUMNS, list(range(plan.units)))

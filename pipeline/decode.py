@@ -10,6 +10,10 @@ will find at decode.
 
 Steps:
 1. Read the manifest's part list; each manifest part is one decode task (the resume unit).
+   The run record (``spear/record.py``: the settings and the manifest parts' content, never
+   the manifest's URL) goes to ``_work/plan.json``; a re-run into the same ``--out`` must
+   record the same (a copy of the manifest elsewhere does), or it is refused naming what
+   differs.
 2. For every part without an output yet (Ray Data ``map_batches``, one part a row): decode its
    rows with :func:`spear.stages.decode.decode_batch` a batch at a time (at most
    ``rows_per_batch`` items and :data:`ROW_GROUP_SECONDS` of audio), streaming each batch into
@@ -26,6 +30,7 @@ The audio parts hold the manifest's columns, ``num_samples`` and ``audio``
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -42,15 +47,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spear.credentials import redact
 from spear.errors import SpearError
 from spear.formats.audio import SAMPLE_RATE, audio_shard_schema, audio_shard_table
 from spear.formats.manifest import require_finished
-from spear.formats.parquet import parquet_bytes
+from spear.formats.parquet import parquet_bytes, table_digest
 from spear.formats.quarantine import quarantine_table
 from spear.ray_utils import RayConfig, init_ray
+from spear.record import RunRecord, check_record
 from spear.stages.decode import DecodeConfig, decode_batch, split_decoded
-from spear.storage import StorageConfig, exists, filesystem, join, read_bytes, write_atomic
+from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +237,27 @@ class _StreamedParquet:
             os.replace(self.path, self.target)
 
 
+def decode_record(
+    mdir: str, parts: list[str], cfg: DecodeConfig, check_only: bool, storage: StorageConfig
+) -> RunRecord:
+    """The decode job's run record: its settings and the manifest's content (every part's rows,
+    under the part's name: a part is the job's unit), never the manifest's URL, so a copy of the
+    manifest resumes and a changed one is refused."""
+    h = hashlib.blake2b(digest_size=16)
+    items = 0
+    for part in parts:
+        table = pq.read_table(io.BytesIO(read_bytes(join(mdir, part), storage)))
+        h.update(part.encode() + b"\0" + table_digest(table, tuple(table.column_names)).encode())
+        items += table.num_rows
+    # Speed settings may change on resume.
+    decides = {
+        "decode": asdict(cfg) | {"io_threads": None, "io_retries": None},
+        "check_only": check_only,
+    }
+    info = {"manifest": mdir}
+    return RunRecord("decode", decides, h.hexdigest(), "manifest content", items, len(parts), info)
+
+
 def run_decode(
     manifest: str,
     out: str,
@@ -245,18 +271,12 @@ def run_decode(
     """Decode (or resume decoding) every item of ``manifest`` into ``out``."""
     t0 = time.time()
     mdir, parts = manifest_parts(manifest, storage)
-    plan = redact({"manifest": mdir, "decode": asdict(cfg), "check_only": check_only})
-    plan_url = join(out, "_work/plan.json")
-    if exists(plan_url, storage):
-        if json.loads(read_bytes(plan_url, storage)) != plan:
-            raise SpearError(f"{out!r} holds decode output of another manifest or settings")
-    else:
-        write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
-
     fs, apath = filesystem(join(out, "audio"), storage)
     have = set()
     if fs.exists(apath):
         have = {posixpath.basename(p) for p in fs.ls(apath, detail=False)}
+    record = decode_record(mdir, parts, cfg, check_only, storage)
+    check_record(out, record, storage, made=bool(have))
     todo = [p for p in parts if p not in have]
     summary = DecodeSummary(out=out, parts=len(parts), parts_done_before=len(parts) - len(todo))
     if todo:

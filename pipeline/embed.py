@@ -6,8 +6,9 @@ AudioSet balanced for Dasheng), so the job takes a seeded sample by hours or by 
 Steps (the skeleton of ``pipeline/job.py``):
 1. Select items: filter by domain, then a seeded hash order (stable across runs and machines);
    ``--hours`` keeps a prefix of it, ``--fraction`` keeps items whose hash falls below it.
-   Cut the selection into shards of ``items_per_shard`` (the resume unit); the plan records
-   the selection's content digest, the teacher and its checkpoint digest.
+   Cut the selection into shards of ``items_per_shard`` (the resume unit); the run record
+   (``spear/record.py``) keeps the selection's content digest, the teacher and its checkpoint
+   digest.
 2. Ray Data runs the unfinished shards, one dataset row each (the items, no audio): the
    teacher's autoscaling actor pool (GPU when asked or present), whose actors decode the
    items and run the teacher, then a Datasink that builds and commits ``quarantine/shard-N``
@@ -37,13 +38,15 @@ from spear.errors import SpearError
 from spear.formats.embeddings import embedding_shard_table, shard_path, write_embedding_index
 from spear.formats.manifest import read_manifest
 from spear.formats.parquet import parquet_bytes
-from spear.formats.quarantine import quarantine_row, quarantine_table
-from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units
+from spear.formats.quarantine import quarantine_table
+from spear.pipeline.job import ActorStage, UnitJob, run_units
 from spear.pipeline.settings import EmbedConfig
 from spear.ray_utils import RayConfig
+from spear.record import items_record
 from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.stages.teachers import TeacherConfig, TeacherStage, checkpoint_sha256
 from spear.storage import StorageConfig, join, write_atomic
+from spear.units import cut_units, split_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,7 @@ def run_embed(
     if table.num_rows == 0:
         raise SpearError(f"no items of the selected domain in {manifest!r}")
     table = cut_units(table, items_per_unit=cfg.items_per_shard)
-    # The weights' digest, once, on the driver: it goes into the plan (other weights at the same
+    # The weights' digest, once, on the driver: it goes into the record (other weights at the same
     # URL are refused on resume) and into every shard's metadata.
     sha = checkpoint_sha256(teacher, storage)
     speed = (
@@ -139,7 +142,7 @@ def run_embed(
         "embed": to_dict(cfg),
         "decode": to_dict(decode) | {"io_threads": None, "io_retries": None},
     }
-    plan = make_plan("embed", table, COLUMNS, decides, {"manifest": manifest})
+    record = items_record("embed", table, COLUMNS, decides, {"manifest": manifest})
     unit_job = UnitJob(
         kind=f"embed {spec.name}",
         out=out,
@@ -160,9 +163,9 @@ def run_embed(
         writer=EmbeddingShardWriter(teacher, sha),
         decode=decode,
     )
-    run = run_units(unit_job, plan, table, storage, ray_cfg)
+    run = run_units(unit_job, record, table, storage, ray_cfg)
     summary = EmbedSummary(
-        out=out, teacher=spec.name, shards=plan.units, shards_done_before=run.done_before
+        out=out, teacher=spec.name, shards=record.units or 0, shards_done_before=run.done_before
     )
     q: Counter[str] = Counter()
     for e in run.entries:
@@ -174,7 +177,7 @@ def run_embed(
     summary.hours = summary.frames / spec.frame_rate / 3600
     summary.quarantined = dict(q)
     summary.wall_seconds = time.time() - t0
-    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
+    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": record.digest}
     write_embedding_index(out, run.entries, storage)  # what readers read: the committed shards
     write_atomic(join(out, SUCCESS), json.dumps(report, indent=1).encode(), storage)
     return summary
@@ -195,25 +198,8 @@ class EmbeddingShardWriter:
     ) -> tuple[dict[str, bytes], dict[str, Any]]:
         spec = self.teacher.spec
         name = f"shard-{shard:05d}"
-        order = np.argsort(items["item_id"].astype(str), kind="stable")
-        good, bad = [], []
-        for i in order:
-            err = str(items["error_type"][i] or "")
-            where = {"item_id": str(items["item_id"][i]), "source": str(items["url"][i])}
-            if err:
-                bad.append(
-                    quarantine_row(
-                        **where, stage="decode", error_type=err, message=str(items["error"][i])
-                    )
-                )
-            elif int(items["num_frames"][i]) == 0:
-                msg = f"{int(items['num_samples'][i])} samples give no {spec.name} frame"
-                bad.append(
-                    quarantine_row(**where, stage="teacher", error_type="too_short", message=msg)
-                )
-            else:
-                good.append(int(i))
-        take = np.array(good, dtype=np.int64)
+        split = split_quarantine(items, stage="teacher", model=spec.name, frames="num_frames")
+        take = split.good
         frames = items["num_frames"][take].astype(np.int32)
         table = embedding_shard_table(
             items["item_id"][take].astype(str).tolist(),
@@ -227,20 +213,17 @@ class EmbeddingShardWriter:
             checkpoint_sha256=self.sha,
             weights=self.sha or "random",
         )
-        by_stage: dict[str, Counter[str]] = {}
-        for r in bad:
-            by_stage.setdefault(r["stage"], Counter())[r["error_type"]] += 1
         entry = {
             "name": name,
-            "items": len(order),
-            "rows": len(good),
-            "quarantined": len(bad),
+            "items": len(split.order),
+            "rows": len(take),
+            "quarantined": len(split.quarantine),
             "frames": int(frames.sum()),
             "audio_seconds": float(items["num_samples"][take].astype(np.float64).sum()) / 16_000,
-            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+            "quarantine_by_stage": split.by_stage,
         }
         files = {
-            f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(bad)),
+            f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(split.quarantine)),
             shard_path(name): parquet_bytes(table),  # published last
         }
         return files, entry

@@ -1,10 +1,10 @@
 """The features job: a trained student's 50 Hz frame features for every item of a manifest.
 
 Steps (the skeleton of ``pipeline/job.py``):
-1. Plan: the manifest's items sorted by id, cut into parts of ``items_per_part`` (the resume
-   unit); the plan records the items' content digest, the student checkpoint's sha256, the
-   output format and the decode settings, so a re-run with another checkpoint into the same
-   ``--out`` is refused instead of mixing features of two models.
+1. Record: the manifest's items sorted by id, cut into parts of ``items_per_part`` (the resume
+   unit); the run record (``spear/record.py``) keeps the items' content digest, the student
+   checkpoint's sha256, the output format and the decode settings, so a re-run with another
+   checkpoint into the same ``--out`` is refused instead of mixing features of two models.
 2. Ray Data runs the unfinished parts, one dataset row each (the items, no audio): the
    student's autoscaling actor pool (:class:`spear.student.features.FeatureStage`, GPU when
    asked or present), whose actors decode the items and compute the features, then a
@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,12 +39,14 @@ from spear.formats.embeddings import (
 )
 from spear.formats.manifest import read_manifest
 from spear.formats.parquet import parquet_bytes
-from spear.formats.quarantine import quarantine_row, quarantine_table
-from spear.pipeline.job import ActorStage, UnitJob, make_plan, run_units, sorted_units
+from spear.formats.quarantine import quarantine_table
+from spear.pipeline.job import ActorStage, UnitJob, run_units
 from spear.pipeline.settings import FeaturesConfig, Format
 from spear.ray_utils import RayConfig
+from spear.record import items_record
 from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
+from spear.units import sorted_units, split_quarantine
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def run_features(
         "decode": to_dict(decode) | {"io_threads": None, "io_retries": None},
         **({"layers": list(layers)} if layers else {}),
     }
-    plan = make_plan(
+    record = items_record(
         "features", table, COLUMNS, decides, {"manifest": manifest, "checkpoint": checkpoint}
     )
     unit_job = UnitJob(
@@ -146,13 +147,13 @@ def run_features(
         writer=FeaturePartWriter(cfg.format, checkpoint, sha, dim, layers),
         decode=decode,
     )
-    run = run_units(unit_job, plan, table, storage, ray_cfg)
-    summary = FeaturesSummary(out=out, parts=plan.units, parts_done_before=run.done_before)
+    run = run_units(unit_job, record, table, storage, ray_cfg)
+    summary = FeaturesSummary(out=out, parts=record.units or 0, parts_done_before=run.done_before)
     summary.items = sum(int(e["items"]) for e in run.entries)
     summary.quarantined = sum(int(e["quarantined"]) for e in run.entries)
     summary.ok = summary.items - summary.quarantined
     summary.wall_seconds = time.time() - t0
-    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": plan.digest}
+    report = asdict(summary) | {"checkpoint_sha256": sha, "digest": record.digest}
     if cfg.format == "parquet":  # the committed parts, what readers read
         write_embedding_index(out, run.entries, storage, FEATURES_DIR)
     write_atomic(join(out, "_SUCCESS.json"), json.dumps(report, indent=1).encode(), storage)
@@ -174,24 +175,9 @@ class FeaturePartWriter:
         self, part: int, items: dict[str, np.ndarray]
     ) -> tuple[dict[str, bytes], dict[str, Any]]:
         name = f"part-{part:05d}"
-        order = np.argsort(items["item_id"].astype(str), kind="stable")
-        good, bad = [], []
-        for i in order:
-            err = str(items["error_type"][i] or "")
-            if err or int(items["num_frames"][i]) == 0:
-                url = str(items["url"][i])
-                bad.append(
-                    quarantine_row(
-                        item_id=str(items["item_id"][i]),
-                        source=url,
-                        stage="decode" if err else "student",
-                        error_type=err or "too_short",
-                        message=str(items["error"][i]) or f"{url}: no student frame",
-                    )
-                )
-            else:
-                good.append(int(i))
-        files = {f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(bad))}
+        split = split_quarantine(items, stage="student", model="student", frames="num_frames")
+        good = split.good
+        files = {f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(split.quarantine))}
         if self.fmt == "numpy":
             for i in good:
                 frames = int(items["num_frames"][i])
@@ -201,7 +187,7 @@ class FeaturePartWriter:
                 np.save(buf, arr)
                 files[f"features/{items['item_id'][i]}.npy"] = buf.getvalue()
         else:
-            take = np.array(good, dtype=np.int64)
+            take = good
             table = embedding_shard_table(
                 items["item_id"][take].astype(str).tolist(),
                 items["num_frames"][take],
@@ -215,17 +201,13 @@ class FeaturePartWriter:
                 **({"layers": list(self.layers)} if self.layers else {}),
             )
             files[shard_path(name, FEATURES_DIR)] = parquet_bytes(table)
-        by_stage: dict[str, Counter[str]] = {}
-        for r in bad:
-            by_stage.setdefault(r["stage"], Counter())[r["error_type"]] += 1
         entry = {
             "name": name,
-            "items": len(order),
+            "items": len(split.order),
             "rows": len(good),
-            "quarantined": len(bad),
-            "frames": int(items["num_frames"][np.array(good, dtype=np.int64)].sum()),
-            "audio_seconds": float(items["num_samples"][np.array(good, dtype=np.int64)].sum())
-            / 16_000,
-            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+            "quarantined": len(split.quarantine),
+            "frames": int(items["num_frames"][good].sum()),
+            "audio_seconds": float(items["num_samples"][good].sum()) / 16_000,
+            "quarantine_by_stage": split.by_stage,
         }
         return files, entry

@@ -1,17 +1,18 @@
-"""The resumable-job skeleton of embed, tokenize and features: plan, units, workers that commit.
+"""The resumable-job skeleton of embed, tokenize and features: units, workers that commit.
 
 A job turns the items of a manifest into fixed output **units** (token shards, embedding
-shards, feature parts) and owns, here, everything such a job needs besides its stage cores:
+shards, feature parts). Its pieces live in one module each; this one drives them with Ray Data:
 
-1. **Plan** (:class:`Plan`, :func:`check_plan`): what decides the outputs (settings, teacher
-   and quantiser digests, and the *content* digest of the job's items, never the manifest's
-   URL) goes to ``_work/plan.json``. A re-run into the same ``--out`` must plan the same, or it
-   is refused with the differing keys; a copy of the manifest at another URL is the same run.
+1. **Run record** (``spear/record.py``): what decides the outputs (settings, teacher and
+   quantiser digests, and the *content* digest of the job's items, never the manifest's URL)
+   goes to ``_work/plan.json``. A re-run into the same ``--out`` must record the same, or it is
+   refused naming what differs; a copy of the manifest at another URL is the same run.
 2. **Units** (``spear/units.py``): items sorted by the job's order and cut into units of at
    most ``items_per_unit`` items and ``max_unit_seconds`` of audio, numbered from 0. Each unit
    is **one row** of a Ray Data dataset holding its items' manifest columns as an Arrow IPC
    stream (no audio): its items stay together, and a unit completes as soon as its row has
-   passed every stage.
+   passed every stage. A unit writer splits its items into output rows and quarantine rows
+   with ``spear.units.split_quarantine``.
 3. **Stages** (:class:`UnitActor`, :func:`unit_actor`): Ray Data's streaming executor runs one
    ``map_batches`` stage per actor pool (a callable class, an autoscaling
    ``ActorPoolStrategy``, one unit per call). The actor decodes the items it runs on itself,
@@ -23,21 +24,21 @@ shards, feature parts) and owns, here, everything such a job needs besides its s
    returns the winner's entry. Only the unit's small entry (counts, digests, busy seconds)
    reaches the driver, through a small actor it polls for the progress line. The driver's
    work and memory are O(units), independent of items per unit and of bytes.
-5. **Resources** (:func:`actor_resources`, :func:`check_fits`, :func:`pool_sizes`): one rule
-   for CPU/GPU shares of every actor pool, a sizing check against each pool's minimum (one
-   actor) that fails at once instead of waiting forever, and pools that start with what fits
-   now (saying so once) and grow to their size when resources free up.
+5. **Resources** (``pipeline/resources.py``): one rule for CPU/GPU shares of every actor
+   pool, a sizing check against each pool's minimum (one actor) that fails at once instead of
+   waiting forever, and pools that start with what fits now (saying so once) and grow to
+   their size when resources free up.
 6. **Driving** (:func:`run_units`): feeds progress from the entries and ends a stalled run (no
    unit finished for ``stall_seconds``) with a clear error.
 
 A job describes itself as a :class:`UnitJob` (its actor stages and unit writer) and calls
-:func:`run_units` with its plan; what it does with the entries (an index, a report) is its own.
+:func:`run_units` with its record; what it does with the entries (an index, a report) is its
+own.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import logging
 import threading
@@ -49,7 +50,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from spear.commit import (
     clean_attempts,
@@ -58,126 +58,18 @@ from spear.commit import (
     read_entries,
     recover,
 )
-from spear.credentials import redact
 from spear.errors import SpearError
-from spear.formats import table_digest
 from spear.pipeline.progress import Progress
-from spear.ray_utils import RayConfig, free_resources, init_ray
+from spear.pipeline.resources import Demand, actor_resources, cpu_share, fit_now, pool_sizes
+from spear.ray_utils import RayConfig, init_ray
+from spear.record import RunRecord, check_record
 from spear.stages.decode import DecodeConfig, decode_batch
-from spear.storage import StorageConfig, exists, forget_listings, join, read_bytes, write_atomic
-from spear.units import cut_units
+from spear.storage import StorageConfig, forget_listings, join, write_atomic
 
 log = logging.getLogger(__name__)
 
-PLAN = "_work/plan.json"
 PROGRESS = "_work/progress"
 """One timeline per invocation of a job (the report's timeline covers a resumed run whole)."""
-PLAN_VERSION = 2
-
-
-# ---------------------------------------------------------------------------------------------
-# Plan and units
-
-
-@dataclass
-class Plan:
-    """What decides a job's outputs, written to ``_work/plan.json`` and checked on resume."""
-
-    kind: str
-    """The job: ``tokenize``, ``embed`` or ``features``."""
-    decides: dict[str, Any]
-    """Settings and digests that decide which items go in which unit and what they get."""
-    items: int
-    units: int
-    digest: str
-    """Content digest of the job's items (their order and unit cut included)."""
-    info: dict[str, Any] = field(default_factory=dict)
-    """Recorded, never compared: where the manifest was read from, and similar."""
-
-    @property
-    def run_id(self) -> str:
-        """Digest of everything that decides the outputs (items and settings): the id the
-        outputs carry, equal for a resumed run, new for any other."""
-        d = {k: v for k, v in self.as_dict().items() if k != "info"}
-        text = json.dumps(d, sort_keys=True, default=str).encode()
-        return f"{self.kind}-{hashlib.blake2b(text, digest_size=8).hexdigest()}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "version": PLAN_VERSION,
-            "kind": self.kind,
-            "items": self.items,
-            "units": self.units,
-            "digest": self.digest,
-            "decides": self.decides,
-            "info": self.info,
-        }
-
-
-def make_plan(
-    kind: str,
-    table: pa.Table,
-    digest_columns: tuple[str, ...],
-    decides: dict[str, Any],
-    info: dict[str, Any] | None = None,
-) -> Plan:
-    """The plan of ``table`` (with its ``unit`` column) and the job's deciding settings."""
-    units = int(table["unit"][-1].as_py()) + 1 if table.num_rows else 0
-    digest = table_digest(table, (*digest_columns, "unit"))
-    return Plan(kind, decides, table.num_rows, units, digest, info or {})
-
-
-def sorted_units(
-    table: pa.Table, *, items_per_unit: int, what: str, max_unit_seconds: float | None = None
-) -> pa.Table:
-    """``table`` sorted by ``item_id`` and cut into units (:func:`cut_units`); a repeated item
-    id (two rows that would be one item twice) is an error naming ``what``."""
-    table = table.sort_by("item_id")
-    ids = table["item_id"].combine_chunks()
-    if len(ids) > 1 and pc.any(pc.equal(ids[1:], ids[:-1])).as_py():
-        raise SpearError(f"{what} repeats item ids")
-    return cut_units(table, items_per_unit=items_per_unit, max_unit_seconds=max_unit_seconds)
-
-
-def _diff(old: Any, new: Any, path: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))
-        return out
-    return [] if old == new else [f"{path}: {old!r} there, {new!r} now"]
-
-
-def check_plan(out: str, plan: Plan, committed: int, storage: StorageConfig) -> None:
-    """Refuse a run whose plan differs from the one that committed units into ``out``.
-
-    With nothing committed yet, the plan is (re)written: a corrected retry may change it."""
-    url = join(out, PLAN)
-    new = redact(plan.as_dict())  # the info may hold a signed URL
-    if committed and exists(url, storage):
-        old = json.loads(read_bytes(url, storage))
-        if old.get("version") != PLAN_VERSION:
-            raise SpearError(
-                f"{out!r} was written by another spear version (plan version "
-                f"{old.get('version')}); use another --out"
-            )
-        keys = ("kind", "items", "units", "digest", "decides")
-        diffs = _diff({k: old.get(k) for k in keys}, {k: new[k] for k in keys})
-        if diffs:
-            what = "; ".join(
-                d.replace("digest:", "items (manifest content):", 1) for d in diffs[:3]
-            )
-            raise SpearError(
-                f"{out!r} holds {old.get('kind')} outputs of another run ({what}"
-                f"{'; ...' if len(diffs) > 3 else ''}); use another --out"
-            )
-        return
-    if committed:
-        raise SpearError(
-            f"{out!r} holds committed outputs but no {PLAN}: cannot tell what made them; "
-            "use another --out"
-        )
-    write_atomic(url, json.dumps(new, indent=1, sort_keys=True).encode(), storage)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +107,7 @@ def unit_inputs(
     table: pa.Table, columns: Sequence[str], units: list[int]
 ) -> Callable[[int], bytes]:
     """unit -> its items' ``columns`` as Arrow IPC bytes (what :func:`unpack` reads); ``table``
-    is sorted by unit (:func:`cut_units`)."""
+    is sorted by unit (:func:`spear.units.cut_units`)."""
     unit_col = table["unit"].to_numpy()
     starts = np.searchsorted(unit_col, units, side="left")
     stops = np.searchsorted(unit_col, units, side="right")
@@ -365,125 +257,6 @@ def unit_actor(stage_cls: type) -> type:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resources
-
-
-def actor_resources(
-    device: str,
-    num_gpus: float,
-    gpus_in_cluster: bool,
-    num_cpus: float | None,
-    cpu_share: float,
-) -> dict[str, float]:
-    """CPU/GPU shares of one actor: the one rule every job's actor pools follow.
-
-    ``device="cuda"`` always asks for GPUs (an autoscaler then adds GPU nodes); ``auto`` asks
-    only when the cluster has GPUs now (a CPU-only laptop or CI cluster); ``cpu`` never.
-    ``num_cpus=None`` means 1 CPU beside a GPU, and ``cpu_share`` (see :func:`cpu_share`) for
-    an actor that computes on CPUs."""
-    gpu = device == "cuda" or (device == "auto" and gpus_in_cluster)
-    cpus = num_cpus if num_cpus is not None else (1.0 if gpu else cpu_share)
-    return {"num_cpus": cpus, "num_gpus": num_gpus if gpu else 0.0}
-
-
-def cpu_share(cluster_cpus: float, actors: int, task_cpus: float) -> float:
-    """CPUs per CPU-computing actor when the config leaves it open: what the cluster has beside
-    one of each task (decode, write), split evenly over the actors, at most 1 (2 CPUs, two
-    teachers: 0.375 each, so a decode and a write still run)."""
-    return max(0.125, min(1.0, (cluster_cpus - task_cpus) / max(actors, 1)))
-
-
-@dataclass(frozen=True)
-class Demand:
-    """What one stage of a job holds at once: ``count`` x (``num_cpus``, ``num_gpus``)."""
-
-    stage: str
-    count: int
-    num_cpus: float
-    num_gpus: float = 0.0
-    resources: dict[str, float] = field(default_factory=dict)
-
-
-def check_fits(
-    demands: list[Demand], cluster: dict[str, float], *, autoscaling: bool, free: bool = False
-) -> None:
-    """Fail at once, with a sizing message, when the stages cannot all run on ``cluster``
-    (its total resources, or with ``free`` those free now).
-
-    All of a job's actor pools (and its CPU tasks, given as demands too) must fit at once:
-    otherwise Ray waits forever for resources that never come. On an autoscaling cluster the
-    resources of now say nothing of what it will add; there the stall timeout of :func:`drive`
-    is the guard."""
-    if autoscaling:
-        return
-    has = "free" if free else "in all"
-    held = " (a submitted job's driver holds one)" if free else ""
-    cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    need_cpu = sum(d.count * d.num_cpus for d in demands)
-    need_gpu = sum(d.count * d.num_gpus for d in demands)
-    parts = ", ".join(
-        f"{d.stage} {d.count} x {d.num_cpus:g} CPU"
-        + (f" + {d.num_gpus:g} GPU" if d.num_gpus else "")
-        for d in demands
-    )
-    if need_gpu > gpus:
-        raise SpearError(
-            f"the job needs {need_gpu:g} GPUs ({parts}) but the cluster has {gpus:g} {has}: use a "
-            "cluster with GPUs, device=cpu for the teachers, or set ray.autoscaling=true if "
-            "the cluster adds GPU nodes on demand"
-        )
-    for key in sorted({k for d in demands for k in d.resources}):
-        need = sum(d.count * d.resources.get(key, 0.0) for d in demands)
-        if need > cluster.get(key, 0.0):
-            raise SpearError(
-                f"the job needs {need:g} of resource {key!r} but the cluster has "
-                f"{cluster.get(key, 0.0):g} {has}: use fewer actors or a cluster that offers it"
-            )
-    if need_cpu > cpus:
-        raise SpearError(
-            f"the job needs {need_cpu:g} CPUs at once ({parts}) but the cluster has {cpus:g} "
-            f"{has}{held}: use fewer actors or workers, fewer CPUs per actor or task, a larger "
-            "cluster, or set ray.autoscaling=true if the cluster adds nodes on demand"
-        )
-
-
-SETTLE_SECONDS = 20.0
-"""How long a job waits for resources that are held now but fit the cluster: the actors of a
-job that just ended (Ray releases them asynchronously) or a neighbour's short task."""
-
-
-def fit_now(
-    size: Callable[[float], list[Demand]], *, autoscaling: bool
-) -> tuple[dict[str, float], float]:
-    """Size a job against the cluster: ``size(cpus)`` gives its demands when it may use
-    ``cpus`` CPUs. Checks them against the cluster's resources, then against those free now,
-    waiting up to :data:`SETTLE_SECONDS` for held ones; CPUs that stay held (a submitted job's
-    driver holds one) are left out and the rest shared. Returns the free resources and the CPUs
-    the job was sized for. A job that can never run fails with a sizing message instead of
-    waiting forever."""
-    import ray
-
-    total = {k: float(v) for k, v in ray.cluster_resources().items()}
-    cpus = total.get("CPU", 0.0)
-    check_fits(size(cpus), total, autoscaling=autoscaling)
-    deadline = time.monotonic() + SETTLE_SECONDS
-    while True:
-        free = free_resources()
-        try:
-            check_fits(size(cpus), free, autoscaling=autoscaling, free=True)
-            return free, cpus
-        except SpearError:
-            if time.monotonic() < deadline:
-                time.sleep(0.5)
-                continue
-            if free.get("CPU", 0.0) >= cpus:
-                raise
-        cpus = free.get("CPU", 0.0)
-        check_fits(size(cpus), free, autoscaling=autoscaling, free=True)
-        return free, cpus
-
-
-# ---------------------------------------------------------------------------------------------
 # A whole unit job
 
 
@@ -559,15 +332,15 @@ class UnitRun:
 
 
 def run_units(
-    job: UnitJob, plan: Plan, table: pa.Table, storage: StorageConfig, ray_cfg: RayConfig
+    job: UnitJob, record: RunRecord, table: pa.Table, storage: StorageConfig, ray_cfg: RayConfig
 ) -> UnitRun:
-    """Check ``plan`` against ``job.out``, recover a killed run's leftovers, run the units not
-    yet committed (``table``: the plan's items with their ``unit`` column), and return every
-    unit's entry."""
+    """Check ``record`` against ``job.out``, recover a killed run's leftovers, run the units
+    not yet committed (``table``: the record's items with their ``unit`` column), and return
+    every unit's entry."""
     out = job.out
-    check_plan(out, plan, len(committed_names(out, storage)), storage)
+    check_record(out, record, storage, made=bool(committed_names(out, storage)))
     done = recover(out, storage, job.outputs)
-    names = [job.name(u) for u in range(plan.units)]
+    names = [job.name(u) for u in range(record.units or 0)]
     todo = [u for u, n in enumerate(names) if n not in done]
     new: dict[str, dict[str, Any]] = {}
     progress = None
@@ -586,31 +359,6 @@ def run_units(
 def _pending(table: pa.Table, todo: list[int]) -> tuple[int, float]:
     mask = np.isin(table["unit"].to_numpy(), todo)
     return int(mask.sum()), float(np.sum(table["duration"].to_numpy()[mask])) / 3600
-
-
-def pool_sizes(demands: list[Demand], asked: list[int], free: dict[str, float]) -> list[int]:
-    """How many actors of each pool (``demands``: one actor's share each, after the tasks'
-    demands) fit in ``free`` now: one of each first, then one more per pool in turn, up to
-    ``asked``."""
-    left = dict(free)
-
-    def take(d: Demand) -> bool:
-        need = {"CPU": d.num_cpus, "GPU": d.num_gpus} | d.resources
-        if any(v > left.get(k, 0.0) + 1e-9 for k, v in need.items() if v):
-            return False
-        for k, v in need.items():
-            left[k] = left.get(k, 0.0) - v
-        return True
-
-    sizes = [0] * len(demands)
-    grew = True
-    while grew:
-        grew = False
-        for i, d in enumerate(demands):
-            if sizes[i] < asked[i] and take(d):
-                sizes[i] += 1
-                grew = True
-    return [max(s, 1) for s in sizes]
 
 
 class EntryFeed:

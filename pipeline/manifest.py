@@ -1,7 +1,9 @@
 """The manifest job: sources -> listing (Ray tasks) -> header probes (Ray Data) -> Parquet.
 
 Steps:
-1. Check the output: a finished run with the same plan returns at once; another plan fails.
+1. Check the output against its run record (``spear/record.py``: sources, the settings that
+   change a good file's rows, the manifest format version): a finished run with the same
+   record returns at once; another is refused naming what differs.
 2. List each source in a Ray task (one per source and first-level folder); each task writes its
    files, sorted, as listing chunks of ``files_per_task`` under ``_work/listing/``.
 3. Probe every chunk whose manifest part is missing (Ray Data ``map_batches``, one chunk a
@@ -15,7 +17,7 @@ Output layout under ``--out``::
     manifest/part-SSS-LLLLL-CCCCC.parquet    # MANIFEST_SCHEMA; the directory is the dataset
     quarantine/part-SSS-LLLLL-CCCCC.parquet  # QUARANTINE_SCHEMA
     skipped/part-SSS-LLLLL.parquet           # SKIPPED_SCHEMA: listed paths that are no item
-    _work/plan.json, _work/listing/...       # resume state
+    _work/plan.json, _work/listing/...       # the run record, resume state
     _SUCCESS.json                            # summary of a finished run
 
 The format (schemas, :func:`~spear.formats.manifest.read_manifest`) is
@@ -50,6 +52,7 @@ from spear.formats.manifest import (
 from spear.formats.parquet import parquet_bytes
 from spear.formats.quarantine import quarantine_table
 from spear.ray_utils import RayConfig, init_ray
+from spear.record import RunRecord, check_record
 from spear.stages.manifest import (
     ManifestConfig,
     SourceConfig,
@@ -71,8 +74,6 @@ from spear.storage import (
 )
 
 log = logging.getLogger(__name__)
-
-PLAN = "_work/plan.json"
 
 
 @dataclass
@@ -211,15 +212,19 @@ _NOT_PLANNED = (
 )
 
 
-def _plan(sources: list[SourceConfig], cfg: ManifestConfig) -> dict[str, Any]:
+def manifest_record(sources: list[SourceConfig], cfg: ManifestConfig) -> RunRecord:
+    """The manifest job's run record. Its inputs are its sources: their URLs decide the item
+    ids (a hash of each file's URL), so here they are what decides the outputs, with the
+    settings that change a good file's rows and the manifest format version."""
     settings = to_dict(cfg)
     for k in _NOT_PLANNED:
         settings.pop(k)
-    return {
-        "version": MANIFEST_VERSION,
+    decides = {
+        "manifest_version": MANIFEST_VERSION,
         "sources": redact([asdict(s) for s in sources]),  # a signed URL's signature masked
         "settings": settings,
     }
+    return RunRecord("manifest", decides, digest_of="sources")
 
 
 def build_manifest(
@@ -239,28 +244,14 @@ def build_manifest(
             raise SpearError(f"source {s.url!r} does not exist")
         if _is_list_file(s.url):
             list_source(s, cfg, storage)  # reads the list only: a bad line is one error here
-    plan = _plan(sources, cfg)
-    plan_url = join(out, PLAN)
-    if exists(plan_url, storage):
-        old = json.loads(read_bytes(plan_url, storage))
-        if old.get("version") != plan["version"]:
-            raise SpearError(
-                f"{out!r} holds a manifest of format version {old.get('version')}, this spear "
-                f"writes version {plan['version']}; it stays readable, but to build or resume "
-                "one here use another --out (or delete it)"
-            )
-        if old != plan:
-            raise SpearError(
-                f"{out!r} holds a manifest built from other sources or settings; "
-                "use another --out (or delete it) to build this one"
-            )
-        if exists(join(out, SUCCESS), storage):
-            done = json.loads(read_bytes(join(out, SUCCESS), storage))
-            summary = ManifestSummary(**{**done, "wall_seconds": time.time() - t0})
-            log.info("manifest at %s is already complete", out)
-            return summary
-    else:
-        write_atomic(plan_url, json.dumps(plan, indent=1).encode(), storage)
+    # A listing or a part made by an earlier run: this run must record the same to reuse it.
+    made = exists(join(out, "_work/listing"), storage) or exists(join(out, "manifest"), storage)
+    check_record(out, manifest_record(sources, cfg), storage, made=made)
+    if made and exists(join(out, SUCCESS), storage):
+        done = json.loads(read_bytes(join(out, SUCCESS), storage))
+        summary = ManifestSummary(**{**done, "wall_seconds": time.time() - t0})
+        log.info("manifest at %s is already complete", out)
+        return summary
 
     init_ray(ray_cfg, out)
     import ray

@@ -13,14 +13,16 @@ shards read (other files in its folders are never read).
     OUT/quantizer.json           a readable copy of the quantiser's header (id, shapes, data)
     OUT/quantizer.safetensors    the quantiser; written last, so its presence means finished
 
-A killed run resumes from its checkpoint (same settings and data only); its remaining steps see
-another batch order, so its weights, and hence its id, differ from an uninterrupted run's.
-A rerun on a finished OUT with the same settings changes nothing and says so; other settings
-are refused (train into another ``--out``).
+The checkpoint and the quantiser's header keep the run record (``spear/record.py``: the recipe,
+the data settings and the embeddings' content digest). A killed run resumes from its checkpoint
+(same record only); its remaining steps see another batch order, so its weights, and hence its
+id, differ from an uninterrupted run's. A rerun on a finished OUT with the same record changes
+nothing and says so; another is refused naming what differs (train into another ``--out``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,6 +51,7 @@ from spear.quantizer.serial import (
     quantizer_to_bytes,
 )
 from spear.quantizer.train import QuantizerTrainer, fit, normalisation_stats, pick_device
+from spear.record import RunRecord, compare
 from spear.stages.quantizers import load_quantizer
 from spear.storage import (
     StorageConfig,
@@ -193,33 +196,25 @@ def _plain(obj: Any) -> Any:
     return json.loads(json.dumps(asdict(obj)))
 
 
-def job_description(
-    cfg: QuantizerConfig, embeddings: str, storage: StorageConfig
-) -> dict[str, Any]:
-    """What decides the trained quantiser: a finished or resumed OUT must have been trained
-    with the same (speed settings aside)."""
+def quantizer_record(cfg: QuantizerConfig, emb: EmbeddingSet, storage: StorageConfig) -> RunRecord:
+    """What decides the trained quantiser (the run record, ``spear/record.py``): the recipe
+    (speed settings aside), the data settings and the embeddings' content (their items, frame
+    counts, dim, teacher and weights; never their URL: a copy elsewhere is the same data). A
+    finished or resumed OUT must have been trained with the same."""
     recipe = {k: v for k, v in _plain(cfg.train).items() if k not in SPEED_ONLY}
-    return {
-        "embeddings": canonical_url(embeddings, storage),
-        "train": recipe,
-        "data": _plain(cfg.data),
-    }
-
-
-def _diff(old: Any, new: Any, path: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{path}.{k}" if path else k)
-        return out
-    return [] if old == new else [f"{path}: {old!r} there, {new!r} now"]
-
-
-def _refuse_other_job(recorded: Any, job: dict[str, Any], what: str) -> None:
-    diffs = _diff(recorded, job)
-    if diffs:
-        shown = "; ".join(diffs[:3]) + (f"; and {len(diffs) - 3} more" if len(diffs) > 3 else "")
-        raise SpearError(f"{what} with other settings or data ({shown}); use another --out")
+    h = hashlib.blake2b(digest_size=16)
+    head = {"dim": emb.dim, "teacher": emb.teacher, "layer": emb.layer, "weights": emb.weights}
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for item in sorted(emb.items):
+        h.update(f"\0{item}\0{emb.items[item]}".encode())
+    return RunRecord(
+        "quantizer",
+        {"train": recipe, "data": _plain(cfg.data)},
+        h.hexdigest(),
+        "embeddings content (items and frames)",
+        len(emb.items),
+        info={"embeddings": canonical_url(emb.url, storage), "frames": emb.total_frames},
+    )
 
 
 def train_quantizer(
@@ -232,14 +227,13 @@ def train_quantizer(
     """Train on the shards under ``embeddings`` into the folder ``out`` (see the module
     docstring): resumes from ``out``'s checkpoint; a finished ``out`` is left as it is."""
     tc = cfg.train
-    job = job_description(cfg, embeddings, storage)
+    emb = open_embeddings(embeddings, storage, cfg.data, seed=tc.seed)
+    record = quantizer_record(cfg, emb, storage)
     if exists(join(out, QUANTIZER_FILE), storage):
         q: Quantizer = load_quantizer(out, storage)
-        recorded = q.info.training.get("job")
+        recorded = q.info.training.get("record")
         if recorded is not None:  # quantisers of earlier spear versions did not record it
-            _refuse_other_job(
-                recorded, job, f"{out!r} holds the finished quantiser {q.id}, trained"
-            )
+            compare(repr(out), f"the quantiser {q.id}", recorded, record)
         report(
             f"{out} is finished: quantiser {q.id} (held-out RRL {q.info.rrl}); nothing to do "
             "(to train again, give another --out)"
@@ -253,7 +247,6 @@ def train_quantizer(
         )
     device = pick_device(tc.device)
     torch.manual_seed(tc.seed)
-    emb = open_embeddings(embeddings, storage, cfg.data, seed=tc.seed)
     heldout = torch.from_numpy(load_frames(emb, storage, set(emb.heldout_items)))
     info = QuantizerInfo(
         dim=emb.dim,
@@ -264,25 +257,23 @@ def train_quantizer(
         teacher_weights=emb.weights,
     )
     trainer = QuantizerTrainer(tc, info, device)
-    data = {"items": len(emb.items), "frames": emb.total_frames}
     ckpt_url = join(out, CHECKPOINT_FILE)
+    kept = record.as_dict()
     if exists(ckpt_url, storage):
         extra = trainer.load_state_bytes(read_bytes(ckpt_url, storage), ckpt_url)
-        what = f"{ckpt_url!r} is the checkpoint of a training"
-        recorded = {"job": extra.get("job"), "data": extra.get("data")}
-        _refuse_other_job(recorded, {"job": job, "data": data}, what)
+        compare(repr(out), f"its checkpoint {CHECKPOINT_FILE}", extra.get("record"), record)
         report(f"resumed from {ckpt_url} at step {trainer.step_count}")
     elif tc.normalise:
         frames = load_frames(emb, storage, set(emb.items) - set(emb.heldout_items), tc.norm_frames)
         trainer.quantizer.set_normalisation(*normalisation_stats(torch.from_numpy(frames)))
-    trainer.quantizer.info.training = {**emb.summary(), "config": _plain(tc), "job": job}
+    trainer.quantizer.info.training = {**emb.summary(), "config": _plain(tc), "record": kept}
     # A different seed per resume: replaying the exact batch order is not needed.
     batches = train_batches(
         emb, storage, tc.batch_size, cfg.data.shuffle_frames, tc.seed + trainer.step_count
     )
 
     def checkpoint(tr: QuantizerTrainer) -> None:
-        write_atomic(ckpt_url, tr.state_bytes({"job": job, "data": data}), storage)
+        write_atomic(ckpt_url, tr.state_bytes({"record": kept}), storage)
 
     rounds = cfg.encode.refine_rounds
     q = fit(trainer, batches, heldout, refine_rounds=rounds, report=report, checkpoint=checkpoint)

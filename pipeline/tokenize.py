@@ -4,8 +4,9 @@ Steps (the skeleton of ``pipeline/job.py``):
 1. Plan, on the driver before any cluster work: read the finished manifest's job columns,
    keep the domains the configured teachers cover, sort by item id and cut into shards of at
    most ``items_per_shard`` items and ``max_shard_hours`` of audio. Load each teacher's
-   quantiser header (its id, C, K) and the checkpoint digest. The plan (with the items'
-   content digest) goes to ``_work/plan.json``; a re-run must plan the same, or it is refused.
+   quantiser header (its id, C, K) and the checkpoint digest. The run record (``spear/record.py``:
+   these and the items' content digest) goes to ``_work/plan.json``; a re-run must record the
+   same, or it is refused naming what differs.
 2. Ray Data runs the unfinished shards, one dataset row each (the shard's item list, no
    audio): one autoscaling actor pool per teacher (``map_batches``; GPU when asked or present)
    whose actors decode the items they run on and run the teacher and its quantiser, so audio
@@ -38,16 +39,10 @@ from spear.configio import to_dict
 from spear.credentials import redact
 from spear.errors import SpearError
 from spear.formats.manifest import read_manifest
-from spear.pipeline.job import (
-    PROGRESS,
-    ActorStage,
-    UnitJob,
-    make_plan,
-    run_units,
-    sorted_units,
-)
+from spear.pipeline.job import PROGRESS, ActorStage, UnitJob, run_units
 from spear.quantizer.config import QuantizerEncodeConfig
 from spear.ray_utils import RayConfig
+from spear.record import items_record
 from spear.shards.schema import (
     INDEX_FILE,
     REPORT_FILE,
@@ -66,14 +61,15 @@ from spear.stages.tokenize import (
     teacher_info,
 )
 from spear.storage import StorageConfig, join, list_names, read_bytes, write_atomic
+from spear.units import sorted_units
 
 log = logging.getLogger(__name__)
 
 SUCCESS, REPORT, INDEX = SUCCESS_FILE, REPORT_FILE, INDEX_FILE
 RUN_COLUMNS = (*INPUT_COLUMNS, *PROVENANCE_COLUMNS)
 """What a unit carries: the shard's item columns and the provenance decode checks (``changed``)
-and copies into the shard. The plan digests :data:`INPUT_COLUMNS` only: the manifest's item id
-already follows the file's version, and runs begun before keep their digests (resume)."""
+and copies into the shard. The run record digests :data:`INPUT_COLUMNS` only: the manifest's
+item id already follows the file's version."""
 SLOWEST = 10
 
 
@@ -219,7 +215,7 @@ def run_tokenize(
         max_unit_seconds=cfg.max_shard_hours * 3600 if cfg.max_shard_hours else None,
         what=f"the manifest at {manifest!r}",
     )
-    plan = make_plan(
+    record = items_record(
         "tokenize", table, INPUT_COLUMNS, _decides(job, cfg, decode, encode), {"manifest": manifest}
     )
     stages = [
@@ -252,15 +248,15 @@ def run_tokenize(
         columns=RUN_COLUMNS,
         outputs=lambda n: [quarantine_path(int(n[6:])), token_path(int(n[6:]))],
         actors=stages,
-        writer=TokenShardWriter(tuple(t.info for t in job), plan.run_id),
+        writer=TokenShardWriter(tuple(t.info for t in job), record.run_id),
         decode=decode,
         progress_seconds=cfg.progress_seconds,
     )
-    run = run_units(unit_job, plan, table, storage, ray_cfg)
+    run = run_units(unit_job, record, table, storage, ray_cfg)
     del table
-    summary = TokenizeSummary(out=out, shards=plan.units, shards_done_before=run.done_before)
+    summary = TokenizeSummary(out=out, shards=record.units or 0, shards_done_before=run.done_before)
     summary.hours_in = hours_in
-    report = _finish(out, manifest, job, plan.items, run.entries, summary, storage)
+    report = _finish(out, manifest, job, record.items or 0, run.entries, summary, storage)
     report["skipped_items"] = skipped
     report["timeline"], report["invocations"] = invocations_timeline(out, storage)
     if report["invocations"]:

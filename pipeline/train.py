@@ -12,8 +12,9 @@ Steps:
    The last ``data.val_shards`` shards are held out for the validation loss.
 3. Checkpoints go to ``OUT/train/`` (any fsspec URL); re-running the same command resumes from
    the latest one. ``FailureConfig`` retries worker failures from the latest checkpoint.
-   ``OUT/plan.json`` records the token run and quantisers; a re-run on other tokens is refused
-   before Ray starts.
+   ``OUT/plan.json`` is the run record (``spear/record.py``): the token run, the quantisers and
+   the student config; a resume onto other shards, quantisers or student config is refused
+   before Ray starts, naming what differs.
 4. While it runs: one live line on the driver (:class:`TrainConsole`), fed by rank 0's
    ``ray.train.report`` through a Ray Train callback on the controller and a Ray queue;
    ``OUT/metrics/step-*.json`` and ``OUT/tensorboard/`` from rank 0.
@@ -38,15 +39,15 @@ from typing import Any
 import torch
 
 from spear.errors import SpearError
-from spear.pipeline.job import Demand, fit_now
 from spear.pipeline.progress import fmt_seconds
+from spear.pipeline.resources import Demand, fit_now
 from spear.ray_utils import RayConfig, init_ray
+from spear.record import RunRecord, check_record
 from spear.shards.index import TokenRun, open_run
 from spear.stages.decode import DecodeConfig
 from spear.storage import (
     StorageConfig,
     check_url,
-    exists,
     filesystem,
     join,
     protocol_of,
@@ -70,7 +71,7 @@ log = logging.getLogger(__name__)
 RUN_NAME = "train"
 """Checkpoints go to ``OUT/train/checkpoint_*``."""
 PLAN_FILE = "plan.json"
-"""``OUT/plan.json``: what the run trains on and with which settings."""
+"""``OUT/plan.json``: the run record (what the run trains on and with which settings)."""
 AVERAGE_STUDENT = "student-avg.pt"
 """``OUT/student-avg.pt``: the running average of the whole run."""
 CONSOLE_EVERY = 30.0
@@ -154,33 +155,32 @@ def _has_checkpoint(out_url: str, storage: StorageConfig) -> bool:
     return fs.exists(path) and bool(fs.glob(path.rstrip("/") + "/checkpoint_*"))
 
 
-def check_plan(out_url: str, plan: dict[str, Any], storage: StorageConfig) -> None:
-    """Write ``OUT/plan.json``; a run whose OUT already holds checkpoints trained on other
-    tokens is refused (one line, before Ray starts). Without checkpoints the old plan is
-    replaced (nothing was trained on it)."""
-    where = join(out_url, PLAN_FILE)
-    if exists(where, storage):
-        old = json.loads(read_bytes(where, storage))
-        if _has_checkpoint(out_url, storage):
-            TrainedOn.from_dict(plan["trained_on"]).check_resume(
-                TrainedOn.from_dict(old.get("trained_on") or {}), out_url
-            )
-    write_atomic(where, json.dumps(plan, indent=1).encode(), storage)
-
-
-def train_plan(cfg: TrainConfig, run: TokenRun, on: TrainedOn) -> dict[str, Any]:
+def train_record(
+    cfg: TrainConfig, on: TrainedOn, *, shards: int, items: int, audio_hours: float
+) -> RunRecord:
+    """The training run's record (``spear/record.py``): the token run it reads (its id, the
+    tokenize run's content digest), the quantisers and the student config decide the outputs;
+    the whole train config and where the shards were read are recorded only (a resume may
+    train longer, on more workers, or from a copy of the shards)."""
     from spear.configio import to_dict
 
-    hours = sum(e.audio_seconds for e in run.entries) / 3600
-    return {
-        "version": 1,
-        "kind": "train",
-        "trained_on": on.as_dict(),
-        "shards": len(run.entries),
-        "items": run.num_rows,
-        "audio_hours": hours,
-        "train": to_dict(cfg),
-    }
+    return RunRecord(
+        "train",
+        {"quantizers": dict(on.quantizers), "student": to_dict(cfg.student)},
+        on.token_run,
+        "token run",
+        items,
+        shards,
+        {"trained_on": on.as_dict(), "audio_hours": audio_hours, "train": to_dict(cfg)},
+    )
+
+
+def check_train_record(out_url: str, record: RunRecord, storage: StorageConfig) -> None:
+    """Write ``OUT/plan.json``; a run whose OUT already holds checkpoints of another record
+    (other tokens, quantisers or student config) is refused naming what differs (one line,
+    before Ray starts). Without checkpoints the old record is replaced (nothing was trained)."""
+    made = _has_checkpoint(out_url, storage)
+    check_record(out_url, record, storage, made=made, path=PLAN_FILE)
 
 
 # ---------------------------------------------------------------- the live line
@@ -516,7 +516,9 @@ def run_train(
     train_files, val_files = split_shards(files, cfg)
     on = trained_on(run, shards_url)
     _check_extras(cfg, out_url, storage)
-    check_plan(out_url, train_plan(cfg, run, on), storage)
+    hours = sum(e.audio_seconds for e in run.entries) / 3600
+    record = train_record(cfg, on, shards=len(run.entries), items=run.num_rows, audio_hours=hours)
+    check_train_record(out_url, record, storage)
     init_ray(ray_cfg, out_url)
     import ray
 

@@ -41,7 +41,7 @@ def pick_device(name: str) -> torch.device:
 
 
 @dataclass
-class StepStats:
+class QuantizerStepStats:
     step: int
     phase: int
     loss: float
@@ -75,7 +75,7 @@ class QuantizerTrainer:
     def done(self) -> bool:
         return self.step_count >= 2 * self.cfg.phase_steps
 
-    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, StepStats]:
+    def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerStepStats]:
         """Loss of a normalised minibatch x (B, dim)."""
         q = self.quantizer
         logits = q.logits(x)  # (B, C, K)
@@ -89,10 +89,10 @@ class QuantizerTrainer:
         entropy = (ref - -(probs * probs.log()).sum(-1).mean()) / ref
         total = rel + logprob + self.cfg.entropy_weight * entropy
         vals = [float(v.detach()) for v in (total, rel, logprob, entropy)]
-        stats = StepStats(self.step_count, self.phase, *vals)
+        stats = QuantizerStepStats(self.step_count, self.phase, *vals)
         return total, stats
 
-    def step(self, x: torch.Tensor) -> StepStats:
+    def step(self, x: torch.Tensor) -> QuantizerStepStats:
         """One optimiser step on a minibatch (B, dim) in the teacher's space."""
         x = self.quantizer.normalise(x.to(self.device, torch.float32))
         total, stats = self.loss(x)

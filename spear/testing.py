@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from spear.formats import SAMPLE_RATE
+from spear.record import RunRecord
 from spear.shards.schema import (
     FRAME_FORMULAS,
     NOT_RUN_FRAMES,
@@ -114,8 +115,8 @@ def write_token_batches(
         entries.append(commit_unit(out, name, files, entry | {"unit": shard}, storage))
     write_index(out, entries, storage)
     n = sum(len(b["item_id"]) for b in batches)
-    plan = {"version": 2, "kind": "tokenize", "items": n, "units": len(entries), "digest": run_id}
-    write_atomic(join(out, PLAN_FILE), json.dumps(plan).encode(), storage)
+    record = RunRecord("tokenize", {}, run_id, "test items", n, len(entries))
+    write_atomic(join(out, PLAN_FILE), json.dumps(record.as_dict()).encode(), storage)
     summary = {"items": n, "shards": len(entries)}
     write_atomic(join(out, SUCCESS_FILE), json.dumps(summary).encode(), storage)
     return entries

@@ -1,10 +1,18 @@
-"""Cutting a job's items into units: shared by the jobs (``pipeline/job.py``) and by
-``spear plan``, which predicts a run's shards without importing a job."""
+"""A job's units: cutting its items into units (shared by the jobs, ``pipeline/job.py``, and by
+``spear plan``, which predicts a run's shards without importing a job), and splitting a unit's
+processed items into output rows and quarantine rows (every unit writer)."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from spear.errors import SpearError
+from spear.formats import quarantine_row
 
 
 def cut_units(
@@ -29,3 +37,82 @@ def cut_units(
             unit[start:stop] = u
             u, start = u + 1, stop
     return table.append_column("unit", pa.array(unit.astype(np.int32)))
+
+
+def sorted_units(
+    table: pa.Table, *, items_per_unit: int, what: str, max_unit_seconds: float | None = None
+) -> pa.Table:
+    """``table`` sorted by ``item_id`` and cut into units (:func:`cut_units`); a repeated item
+    id (two rows that would be one item twice) is an error naming ``what``."""
+    table = table.sort_by("item_id")
+    ids = table["item_id"].combine_chunks()
+    if len(ids) > 1 and pc.any(pc.equal(ids[1:], ids[:-1])).as_py():
+        raise SpearError(f"{what} repeats item ids")
+    return cut_units(table, items_per_unit=items_per_unit, max_unit_seconds=max_unit_seconds)
+
+
+DECODE_STAGE = "decode"
+
+
+@dataclass(frozen=True)
+class UnitSplit:
+    """A unit's processed items split for its writer (:func:`split_quarantine`)."""
+
+    order: np.ndarray
+    """Every item's row, in ``item_id`` order."""
+    good: np.ndarray
+    """Rows of the items that go to the unit's output, in ``item_id`` order."""
+    quarantine: list[dict[str, str]]
+    """One quarantine row per other item, in ``item_id`` order."""
+
+    @property
+    def by_stage(self) -> dict[str, dict[str, int]]:
+        """Quarantined items counted by stage, then by reason (the unit entry's
+        ``quarantine_by_stage``)."""
+        out: dict[str, Counter[str]] = {}
+        for r in self.quarantine:
+            out.setdefault(r["stage"], Counter())[r["error_type"]] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+
+def split_quarantine(
+    items: dict[str, np.ndarray], *, stage: str, model: str, frames: str | None = None
+) -> UnitSplit:
+    """Split a unit's items (after its stages ran) into output rows and quarantine rows, the one
+    rule every unit writer follows. A bad item is charged to the stage where it failed:
+
+    - ``decode``: it has an ``error_type`` and no audio (``num_samples == 0``): the decode stage
+      could not read, check or resample it (``io``, ``changed``, a decode ``too_short``, ...);
+    - ``stage`` (``teacher``, ``student``): it has an ``error_type`` set after it decoded (the
+      stage's own ``too_short``, an ``internal`` error), or it has none but the stage gave it
+      no frame (``frames``: the column of frame counts, when the stage does not flag that
+      itself): ``too_short``, "URL: N samples give no MODEL frame"."""
+    order = np.argsort(items["item_id"].astype(str), kind="stable")
+    err = items["error_type"].astype(str)
+    samples = items["num_samples"].astype(np.int64)
+    good: list[int] = []
+    bad: list[dict[str, str]] = []
+    for i in order:
+        url = str(items["url"][i])
+        if err[i]:
+            where, kind, message = (
+                DECODE_STAGE if samples[i] == 0 else stage,
+                str(err[i]),
+                str(items["error"][i]),
+            )
+        elif frames is not None and int(items[frames][i]) == 0:
+            where, kind = stage, "too_short"
+            message = f"{url}: {int(samples[i])} samples give no {model} frame"
+        else:
+            good.append(int(i))
+            continue
+        bad.append(
+            quarantine_row(
+                item_id=str(items["item_id"][i]),
+                source=url,
+                stage=where,
+                error_type=kind,
+                message=message,
+            )
+        )
+    return UnitSplit(order, np.array(good, dtype=np.int64), bad)

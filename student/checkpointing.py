@@ -28,7 +28,9 @@ TRAIN_STATE_VERSION = 1
 
 
 @dataclass
-class Progress:
+class TrainPosition:
+    """Where a training run stands (saved in every checkpoint, restored on resume)."""
+
     step: int = 0
     """Optimiser steps done."""
     hours: float = 0.0
@@ -62,7 +64,7 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 def train_state_dict(
     optimizer: torch.optim.Optimizer,
     scheduler: Eden,
-    progress: Progress,
+    progress: TrainPosition,
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None = None,
 ) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def load_train_state(
     scheduler: Eden,
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None = None,
-) -> Progress:
+) -> TrainPosition:
     if state.get("version") != TRAIN_STATE_VERSION:
         raise ValueError(
             f"train state version {state.get('version')} is not {TRAIN_STATE_VERSION} (written by "
@@ -96,7 +98,7 @@ def load_train_state(
     set_rng_state(state["rng"], generator)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    return Progress(
+    return TrainPosition(
         step=int(state["step"]),
         hours=float(state["hours"]),
         batches=int(state["batches"]),
@@ -109,7 +111,7 @@ def save_folder(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Eden,
-    progress: Progress,
+    progress: TrainPosition,
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None = None,
 ) -> None:
@@ -132,7 +134,7 @@ def load_folder(
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None = None,
     map_location: str | torch.device = "cpu",
-) -> Progress:
+) -> TrainPosition:
     """Restore ``model`` (weights only; its config must match) and the training state."""
     import os
 

@@ -48,7 +48,7 @@ from spear.errors import SpearError
 from spear.shards.schema import TokenTeacherInfo
 from spear.student.averaging import ModelAverage
 from spear.student.checkpointing import (
-    Progress,
+    TrainPosition,
     load_train_state,
     rng_state,
     set_rng_state,
@@ -314,7 +314,7 @@ def train_loop(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if precision == torch.float16 else None
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank)
     torch.manual_seed(cfg.seed * 1_000_003 + rank)  # dropout differs per rank
-    progress = Progress(extra={"epoch": 0})
+    progress = TrainPosition(extra={"epoch": 0})
     trained_on = TrainedOn.from_dict(config["trained_on"]) if config.get("trained_on") else None
     average = ModelAverage(unwrap(model), cfg.average_period) if rank == 0 else None
 
@@ -447,7 +447,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _metrics(
-    last: StepStats, progress: Progress, window: dict[str, float], elapsed: float
+    last: StepStats, progress: TrainPosition, window: dict[str, float], elapsed: float
 ) -> dict[str, Any]:
     steps = max(window["steps"], 1.0)
     elapsed = max(elapsed, 1e-9)
@@ -475,7 +475,7 @@ def _report_checkpoint(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     sched: Any,
-    progress: Progress,
+    progress: TrainPosition,
     generator: torch.Generator,
     scaler: torch.amp.GradScaler | None,
     rank: int,
@@ -515,7 +515,7 @@ def _restore(
     scaler: torch.amp.GradScaler | None,
     rank: int,
     device: torch.device,
-) -> Progress:
+) -> TrainPosition:
     student = torch.load(os.path.join(folder, STUDENT_FILE), map_location=device, weights_only=True)
     unwrap(model).load_state_dict(student["model"])
     state = torch.load(

@@ -46,6 +46,7 @@ FOUNDATIONS = (
     "spear.credentials",
     "spear.commit",
     "spear.units",
+    "spear.record",
 )
 TOOLS = (
     "spear.console",

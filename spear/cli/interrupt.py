@@ -15,9 +15,11 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from spear.record import RECORD_FILE
+
 _SIGNALLED = threading.Event()
 
-PLAN = "_work/plan.json"
+PLAN = RECORD_FILE
 COMMITS = "_work/commits"
 
 
@@ -51,17 +53,23 @@ def out_of(argv: Sequence[str]) -> str | None:
 
 
 def committed(out: str) -> str | None:
-    """What ``out`` holds so far, in words: units committed of the plan's (embed, tokenize,
-    features), or manifest parts written; None when there is no plan or it cannot be read
-    (storage settings come from the environment here)."""
+    """What ``out`` holds so far, in words: units committed of the run record's (embed,
+    tokenize, features), audio parts decoded, or manifest parts written; None when there is no
+    record or it cannot be read (storage settings come from the environment here)."""
     from spear.storage import StorageConfig, exists, join, list_names, read_bytes
 
     storage = StorageConfig().resolved()
     try:
         if exists(join(out, PLAN), storage):
             plan = json.loads(read_bytes(join(out, PLAN), storage))
-            names = [n for n in list_names(join(out, COMMITS), storage) if n.endswith(".json")]
-            if "units" in plan:
+            kind = plan.get("kind", "manifest")
+            if kind == "decode":
+                parts = [
+                    n for n in list_names(join(out, "audio"), storage) if n.endswith(".parquet")
+                ]
+                return f"{len(parts)} of {plan.get('units')} manifest parts decoded under {out}"
+            if kind != "manifest":
+                names = [n for n in list_names(join(out, COMMITS), storage) if n.endswith(".json")]
                 return f"{len(names)} of {plan['units']} units committed under {out}"
             parts = [
                 n for n in list_names(join(out, "manifest"), storage) if n.endswith(".parquet")

@@ -4,7 +4,7 @@ turns the shards' commit entries into ``index.parquet``."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,6 @@ import pyarrow as pa
 from spear.formats import (
     SAMPLE_RATE,
     parquet_bytes,
-    quarantine_row,
     quarantine_table,
     table_digest,
     with_metadata,
@@ -31,6 +30,7 @@ from spear.shards.schema import (
     token_shard_metadata,
 )
 from spear.storage import StorageConfig, join, write_atomic
+from spear.units import split_quarantine
 
 INPUT_COLUMNS = ("item_id", "source", "domain", "url", "start", "duration")
 """The manifest columns of an item that a shard's entry digests (with :data:`SOURCE_COLUMNS`,
@@ -52,25 +52,11 @@ class TokenShardWriter:
     ) -> tuple[dict[str, bytes], dict[str, Any]]:
         name = shard_name(shard)
         prefixes = [t.prefix for t in self.teachers]
-        order = np.argsort(items["item_id"].astype(str), kind="stable")
-        err = items["error_type"].astype(str)
-        good = [int(i) for i in order if not err[i]]
-        bad = [int(i) for i in order if err[i]]
-        qrows = [
-            quarantine_row(
-                item_id=str(items["item_id"][i]),
-                source=str(items["url"][i]),
-                stage="decode" if int(items["num_samples"][i]) == 0 else "teacher",
-                error_type=str(err[i]),
-                message=str(items["error"][i]),
-            )
-            for i in bad
-        ]
-        by_stage: dict[str, Counter[str]] = defaultdict(Counter)
-        for r in qrows:
-            by_stage[r["stage"]][r["error_type"]] += 1
+        # The teacher stage flags an item it gives no frame itself (``too_short``).
+        split = split_quarantine(items, stage="teacher", model="teacher")
+        order, good, qrows = split.order, split.good, split.quarantine
         schema, _ = token_shard_metadata(list(self.teachers), shard=shard, run_id=self.run_id)
-        take = np.array(good, dtype=np.int64)
+        take = good
         cols: dict[str, Any] = {
             "item_id": items["item_id"][take].astype(str).tolist(),
             "source": items["source"][take].astype(str).tolist(),
@@ -102,8 +88,8 @@ class TokenShardWriter:
             "name": name,
             "items": len(order),
             "rows": len(good),
-            "quarantined": len(bad),
-            "quarantine_by_stage": {k: dict(v) for k, v in by_stage.items()},
+            "quarantined": len(qrows),
+            "quarantine_by_stage": split.by_stage,
             "audio_seconds": float(secs.sum()),
             "input_digest": table_digest(
                 pa.table({c: items[c][order] for c in INPUT_COLUMNS}), INPUT_COLUMNS

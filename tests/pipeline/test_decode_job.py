@@ -26,7 +26,9 @@ def cli_ok(*args: str) -> None:
         assert e.code in (0, None), f"spear {' '.join(args)} exited {e.code}"
 
 
-def test_decode_job_local_resume(ray_cluster: str, tmp_path: Path) -> None:
+def test_decode_job_local_resume(
+    ray_cluster: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     files = write_corpus(str(tmp_path / "c"), long_minutes=1)
     m, out = str(tmp_path / "m"), str(tmp_path / "d")
     cli_ok("manifest", str(tmp_path / "c"), "--out", m, "--files-per-task", "3")
@@ -61,6 +63,34 @@ def test_decode_job_local_resume(ray_cluster: str, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "d" / "_SUCCESS.json").read_text())
     assert summary["parts_done_before"] == len(parts) - 2
     assert summary["decoded"] == audio.num_rows and summary["quarantined"] == {"io": 1}
+
+    # The run record keys on the manifest's content: a copy elsewhere resumes (nothing to do),
+    # a changed one or other settings are refused naming what differs, before any Ray work.
+    import shutil
+
+    copy = tmp_path / "elsewhere" / "m-copy"
+    shutil.copytree(tmp_path / "m", copy)
+    cli_ok("decode", "--manifest", str(copy), "--out", out)
+    summary = json.loads((tmp_path / "d" / "_SUCCESS.json").read_text())
+    assert summary["parts_done_before"] == summary["parts"] == len(parts)
+
+    def refused(*args: str) -> str:
+        with pytest.raises(SystemExit) as e:
+            main(["decode", "--out", out, *args])
+        assert e.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    err = refused("--manifest", str(copy), "--resampler", "torchaudio")
+    assert f"'{out}' holds decode outputs of another run" in err
+    assert "(decode.resampler: 'soxr' there, 'torchaudio' now)" in err
+    first = sorted((copy / "manifest").glob("*.parquet"))[0]
+    t = pq.read_table(first)
+    pq.write_table(t.slice(0, t.num_rows - 1), first)
+    err = refused("--manifest", str(copy))
+    assert "manifest content: '" in err and "items: " in err and "resampler" not in err
+    assert sorted(pq.read_table(tmp_path / "d" / "audio")["item_id"].to_pylist()) == sorted(
+        audio["item_id"].to_pylist()
+    )
 
 
 def test_decode_job_s3(ray_cluster: str, s3_server) -> None:

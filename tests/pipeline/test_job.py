@@ -1,7 +1,7 @@
-"""The job skeleton (``pipeline/job.py``): its pure parts (units, content digests, packing, the
-plan check, resources), then unit jobs on Ray Data on the session's Ray (integration): every
-unit once through a stub pipeline, the driver's memory independent of how many items (and
-bytes) a unit holds, a job asking for more actors than fit, and the sizing check."""
+"""The job skeleton (``pipeline/job.py``): its pure parts (content digests, packing), then unit
+jobs on Ray Data on the session's Ray (integration): every unit once through a stub pipeline,
+the driver's memory independent of how many items (and bytes) a unit holds, a job asking for
+more actors than fit."""
 
 from __future__ import annotations
 
@@ -19,29 +19,16 @@ import pyarrow as pa
 import pytest
 from ray import cloudpickle
 
-from spear.errors import SpearError
-from spear.pipeline.job import (
-    ActorStage,
-    Demand,
-    UnitJob,
-    actor_resources,
-    check_fits,
-    check_plan,
-    cpu_share,
-    cut_units,
-    make_plan,
-    pack,
-    run_units,
-    table_digest,
-    unpack,
-)
+from spear.formats import table_digest
+from spear.pipeline.job import ActorStage, UnitJob, pack, run_units, unpack
 from spear.ray_utils import RayConfig
+from spear.record import items_record
 from spear.shards.schema import TokenTeacherInfo
 from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
 from spear.stages.decode import DecodeConfig
 from spear.storage import StorageConfig
+from spear.units import cut_units
 
-LOCAL = StorageConfig()
 COLS = ("item_id", "url", "duration")
 
 
@@ -53,17 +40,6 @@ def _items(n: int, seconds: float = 10.0) -> pa.Table:
             "duration": np.full(n, seconds),
         }
     )
-
-
-def test_units_cut_by_items_and_by_seconds() -> None:
-    t = cut_units(_items(10), items_per_unit=4)
-    assert t["unit"].to_pylist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
-    # 25 s per unit at most: two 10 s items each, never zero (an item longer than the cap
-    # is a unit of its own).
-    t = cut_units(_items(5), items_per_unit=4, max_unit_seconds=25)
-    assert t["unit"].to_pylist() == [0, 0, 1, 1, 2]
-    t = cut_units(_items(3, seconds=100), items_per_unit=4, max_unit_seconds=25)
-    assert t["unit"].to_pylist() == [0, 1, 2]
 
 
 def test_digest_follows_content_not_layout() -> None:
@@ -91,57 +67,6 @@ def test_pack_roundtrip() -> None:
     got = unpack(pack(batch))
     assert list(got["item_id"]) == ["a", "b"] and list(got["audio"]) == [b"\x00\x01", b""]
     assert got["num_samples"].dtype == np.int64 and list(got["start"]) == [0.5, 1.5]
-
-
-def test_plan_check(tmp_path: Path) -> None:
-    out = str(tmp_path / "o")
-    table = cut_units(_items(10), items_per_unit=4)
-    plan = make_plan("tokenize", table, COLS, {"q": "mvq-1"}, {"manifest": "/a/m"})
-    check_plan(out, plan, 0, LOCAL)
-    # The same content read from elsewhere is the same run.
-    moved = make_plan("tokenize", table, COLS, {"q": "mvq-1"}, {"manifest": "s3://copy/m"})
-    check_plan(out, moved, 2, LOCAL)
-    other = make_plan("tokenize", table, COLS, {"q": "mvq-2"})
-    with pytest.raises(SpearError, match="q: 'mvq-1' there, 'mvq-2' now"):
-        check_plan(out, other, 2, LOCAL)
-    changed = cut_units(_items(11), items_per_unit=4)
-    with pytest.raises(SpearError, match="manifest content"):
-        check_plan(out, make_plan("tokenize", changed, COLS, {"q": "mvq-1"}), 2, LOCAL)
-    # With nothing committed, a corrected plan replaces the old one.
-    check_plan(out, other, 0, LOCAL)
-    check_plan(out, other, 1, LOCAL)
-
-
-def test_resource_rule_and_sizing() -> None:
-    assert actor_resources("auto", 1.0, True, None, 0.5) == {"num_cpus": 1.0, "num_gpus": 1.0}
-    assert actor_resources("auto", 1.0, False, None, 0.5) == {"num_cpus": 0.5, "num_gpus": 0.0}
-    assert actor_resources("cuda", 0.5, False, 2.0, 0.5) == {"num_cpus": 2.0, "num_gpus": 0.5}
-    assert actor_resources("cpu", 1.0, True, None, 1.0)["num_gpus"] == 0.0
-    assert cpu_share(2, 2, 1.0) == 0.5 and cpu_share(64, 2, 1.0) == 1.0
-    cluster = {"CPU": 2.0}
-    check_fits([Demand("decode", 1, 1.0), Demand("wavlm", 2, 0.5)], cluster, autoscaling=False)
-    with pytest.raises(SpearError, match="needs 3 CPUs"):
-        check_fits([Demand("decode", 1, 1.0), Demand("wavlm", 2, 1.0)], cluster, autoscaling=False)
-    with pytest.raises(SpearError, match="needs 1 GPUs"):
-        check_fits([Demand("wavlm", 1, 1.0, 1.0)], cluster, autoscaling=False)
-    check_fits([Demand("wavlm", 1, 1.0, 1.0)], cluster, autoscaling=True)
-    # `spear submit embed` on a 2-CPU head: the driver holds 1 CPU; one commit task and one
-    # actor sharing the other fit (the former decode task made it 1.375 CPUs, refused).
-    share = cpu_share(1.0, 1, 0.25)
-    free = {"CPU": 1.0}
-    check_fits([Demand("write", 1, 0.25), Demand("wavlm", 1, share)], free, autoscaling=False)
-
-
-def test_sorted_units_sort_and_refuse_repeated_ids() -> None:
-    from spear.pipeline.job import sorted_units
-
-    t = _items(5).take([4, 2, 0, 1, 3])
-    units = sorted_units(t, items_per_unit=2, max_unit_seconds=None, what="m")
-    assert units["item_id"].to_pylist() == sorted(t["item_id"].to_pylist())
-    assert units["unit"].to_pylist() == [0, 0, 1, 1, 2]
-    twice = pa.concat_tables([t, t.slice(0, 1)])
-    with pytest.raises(SpearError, match="m repeats item ids"):
-        sorted_units(twice, items_per_unit=2, max_unit_seconds=None, what="m")
 
 
 # The stubs below travel to Ray workers by value: the tests folder is not importable there.
@@ -249,10 +174,10 @@ def run(
     out: Path, shards: int, per_shard: int, offset: int = 0, unit_job: UnitJob | None = None
 ) -> tuple[list[dict], int]:
     table = cut_units(items(shards * per_shard, offset), items_per_unit=per_shard)
-    plan = make_plan("stub", table, INPUT_COLUMNS, {})
+    record = items_record("stub", table, INPUT_COLUMNS, {})
     gc.collect()
     with PeakRss() as rss:
-        result = run_units(unit_job or job(str(out)), plan, table, StorageConfig(), RayConfig())
+        result = run_units(unit_job or job(str(out)), record, table, StorageConfig(), RayConfig())
     return result.entries, rss.peak - rss.base
 
 
@@ -298,45 +223,6 @@ def test_more_actors_asked_than_fit_runs_with_those_that_do(
     assert [e["unit"] for e in entries] == list(range(6))
     said = [r.getMessage() for r in caplog.records if "room for" in r.getMessage()]
     assert len(said) == 1 and "2 of 3 t actors" in said[0], said
-
-
-@pytest.mark.integration
-def test_sizing_waits_for_resources_a_finished_job_still_holds(ray_cluster: str) -> None:
-    # Ray releases a killed actor's resources asynchronously: a job started right after
-    # another must not fail its sizing check on them (the demo runs jobs back to back).
-    import threading
-    import time
-
-    import ray
-
-    from spear.errors import SpearError
-    from spear.pipeline.job import Demand, fit_now
-
-    @ray.remote(num_cpus=2)
-    class Holder:
-        def ready(self) -> bool:
-            return True
-
-    holder = Holder.remote()  # type: ignore[attr-defined]
-    ray.get(holder.ready.remote())
-    threading.Timer(1.5, ray.kill, args=(holder,)).start()
-    t0 = time.monotonic()
-    free, _ = fit_now(lambda _: [Demand("t", 1, 2.0)], autoscaling=False)
-    assert free["CPU"] >= 2.0 and time.monotonic() - t0 >= 1.0
-    with pytest.raises(SpearError, match=r"needs 3 CPUs at once .* has 2 in all"):
-        fit_now(lambda _: [Demand("t", 1, 3.0)], autoscaling=False)  # never fits: no wait
-
-
-def test_pool_sizes_start_with_what_fits() -> None:
-    from spear.pipeline.job import pool_sizes
-
-    gpu = Demand("wavlm", 1, 1.0, 1.0)
-    small = Demand("dasheng", 1, 1.0, 0.5)
-    # 3 GPUs, 8 CPUs: one of each first (1.5 GPU), then in turn: wavlm 2 (2.5), dasheng 2 (3.0).
-    assert pool_sizes([gpu, small], [4, 2], {"CPU": 8, "GPU": 3}) == [2, 2]
-    assert pool_sizes([gpu, small], [1, 1], {"CPU": 8, "GPU": 3}) == [1, 1]
-    # Nothing fits now (an autoscaling cluster): each pool still starts with its minimum of one.
-    assert pool_sizes([gpu], [3], {"CPU": 0}) == [1]
 
 
 class _Doubler:

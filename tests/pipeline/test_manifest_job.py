@@ -85,7 +85,9 @@ def test_manifest_other_settings_refused(ray_cluster: str, tmp_path: Path, capsy
     with pytest.raises(SystemExit) as e:
         main(["manifest", str(tmp_path / "c"), "--out", out, "--speech-segment-seconds", "20"])
     assert e.value.code == 2
-    assert "other sources or settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds manifest outputs of another run" in err
+    assert "(settings.speech_segment_seconds: 30.0 there, 20.0 now)" in err
 
 
 def test_manifest_s3_domains_and_list_file(ray_cluster: str, s3_server) -> None:

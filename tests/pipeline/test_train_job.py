@@ -15,9 +15,10 @@ import torch
 from spear.errors import SpearError
 from spear.pipeline.train import (
     average_run,
-    check_plan,
+    check_train_record,
     console_text,
     run_train,
+    train_record,
 )
 from spear.ray_utils import RayConfig
 from spear.storage import StorageConfig
@@ -110,7 +111,7 @@ def test_a_job_that_cannot_fit_beside_its_driver_fails_at_once(
         deadline = time.monotonic() + 10
         while ray.available_resources().get("CPU", 0.0) > 1.0 and time.monotonic() < deadline:
             time.sleep(0.1)  # the resource view catches up within a heartbeat
-        monkeypatch.setattr("spear.pipeline.job.SETTLE_SECONDS", 2.0)
+        monkeypatch.setattr("spear.pipeline.resources.SETTLE_SECONDS", 2.0)
         cfg = _cfg(cpus_per_worker=1.0, data=dataclasses.replace(_cfg().data, prep_cpus=1.0))
         t0 = time.monotonic()
         with pytest.raises(SpearError, match=r"needs 2 CPUs at once .* has 1 free"):
@@ -171,16 +172,50 @@ def test_console_line_says_step_losses_rate_schedule_and_eta() -> None:
     assert "0.02 audio h/s" in first and "ETA 0:01:40" in first  # rank 0's rate x workers
 
 
-def test_plan_refuses_other_tokens_once_a_checkpoint_exists(tmp_path: Path) -> None:
+def _record(on: TrainedOn, cfg: TrainConfig | None = None) -> Any:
+    return train_record(cfg or _cfg(), on, shards=2, items=12, audio_hours=0.01)
+
+
+def test_record_refuses_other_tokens_once_a_checkpoint_exists(tmp_path: Path) -> None:
     out, storage = str(tmp_path / "o"), StorageConfig()
     a = TrainedOn(token_run="tokenize-a", quantizers={"wavlm": "q1"}, shards="x")
     b = TrainedOn(token_run="tokenize-b", quantizers={"wavlm": "q1"}, shards="y")
-    check_plan(out, {"trained_on": a.as_dict()}, storage)
-    check_plan(out, {"trained_on": b.as_dict()}, storage)  # nothing trained yet: replaced
-    assert json.loads((tmp_path / "o" / "plan.json").read_text())["trained_on"]["shards"] == "y"
+    check_train_record(out, _record(a), storage)
+    check_train_record(out, _record(b), storage)  # nothing trained yet: replaced
+    plan = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert plan["info"]["trained_on"]["shards"] == "y"
     (tmp_path / "o" / "train" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
-    with pytest.raises(SpearError, match="was trained on token run tokenize-b"):
-        check_plan(out, {"trained_on": a.as_dict()}, storage)
+    with pytest.raises(SpearError, match="token run: 'tokenize-b' there, 'tokenize-a' now"):
+        check_train_record(out, _record(a), storage)
+
+
+def test_resume_onto_other_shards_quantisers_or_student_is_refused_naming_it(
+    tmp_path: Path,
+) -> None:
+    out, storage = str(tmp_path / "o"), StorageConfig()
+    on = TrainedOn(token_run="tokenize-a", quantizers={"wavlm": "q1", "dasheng": "q2"})
+    check_train_record(out, _record(on), storage)
+    (tmp_path / "o" / "train" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
+    # The same tokens read from a copy, a longer run on more workers: the same run.
+    copy = dataclasses.replace(on, shards="s3://elsewhere/tokens")
+    check_train_record(out, _record(copy, _cfg(max_steps=40, num_workers=2)), storage)
+
+    def refused(record: Any) -> str:
+        with pytest.raises(SpearError) as e:
+            check_train_record(out, record, storage)
+        text = str(e.value)
+        assert text.startswith(f"'{out}' holds train outputs of another run (")
+        assert text.endswith("; use another --out")
+        return text
+
+    other_q = dataclasses.replace(on, quantizers={"wavlm": "q9", "dasheng": "q2"})
+    assert "(quantizers.wavlm: 'q1' there, 'q9' now)" in refused(_record(other_q))
+    wavlm_only = dataclasses.replace(on, quantizers={"wavlm": "q1"})
+    assert "quantizers.dasheng: 'q2' there, (none) now" in refused(_record(wavlm_only))
+    small = _cfg(student=StudentConfig(preset="base", heads=HEADS))
+    assert "student.preset: 'tiny' there, 'base' now" in refused(_record(on, small))
+    fewer = train_record(_cfg(), on, shards=1, items=6, audio_hours=0.005)
+    assert "(items: 12 there, 6 now; units: 2 there, 1 now)" in refused(fewer)
 
 
 @pytest.mark.slow  # one Ray Train run of 4 steps (~1-2 min on 2 shared cores)
@@ -203,9 +238,9 @@ def test_a_run_shows_progress_records_its_tokens_logs_and_averages(
     assert any("wavlm" in t and "audio h/s" in t and "schedule batch" in t for t in lines)
     # What it trained on: the plan, student.pt, each checkpoint.
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["trained_on"]["token_run"] == "synthetic-0"
+    assert plan["info"]["trained_on"]["token_run"] == "synthetic-0"
     state = torch.load(out / "student.pt", weights_only=True)
-    assert state["trained_on"] == plan["trained_on"]
+    assert state["trained_on"] == plan["info"]["trained_on"]
     assert set(state["trained_on"]["quantizers"]) == {"wavlm", "dasheng"}
     # TensorBoard from rank 0: every logged step.
     scalars = read_tensorboard_scalars(str(out / "tensorboard"))
@@ -227,7 +262,7 @@ def test_a_run_shows_progress_records_its_tokens_logs_and_averages(
     other = tmp_path / "other-tokens"
     write_synthetic_output(str(other), 12, (1.0, 1.8), seed=1, items_per_shard=6)
     t0 = time.monotonic()
-    with pytest.raises(SpearError, match=r"trained on token run synthetic-0.*synthetic-1"):
+    with pytest.raises(SpearError, match=r"token run: 'synthetic-0' there, 'synthetic-1' now"):
         run_train(str(other), str(out), _cfg(max_steps=6), StorageConfig(), RayConfig())
     assert time.monotonic() - t0 < 10
 
@@ -239,13 +274,13 @@ def test_spear_train_on_other_tokens_is_refused_before_ray(
 
     out = tmp_path / "run"
     earlier = TrainedOn(token_run="tokenize-earlier", quantizers={"wavlm": "q0"})
-    check_plan(str(out), {"trained_on": earlier.as_dict()}, StorageConfig())
+    check_train_record(str(out), _record(earlier), StorageConfig())
     (out / "train" / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)
     t0 = time.monotonic()
     assert run(["train", "--shards", shards, "--out", str(out), "--preset", "tiny"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the heads' warnings
-    assert err.startswith(f"error: {out} was trained on token run tokenize-earlier")
-    assert "these shards are token run synthetic-0" in err
+    assert err.startswith(f"error: '{out}' holds train outputs of another run")
+    assert "token run: 'tokenize-earlier' there, 'synthetic-0' now" in err
     assert time.monotonic() - t0 < 10  # refused before any Ray work
 
 
@@ -289,7 +324,7 @@ def test_probes_in_the_loop_and_init_from(ray_cluster: str, shards: str, tmp_pat
     res = run_train(shards, str(out), cfg, StorageConfig(), RayConfig())
     assert res.steps == 3
     plan = json.loads((out / "plan.json").read_text())
-    assert plan["train"]["init_from"] == str(tmp_path / "initial.pt")
+    assert plan["info"]["train"]["init_from"] == str(tmp_path / "initial.pt")
     # Probes at step 2 and at the end, per layer; none at step 1.
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     probed = {r["step"]: r for r in metrics if "probe_out" in r}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spear.student import scaling
-from spear.student.checkpointing import Progress, load_folder, save_folder
+from spear.student.checkpointing import TrainPosition, load_folder, save_folder
 from spear.student.config import (
     ENCODER_PRESETS,
     HeadConfig,
@@ -117,7 +117,7 @@ def _resume_run(tmp_path: Path, interrupt: bool) -> float:
             model, batches[0], opt, sched, step=step, hours=0.0, mask=MaskConfig(), generator=g
         )
     if interrupt:
-        save_folder(str(tmp_path / "ckpt"), model, opt, sched, Progress(step=3), g)
+        save_folder(str(tmp_path / "ckpt"), model, opt, sched, TrainPosition(step=3), g)
         torch.manual_seed(123)  # whatever happens in between must not matter
         np.random.seed(5)
         model = Student(CFG)
