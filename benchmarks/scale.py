@@ -467,7 +467,8 @@ def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
                 for name, fn in (("like", bench.new), ("former", bench.former)):
                     a, b = fn(actors, small), fn(actors, large)
                     out[name] = {"per_shard": (b["cpu"] - a["cpu"]) / (large - small)}
-                    out[name] |= {"cpu_wall": b["cpu"] / b["wall"], "wall": b["wall"]}
+                    out[name] |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
+                    out[name] |= {"cpus": (a["cpu"], b["cpu"])}
                 out["waits"] = {lv: wait_cost(p) for lv, p in ((64, 1_700), (512, 13_000))}
             k = max(1, g // actors)
             a = bench.new(actors, small, pools=2, inflight=k)
@@ -480,7 +481,8 @@ def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
                 "per_shard": (b["cpu"] - a["cpu"] - carry * (b["wall"] - a["wall"]))
                 / (large - small)
             }
-            lv |= {"cpu_wall": b["cpu"] / b["wall"], "wall": b["wall"]}
+            lv |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
+            lv |= {"cpus": (a["cpu"], b["cpu"])}
             out["levels"].append(lv)
         finally:
             bench.close()
@@ -912,6 +914,7 @@ def _report_driver(args: argparse.Namespace, tmp: str) -> None:
                 f"Ray Data (now), {g} GPUs",
                 f"{lv['in_flight']:,} + {args.backlog:,} queued",
                 f"{lv['per_shard'] * 1e3:.1f} ({lv['raw'] * 1e3:.1f})",
+                "{:.1f} / {:.1f} s in {:.0f} / {:.0f} s".format(*lv["cpus"], *lv["walls"]),
                 f"{lv['cpu_wall']:.2f}",
                 f"{lv['carry']:.3f}",
                 f"{shard_rate(g, 2):.0f} / {shard_rate(g, 10):.0f}",
@@ -927,6 +930,7 @@ def _report_driver(args: argparse.Namespace, tmp: str) -> None:
                     f"{label}, {g} GPUs",
                     f"{2 * args.driver_actors}" + (" + ray.wait" if key == "former" else ""),
                     f"{cost * 1e3:.1f}",
+                    "{:.1f} / {:.1f} s in {:.0f} / {:.0f} s".format(*r["cpus"], *r["walls"]),
                     f"{r['cpu_wall']:.2f}",
                     "-",
                     f"{shard_rate(g, 2):.0f} / {shard_rate(g, 10):.0f}",
@@ -941,6 +945,7 @@ def _report_driver(args: argparse.Namespace, tmp: str) -> None:
             "engine, simulated cluster",
             "calls in flight",
             "driver CPU ms per shard (before taking out carrying)",
+            "driver CPU in the two runs",
             "driver cores in the larger run",
             "driver cores carrying (no shard done)",
             "shards/s, 2 h / 10 h shards",
