@@ -1,30 +1,52 @@
-"""How the token jobs' driver and actor pools scale: Ray Data (now) against the former scheduler.
+"""How the token jobs' driver and actor pools scale, and where decode runs: Ray Data (now)
+against the former scheduler and against the other decode placements.
 
-    uv run python benchmarks/scale.py                       # all four parts
-    uv run python benchmarks/scale.py --part driver --actors 16
+    uv run python benchmarks/scale.py                       # all five parts
+    uv run python benchmarks/scale.py --part driver --gpus 64,512
     uv run python benchmarks/scale.py --part throughput --actors 1,4,16
     uv run python benchmarks/scale.py --part partial
+    uv run python benchmarks/scale.py --part decode
     uv run python benchmarks/scale.py --part plan --plan-items 10000000
 
 Every part but the plan runs on a simulated multi-node cluster (``ray.cluster_utils.Cluster``:
 a 2-CPU head and four worker nodes offering a custom ``stub_gpu`` resource) with stub teachers
-that sleep for the GPU time of each unit (its items' audio / ``--rate``) and return codes of
+that sleep for the GPU time of each unit (its items' audio / the rate) and return codes of
 SPEC's size, through ``pipeline/job.py``'s real units, Datasink and commit protocol. The former
 scheduler (``pipeline/scheduler.py``, Ray core tasks and actors chained by the driver) is
 loaded from the last commit that has it into the benchmark's scratch folder, as the comparison.
 
-1. **driver**: the driver process's CPU (all its threads: Ray Data's executor included) per
-   committed shard, for each engine, as the difference between two run sizes (start-up left
-   out); and the former scheduler's ``ray.wait`` over the pending work of a 64- and a 512-GPU
-   cluster (one decode waiting per CPU: 1,700 and 13,000 refs), once per completed step. From
-   these: the driver cores each engine needs at 64 and 512 GPUs (~8,000x real time per H100,
-   issue 23) with 2 h shards (the former default) and 10 h shards (the default now).
+1. **driver**: per simulated cluster of ``--gpus`` H100s (64 and 512), what its driver carries:
+   tokenize's two pools (WavLM 7/8, Dasheng 1/8 of ``--driver-actors`` stub actors, rates that
+   balance them), each actor handed gpus / actors times the job's two calls in flight (so 16
+   processes carry the ~2 x 7/8 x gpus pending calls of such a cluster: 112 and 896), and, for
+   the carrying cost, the corpus's 197k h as ``--backlog`` queued shards (20,000 of 10 h).
+   Measured: the driver process's CPU (all its threads: Ray Data's executor included) per
+   committed shard, as the difference between two run sizes (start-up left out); its CPU per
+   second of wall time in the larger run; and its CPU per second while it carries that
+   cluster's calls in flight and the queued shards with none finishing (the calls hold until
+   the stall limit, ``--window`` s, ends the run; sampled over its second half). The cores such
+   a cluster's driver needs = carrying + per shard x the shards/s it finishes (~8,000x real
+   time per H100, issue 23) with 2 h shards (the former default) and 10 h (the default now).
+   The former scheduler and Ray Data with one pool (like for like) run once at 16 actors; the
+   former's cost adds its ``ray.wait`` over the pending refs of a 64- and a 512-GPU cluster
+   (one decode waiting per CPU: 1,700 and 13,000 refs), three per shard.
 2. **throughput**: job rate against the ideal N x rate for N stub actors. "steady" is the rate
    over the second half of the units (after actor start-up), fitted to their arrival times.
 3. **partial**: a job asking for 3 actors on a cluster with room for 2: Ray Data runs with 2
    (2/3 of the asked rate); the former scheduler hands units to the actor that never starts and
    stalls (its stall limit set to ``--stall`` seconds here; 1,800 by default).
-4. **plan**: a manifest of ``--plan-items`` rows (no audio) as Parquet parts; a fresh
+4. **decode**: the same real files (SPEC's mix: 16 kHz FLAC speech, 6 % of the hours 44.1 kHz
+   FLAC audio items that both teachers run) through three placements, one after the other on
+   one cluster of ``--decode-gpus`` stub GPUs: (a) one pool per teacher (10/1 of 11), each
+   actor decoding its items on its thread, a chunk ahead (now); (b) a fused actor per GPU that
+   decodes once and runs both stub teachers; (c) a decode stage (one CPU actor) handing int16
+   audio through the object store to the teachers' pools (the way before). Measured per
+   variant: wall, first shard, steady rate; audio decoded per audio second; decode CPU seconds
+   (the decoding thread's CPU time) and all actors' CPU seconds per audio hour; bytes of the
+   rows the stages hand on (what enters the object store: the units' item lists plus every
+   stage's output, audio included in (c)) per audio second; peak RSS of the actors (and its
+   growth over the actor's start).
+5. **plan**: a manifest of ``--plan-items`` rows (no audio) as Parquet parts; a fresh
    interpreter reads it, checks ids, sorts, cuts shards and digests the content (what
    ``spear tokenize`` does before any cluster work), then packs the unit rows the dataset is
    built from; wall seconds and the process's peak RSS.
@@ -35,6 +57,7 @@ Keep runs small on a shared host: each stub actor is a process.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -43,6 +66,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +113,10 @@ def fake_codes(batch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _teacher_infos() -> tuple[Any, ...]:
+def _teacher_infos(domains: dict[str, tuple[str, ...]] | None = None) -> tuple[Any, ...]:
     from spear.shards.schema import TokenTeacherInfo
+
+    domains = domains or {"wavlm": ("audio",), "dasheng": ("audio",)}
 
     return tuple(
         TokenTeacherInfo(
@@ -103,7 +129,7 @@ def _teacher_infos() -> tuple[Any, ...]:
             codebook_size=256,
             quantizer_id=f"mvq-bench-{p}",
             checkpoint_sha256=None,
-            domains=("audio",),
+            domains=domains[p],
         )
         for p, r, c in (("wavlm", 50.0, 16), ("dasheng", 25.0, 8))
     )
@@ -136,6 +162,31 @@ def stub_decode(batch: dict[str, Any], cfg: Any, storage: Any) -> dict[str, Any]
     return out
 
 
+@contextlib.contextmanager
+def in_flight(factor: int) -> Iterator[None]:
+    """Ray Data's ``ActorPoolStrategy`` as ``pipeline/job.py`` builds it, each actor taking
+    ``factor`` x its calls in flight: N actors then carry the pending calls of N x ``factor``
+    actors (the executor tracks every call in flight; the actor queues them)."""
+    import ray.data
+
+    real = ray.data.ActorPoolStrategy
+    if factor == 1:
+        yield
+        return
+
+    def scaled(**kw: Any) -> Any:
+        kw["max_tasks_in_flight_per_actor"] = factor * (
+            kw.get("max_tasks_in_flight_per_actor") or 2
+        )
+        return real(**kw)
+
+    ray.data.ActorPoolStrategy = scaled  # type: ignore[assignment,misc]
+    try:
+        yield
+    finally:
+        ray.data.ActorPoolStrategy = real  # type: ignore[misc]
+
+
 def old_scheduler(scratch: str) -> Any:
     """``pipeline/scheduler.py`` as of the last commit that has it, imported from ``scratch``."""
     root = Path(__file__).resolve().parent.parent
@@ -153,6 +204,8 @@ def old_scheduler(scratch: str) -> Any:
         text=True,
         check=True,
     ).stdout
+    # The commit protocol has moved since (spear/commit.py, same function).
+    src = src.replace("from spear.pipeline.commit import", "from spear.commit import")
     path = Path(scratch) / "old_scheduler.py"
     path.write_text(src)
     spec = importlib.util.spec_from_file_location("old_scheduler", path)
@@ -184,7 +237,8 @@ class Bench:
                 self.cluster.add_node(num_cpus=0, resources={"stub_gpu": min(per_node, left)})
                 left -= per_node
         ray.init(address=self.cluster.address, log_to_driver=False)
-        self.scratch, self.rate, self.items = scratch, rate, items
+        self.rate, self.items, self.gpus = rate, items, gpus
+        self.scratch = tempfile.mkdtemp(dir=scratch)  # one folder per Bench: runs never meet
         self.old = old_scheduler(scratch)
         self.runs = 0
 
@@ -194,16 +248,29 @@ class Bench:
         ray.shutdown()
         self.cluster.shutdown()
 
-    def _table(self, units: int) -> pa.Table:
+    def _table(self, units: int, items: int | None = None) -> pa.Table:
         from spear.units import cut_units
 
         self.runs += 1
-        return cut_units(
-            _items(units * self.items, offset=self.runs * 10**9), items_per_unit=self.items
-        )
+        items = items or self.items
+        assert not Path(f"{self.scratch}/new-{self.runs}").exists(), "scratch reused"
+        return cut_units(_items(units * items, offset=self.runs * 10**9), items_per_unit=items)
 
-    def new(self, actors: int, units: int, stall: float = 600) -> dict[str, Any]:
-        """The Ray Data path: ``run_units`` as the jobs call it."""
+    def new(
+        self,
+        actors: int,
+        units: int,
+        stall: float = 600,
+        *,
+        pools: int = 1,
+        inflight: int = 1,
+        rate: float | None = None,
+        items: int | None = None,
+        hold: str = "",
+    ) -> dict[str, Any]:
+        """The Ray Data path: ``run_units`` as the jobs call it. ``pools=2``: a WavLM and a
+        Dasheng pool as tokenize has (7/8 and 1/8 of ``actors``, rates that balance them);
+        ``inflight``: each actor is handed that many times the job's calls in flight."""
         from spear.pipeline.job import ActorStage, UnitJob, run_units
         from spear.ray_utils import RayConfig
         from spear.record import items_record
@@ -211,35 +278,100 @@ class Bench:
         from spear.stages.decode import DecodeConfig
         from spear.storage import StorageConfig
 
-        table = self._table(units)
+        rate = rate or self.rate
+        table = self._table(units, items)
         out = f"{self.scratch}/new-{self.runs}"
+        if pools == 1:
+            stages = [
+                ActorStage(
+                    name="stub",
+                    cls=StubTeacher,
+                    kwargs={"rate": rate},
+                    num_actors=actors,
+                    device="cpu",
+                    num_cpus=0,
+                    resources={"stub_gpu": 1},
+                )
+            ]
+        else:
+            n_d = max(1, actors // 8)
+            sizes = {"wavlm": actors - n_d, "dasheng": n_d}
+            domains = {"wavlm": ("audio",), "dasheng": ("audio",)}
+            stages = [
+                ActorStage(
+                    name=p,
+                    cls=StubStage,
+                    kwargs={
+                        "rates": {p: rate * sizes["wavlm"] / n},
+                        "domains": domains,
+                        "log": "",
+                        "stage": p,
+                        "hold": hold,
+                    },
+                    num_actors=n,
+                    device="cpu",
+                    num_cpus=0,
+                    resources={"stub_gpu": 1},
+                )
+                for p, n in sizes.items()
+            ]
         job = UnitJob(
             kind="bench",
             out=out,
             unit_prefix="shard",
             columns=INPUT_COLUMNS,
             outputs=lambda u: [f"tokens/{u}.parquet"],
-            actors=[
-                ActorStage(
-                    name="stub",
-                    cls=StubTeacher,
-                    kwargs={"rate": self.rate},
-                    num_actors=actors,
-                    device="cpu",
-                    num_cpus=0,
-                    resources={"stub_gpu": 1},
-                )
-            ],
+            actors=stages,
             writer=TokenShardWriter(_teacher_infos()),
             decode=DecodeConfig(),
             decode_fn=stub_decode,
         )
         record = items_record("bench", table, INPUT_COLUMNS, {})
+        _wait_free("stub_gpu", self.gpus)  # the previous run's actors gone
         cpu0, t0 = _cpu(), time.perf_counter()
-        run = run_units(job, record, table, StorageConfig(), RayConfig(stall_seconds=stall))
+        with in_flight(inflight):
+            run = run_units(job, record, table, StorageConfig(), RayConfig(stall_seconds=stall))
         wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
         marks = run.progress.timeline if run.progress else []
         return {"wall": wall, "cpu": cpu, "units": units, "marks": marks}
+
+    def backlog(self, actors: int, units: int, inflight: int, window: float) -> dict[str, Any]:
+        """The driver's CPU per second while it carries ``units`` queued shards and
+        ``inflight`` x 2 calls per actor that do not finish (stub teachers that take hours):
+        the run ends by its stall limit (``window`` s without a shard); the CPU is sampled
+        over the window's second half. Then the held calls fail, which ends Ray Data's run."""
+        import threading
+
+        from spear.errors import SpearError
+
+        samples: list[tuple[float, float]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(0.5):
+                samples.append((time.perf_counter(), _cpu()))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        hold = f"{self.scratch}/hold-{self.runs}"
+        t0 = time.perf_counter()
+        try:
+            self.new(actors, units, window, pools=2, inflight=inflight, items=1, hold=hold)
+            raise RuntimeError("the backlog run finished: its stub teachers did not hold")
+        except SpearError:
+            pass
+        end = time.perf_counter()
+        stop.set()
+        sampler.join()
+        Path(hold).touch()  # the held calls fail: Ray Data's run ends, its actors go
+        for t in threading.enumerate():
+            if t.name == "ray-data":
+                t.join(timeout=120)
+        half = [(t, c) for t, c in samples if t >= end - window / 2]
+        return {
+            "cores": (half[-1][1] - half[0][1]) / (half[-1][0] - half[0][0]),
+            "wall": end - t0,
+        }
 
     def former(self, actors: int, units: int, stall: float = 600) -> dict[str, Any]:
         """The former scheduler on the same units, actors and writer."""
@@ -255,6 +387,7 @@ class Bench:
             return stub_decode(items, cfg, storage)
 
         progress = Progress("former", units * self.items, 1.0, units, 1e9)
+        _wait_free("stub_gpu", self.gpus)
         cpu0, t0 = _cpu(), time.perf_counter()
         error = ""
         try:
@@ -320,23 +453,46 @@ GPU_RATE = 8000.0
 """x real time of one H100 through WavLM and Dasheng (issue 23: 71-89 shards/s of 2 h at 64)."""
 
 
-def driver(bench: Bench, actors: int, small: int, large: int) -> list[dict[str, Any]]:
-    rows = []
-    per = {}
-    for name, fn in (("Ray Data (now)", bench.new), ("former scheduler", bench.former)):
-        a, b = fn(actors, small), fn(actors, large)
-        per[name] = (b["cpu"] - a["cpu"]) / (large - small)
-        rows.append({"engine": name, "cpu_per_shard": per[name], "wall": b["wall"], "units": large})
-    waits = {g: wait_cost(p) for g, p in ((64, 1_700), (512, 13_000))}
-    for r in rows:
-        for g in (64, 512):
-            for hours in (2.0, 10.0):
-                rate = g * GPU_RATE / (hours * 3600)  # shards/s the cluster finishes
-                cost = r["cpu_per_shard"]
-                if r["engine"].startswith("former"):
-                    cost += 3 * waits[g]  # ray.wait per step: prepare, teacher, write
-                r[f"cores_{g}_{hours:g}"] = rate * cost
-    return [*rows, {"waits": waits}]
+def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """Per simulated cluster size: the driver's CPU per shard (two run sizes, tokenize's two
+    pools, each actor carrying the calls in flight of gpus / actors actors) and its CPU per
+    second carrying that cluster's pending work and the corpus's queued shards; the former
+    scheduler once (its run, plus its ray.wait at each size's pending refs)."""
+    actors, small, large = args.driver_actors, *(int(x) for x in args.sizes.split(","))
+    levels = [int(g) for g in args.gpus.split(",")]
+    out: dict[str, Any] = {"levels": []}
+    for i, g in enumerate(levels):
+        bench = Bench(actors, tmp, args.driver_rate, args.unit_items)
+        try:
+            if i == 0:
+                for name, fn in (("like", bench.new), ("former", bench.former)):
+                    a, b = fn(actors, small), fn(actors, large)
+                    out[name] = {"per_shard": (b["cpu"] - a["cpu"]) / (large - small)}
+                    out[name] |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
+                    out[name] |= {"cpus": (a["cpu"], b["cpu"])}
+                out["waits"] = {lv: wait_cost(p) for lv, p in ((64, 1_700), (512, 13_000))}
+            k = max(1, g // actors)
+            a = bench.new(actors, small, pools=2, inflight=k)
+            b = bench.new(actors, large, pools=2, inflight=k)
+            lv = {"gpus": g, "factor": k, "in_flight": 2 * k * (actors - max(1, actors // 8))}
+            carry = bench.backlog(actors, args.backlog, k, args.window)["cores"]
+            # The larger run also carries its pending work for longer: that share is in carry.
+            lv |= {"raw": (b["cpu"] - a["cpu"]) / (large - small), "carry": carry}
+            lv |= {
+                "per_shard": (b["cpu"] - a["cpu"] - carry * (b["wall"] - a["wall"]))
+                / (large - small)
+            }
+            lv |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
+            lv |= {"cpus": (a["cpu"], b["cpu"])}
+            out["levels"].append(lv)
+        finally:
+            bench.close()
+    return out
+
+
+def shard_rate(gpus: int, hours: float) -> float:
+    """Shards/s a cluster of ``gpus`` H100s finishes at GPU_RATE x real time each."""
+    return gpus * GPU_RATE / (hours * 3600)
 
 
 def throughput(bench: Bench, actors: list[int], waves: int) -> list[dict[str, Any]]:
@@ -351,6 +507,306 @@ def throughput(bench: Bench, actors: list[int], waves: int) -> list[dict[str, An
                 "x_rt": audio / r["wall"],
                 "steady": _steady(r["marks"]),
                 "ideal": n * bench.rate,
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Where decode runs: in each teacher's actor (now), a fused actor, or a decode stage
+
+
+CODEBOOKS = {"wavlm": (50.0, 16), "dasheng": (25.0, 8)}  # frames/s, codebooks (SPEC)
+
+
+def _log(path: str, rec: dict[str, Any]) -> None:
+    """One JSON line per call into the benchmark's scratch log (all nodes share this host)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(rec | {"pid": os.getpid()}) + "\n")
+
+
+def _rows_bytes(batch: dict[str, Any]) -> int:
+    """Bytes of a unit's row as the actor hands it on (:func:`spear.pipeline.job.pack`)."""
+    from spear.pipeline.job import pack
+
+    return len(pack({k: v for k, v in batch.items() if k != "audio"}))
+
+
+def timed_decode(batch: dict[str, Any], cfg: Any, storage: Any, log: str) -> dict[str, Any]:
+    """The jobs' decode (``decode_timed``), its CPU seconds on this thread logged; items that
+    arrive with audio (``pcm``, the decode-stage variant) are passed on, not decoded."""
+    from spear.pipeline.job import decode_timed
+
+    n = len(batch["item_id"])
+    if "pcm" in batch:
+        out = {k: v for k, v in batch.items() if k != "pcm"}
+        out["audio"] = batch["pcm"]
+        out["num_samples"] = np.array([len(p) // 2 for p in batch["pcm"]], dtype=np.int64)
+        out["error_type"] = np.array([""] * n, dtype=object)
+        out["error"] = np.array([""] * n, dtype=object)
+        out["decode_seconds"] = np.zeros(n)
+        return out
+    c0 = time.thread_time()
+    out = decode_timed(batch, cfg, storage)
+    _log(
+        log, {"decode_cpu": time.thread_time() - c0, "decoded_s": float(np.sum(batch["duration"]))}
+    )
+    return out
+
+
+def _stub_codes(prefix: str, batch: dict[str, Any], run: np.ndarray, rng: Any) -> dict[str, Any]:
+    """``prefix``'s columns as ``tokenize_batch`` leaves them: codes of SPEC's size on ``run``."""
+    from spear.shards.schema import NOT_RUN_FRAMES
+
+    fps, books = CODEBOOKS[prefix]
+    n = len(batch["item_id"])
+    secs = np.asarray(batch["num_samples"], dtype=np.float64) / 16_000
+    frames = np.where(run, np.maximum(1, (secs * fps).astype(np.int32)), NOT_RUN_FRAMES)
+    codes = np.empty(n, dtype=object)
+    codes[:] = [
+        rng.integers(0, 256, int(f) * books, np.uint8).tobytes() if r else b""
+        for f, r in zip(frames, run, strict=True)
+    ]
+    return {
+        f"{prefix}_frames": frames.astype(np.int32),
+        f"{prefix}_codes": codes,
+        f"{prefix}_seconds": np.zeros(n),
+    }
+
+
+class StubStage:
+    """Teachers at a fixed GPU-like rate (sleep for the audio they run on / rate) giving codes
+    of SPEC's size: one teacher (``prefixes`` of one) per pool, or both in one actor (fused).
+    ``keep`` domains pass their audio on as ``pcm`` (decode-stage variant); ``pcm_only`` is
+    the decode stage itself (no teacher: the decoded audio leaves as ``pcm``)."""
+
+    def __init__(
+        self,
+        rates: dict[str, float],
+        domains: dict[str, tuple[str, ...]],
+        log: str,
+        stage: str,
+        keep: tuple[str, ...] = (),
+        pcm_only: bool = False,
+        hold: str = "",
+    ):
+        self.rates, self.domains, self.log, self.stage = rates, domains, log, stage
+        self.keep, self.pcm_only, self.hold = keep, pcm_only, hold
+        self.rng = np.random.default_rng(os.getpid())
+        if log:
+            _log(log, {"stage": stage, "init_rss": _rss(), "cpu": _cpu()})
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if self.hold:  # the driver part's backlog: a call that ends only with the job
+            while not os.path.exists(self.hold):
+                time.sleep(0.2)
+            raise RuntimeError("backlog measured: the job ends here")
+        n = len(batch["item_id"])
+        ok = np.array([str(e) == "" for e in batch["error_type"]])
+        dom = np.array([str(d) for d in batch["domain"]])
+        secs = np.asarray(batch["num_samples"], dtype=np.float64) / 16_000
+        out = {k: v for k, v in batch.items() if k not in ("audio", "pcm")}
+        if self.pcm_only:
+            out["pcm"] = batch["audio"]
+        else:
+            for p, rate in self.rates.items():
+                run = ok & np.isin(dom, self.domains[p])
+                time.sleep(float(secs[run].sum()) / rate)
+                out |= _stub_codes(p, batch, run, self.rng)
+            if self.keep:
+                pcm = np.empty(n, dtype=object)
+                pcm[:] = [
+                    a if k else b""
+                    for a, k in zip(batch["audio"], ok & np.isin(dom, self.keep), strict=True)
+                ]
+                out["pcm"] = pcm
+        if not self.log:  # the driver part: no per-call record
+            return out
+        _log(
+            self.log,
+            {
+                "stage": self.stage,
+                "out_bytes": _rows_bytes(out),
+                "rss": _rss(),
+                "cpu": _cpu(),
+                "audio_s": float(secs.sum()),
+            },
+        )
+        return out
+
+
+def _rss() -> int:
+    """Peak RSS of this process, bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def write_mix(root: str, speech_min: float, audio_share: float) -> pa.Table:
+    """SPEC's mix in small: 16 kHz FLAC speech items of 10-20 s and 44.1 kHz FLAC audio
+    items of 10 s making ``audio_share`` of the hours (SPEC: 12.2k of 197k h, 6 %)."""
+    import soundfile as sf
+
+    from spear.synth import write_speech_like
+
+    n_speech = round(speech_min * 60 / 15)
+    n_audio = max(1, round(speech_min * 60 * audio_share / (1 - audio_share) / 10))
+    urls = write_speech_like(f"{root}/speech", n_speech, seconds=(10, 20), seed=1)
+    urls_a = write_speech_like(
+        f"{root}/audio", n_audio, seconds=(10, 10.001), seed=2, sample_rate=44100
+    )
+    rows = [(u, "speech") for u in urls] + [(u, "audio") for u in urls_a]
+    # Audio items spread through the shards, as sorted item ids put them.
+    rows.sort(key=lambda r: hash(r[0]) % 9973)
+    return pa.table(
+        {
+            "item_id": [f"{i:016x}-0000" for i in range(len(rows))],
+            "source": [d for _, d in rows],
+            "domain": [d for _, d in rows],
+            "url": [u for u, _ in rows],
+            "start": np.zeros(len(rows)),
+            "duration": [float(sf.info(u).duration) for u, _ in rows],
+        }
+    )
+
+
+def _wait_free(resource: str, amount: float, timeout: float = 120) -> None:
+    """Until ``amount`` of ``resource`` is free (Ray Data kills a finished job's actors
+    asynchronously)."""
+    import ray
+
+    t0 = time.monotonic()
+    while ray.available_resources().get(resource, 0) < amount - 1e-9:
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{resource} not free after {timeout:g} s")
+        time.sleep(0.5)
+
+
+def decode_placement(
+    items: pa.Table,
+    scratch: str,
+    gpus: int,
+    rates: dict[str, float],
+    unit_items: int,
+    chunk_seconds: float,
+) -> list[dict[str, Any]]:
+    """The same items through the three placements, one after the other on one cluster."""
+    import functools
+
+    from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units, unit_inputs
+    from spear.ray_utils import RayConfig
+    from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
+    from spear.stages.decode import DecodeConfig
+    from spear.storage import StorageConfig
+
+    domains = {"wavlm": ("speech", "audio"), "dasheng": ("audio",)}
+    n_d = max(1, round(gpus * 0.1))  # the ~90/10 split of GPU time (SPEC section 6)
+    n_w = gpus - n_d
+
+    def teacher(name: str, prefixes: list[str], n: int, log: str, **kw: Any) -> ActorStage:
+        return ActorStage(
+            name=name,
+            cls=StubStage,
+            kwargs={
+                "rates": {p: rates[p] for p in prefixes},
+                "domains": domains,
+                "log": log,
+                "stage": name,
+                **kw,
+            },
+            num_actors=n,
+            device="cpu",
+            num_cpus=0,
+            resources={"stub_gpu": 1},
+            decodes=None if name == "fused" else domains[prefixes[0]],
+        )
+
+    variants: dict[str, Any] = {
+        "per-teacher pools, decode in each actor (now)": lambda log: [
+            teacher("wavlm", ["wavlm"], n_w, log),
+            teacher("dasheng", ["dasheng"], n_d, log),
+        ],
+        "fused actor: decode once, both teachers": lambda log: [
+            teacher("fused", ["wavlm", "dasheng"], gpus, log),
+        ],
+        "decode stage, int16 audio through the object store (before)": lambda log: [
+            ActorStage(
+                name="decode",
+                cls=StubStage,
+                kwargs={
+                    "rates": {},
+                    "domains": domains,
+                    "log": log,
+                    "stage": "decode",
+                    "pcm_only": True,
+                },
+                num_actors=1,
+                device="cpu",
+                num_cpus=1,
+            ),
+            teacher("wavlm", ["wavlm"], n_w, log, keep=("audio",)),
+            teacher("dasheng", ["dasheng"], n_d, log),
+        ],
+    }
+    table = cut_units(items, items_per_unit=unit_items)
+    units = int(table["unit"].to_numpy().max()) + 1
+    row_bytes = sum(
+        len(unit_inputs(table, INPUT_COLUMNS, list(range(units)))(u)) for u in range(units)
+    )
+    audio_s = float(np.sum(items["duration"]))
+    rows = []
+    for k, (label, stages) in enumerate(variants.items()):
+        log = f"{scratch}/decode-{k}.jsonl"
+        job = UnitJob(
+            kind="bench",
+            out=f"{scratch}/decode-out-{k}",
+            unit_prefix="shard",
+            columns=INPUT_COLUMNS,
+            outputs=lambda u: [f"tokens/{u}.parquet"],
+            actors=stages(log),
+            writer=TokenShardWriter(_teacher_infos(domains)),
+            decode=DecodeConfig(io_threads=1),
+            decode_fn=functools.partial(timed_decode, log=log),
+            chunk_seconds=chunk_seconds,
+        )
+        plan = make_plan("bench", table, INPUT_COLUMNS, {})
+        _wait_free("stub_gpu", gpus)  # the previous variant's actors gone
+        t0 = time.perf_counter()
+        run = run_units(job, plan, table, StorageConfig(), RayConfig(stall_seconds=300))
+        wall = time.perf_counter() - t0
+        recs = [json.loads(line) for line in Path(log).read_text().splitlines()]
+        first = (
+            min(m["t"] for m in run.progress.timeline if m["shards_done"]) if run.progress else 0
+        )
+        init = {r["pid"]: r for r in recs if "init_rss" in r}
+        calls = [r for r in recs if "out_bytes" in r]
+        last: dict[int, dict[str, Any]] = {}
+        for r in calls:
+            last[r["pid"]] = r
+        rows.append(
+            {
+                "variant": label,
+                "wall": wall,
+                "steady": _steady(run.progress.timeline if run.progress else []),
+                "first": first,
+                "decode_cpu_per_h": sum(r["decode_cpu"] for r in recs if "decode_cpu" in r)
+                / (audio_s / 3600),
+                "decoded_x": sum(r["decoded_s"] for r in recs if "decoded_s" in r) / audio_s,
+                "actor_cpu_per_h": sum(r["cpu"] - init[p]["cpu"] for p, r in last.items())
+                / (audio_s / 3600),
+                "store_per_s": (row_bytes + sum(r["out_bytes"] for r in calls)) / audio_s,
+                "peak_rss": max(r["rss"] for r in calls),
+                "peak_growth": max(r["rss"] - init[r["pid"]]["init_rss"] for r in calls),
+                "gpu_busy": sum(
+                    float(
+                        np.sum(
+                            items["duration"].to_numpy()[
+                                np.isin(items["domain"].to_numpy(), domains[p])
+                            ]
+                        )
+                    )
+                    / rates[p]
+                    for p in rates
+                )
+                / (wall * gpus),
             }
         )
     return rows
@@ -449,35 +905,63 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
         print("| " + " | ".join(r) + " |")
 
 
-def _report_driver(bench: Bench, args: argparse.Namespace) -> None:
+def _report_driver(args: argparse.Namespace, tmp: str) -> None:
     small, large = (int(x) for x in args.sizes.split(","))
-    rows = driver(bench, args.driver_actors, small, large)
-    waits = rows.pop()["waits"]
-    _table(
-        f"driver: {args.driver_actors} stub actors, shards of {args.unit_items} x "
-        f"{ITEM_SECONDS:g} s, runs of {small} and {large} shards",
-        [
-            "engine",
-            "driver CPU ms per shard",
-            "wall s (larger run)",
-            "driver cores, 64 GPUs, 2 h / 10 h shards",
-            "driver cores, 512 GPUs, 2 h / 10 h shards",
-        ],
-        [
+    d = driver(args, tmp)
+    rows = []
+    for lv in d["levels"]:
+        g = lv["gpus"]
+        cores = [lv["carry"] + lv["per_shard"] * shard_rate(g, h) for h in (2.0, 10.0)]
+        rows.append(
             [
-                r["engine"],
-                f"{r['cpu_per_shard'] * 1e3:.1f}",
-                f"{r['wall']:.1f}",
-                f"{r['cores_64_2']:.2f} / {r['cores_64_10']:.2f}",
-                f"{r['cores_512_2']:.2f} / {r['cores_512_10']:.2f}",
+                f"Ray Data (now), {g} GPUs",
+                f"{lv['in_flight']:,} + {args.backlog:,} queued",
+                f"{lv['per_shard'] * 1e3:.1f} ({lv['raw'] * 1e3:.1f})",
+                "{:.1f} / {:.1f} s in {:.0f} / {:.0f} s".format(*lv["cpus"], *lv["walls"]),
+                f"{lv['cpu_wall']:.2f}",
+                f"{lv['carry']:.3f}",
+                f"{shard_rate(g, 2):.0f} / {shard_rate(g, 10):.0f}",
+                f"{cores[0]:.2f} / {cores[1]:.2f}",
             ]
-            for r in rows
+        )
+    for key, label in (("like", "Ray Data (now), 1 pool"), ("former", "former scheduler")):
+        r = d[key]
+        for g in (64, 512):
+            cost = r["per_shard"] + (3 * d["waits"][g] if key == "former" else 0.0)
+            rows.append(
+                [
+                    f"{label}, {g} GPUs",
+                    f"{2 * args.driver_actors}" + (" + ray.wait" if key == "former" else ""),
+                    f"{cost * 1e3:.1f}",
+                    "{:.1f} / {:.1f} s in {:.0f} / {:.0f} s".format(*r["cpus"], *r["walls"]),
+                    f"{r['cpu_wall']:.2f}",
+                    "-",
+                    f"{shard_rate(g, 2):.0f} / {shard_rate(g, 10):.0f}",
+                    f"{cost * shard_rate(g, 2):.2f} / {cost * shard_rate(g, 10):.2f}",
+                ]
+            )
+    _table(
+        f"driver: {args.driver_actors} stub actors on 4 nodes, shards of {args.unit_items} x "
+        f"{ITEM_SECONDS:g} s, runs of {small} and {large} shards at {args.driver_rate:g}x per "
+        f"actor; queued: {args.backlog:,} shards of 1 item, {args.window:g} s",
+        [
+            "engine, simulated cluster",
+            "calls in flight",
+            "driver CPU ms per shard (before taking out carrying)",
+            "driver CPU in the two runs",
+            "driver cores in the larger run",
+            "driver cores carrying (no shard done)",
+            "shards/s, 2 h / 10 h shards",
+            "driver cores, 2 h / 10 h shards",
         ],
+        rows,
     )
+    w = d["waits"]
     print(
-        f"\nformer scheduler's ray.wait per completed step: {waits[64] * 1e3:.2f} ms at 1,700 "
-        f"pending refs (64 GPUs), {waits[512] * 1e3:.2f} ms at 13,000 (512 GPUs); counted "
-        "3 times per shard in its cores"
+        f"\nformer scheduler's ray.wait per completed step: {w[64] * 1e3:.2f} ms at 1,700 "
+        f"pending refs (64 GPUs), {w[512] * 1e3:.2f} ms at 13,000 (512 GPUs); counted 3 times "
+        "per shard in its cost. Ray Data's cores = carrying + per shard x shards/s, its per-shard "
+        "cost net of carrying over the larger run's longer wall."
     )
 
 
@@ -529,6 +1013,49 @@ def _report_partial(bench: Bench, args: argparse.Namespace) -> None:
     )
 
 
+def _report_decode(bench: Bench, args: argparse.Namespace, tmp: str) -> None:
+    rates = {"wavlm": args.decode_rate, "dasheng": args.decode_rate * 0.63}
+    items = write_mix(f"{tmp}/mix", args.decode_minutes, 0.06)
+    audio_s = float(np.sum(items["duration"]))
+    share = float(np.sum(items["duration"].to_numpy()[items["domain"].to_numpy() == "audio"]))
+    rows = decode_placement(
+        items, tmp, args.decode_gpus, rates, args.decode_unit_items, args.decode_chunk
+    )
+    _table(
+        f"decode: {items.num_rows} items, {audio_s / 60:.1f} min ({100 * share / audio_s:.0f} % "
+        f"audio items, 44.1 kHz FLAC; speech 16 kHz FLAC), {args.decode_gpus} stub GPUs, stub "
+        f"WavLM {rates['wavlm']:g}x / Dasheng {rates['dasheng']:g}x per GPU, shards of "
+        f"{args.decode_unit_items} items, {args.decode_chunk:g} s decode chunks",
+        [
+            "placement",
+            "wall s",
+            "first shard s",
+            "steady x real time",
+            "GPU busy (whole run)",
+            "audio decoded / audio",
+            "decode CPU s per audio h",
+            "actor CPU s per audio h",
+            "object store B per audio s",
+            "peak actor RSS MB (growth)",
+        ],
+        [
+            [
+                r["variant"],
+                f"{r['wall']:.1f}",
+                f"{r['first']:.1f}",
+                f"{r['steady']:,.0f}",
+                f"{100 * r['gpu_busy']:.0f} %",
+                f"{r['decoded_x']:.3f}",
+                f"{r['decode_cpu_per_h']:.1f}",
+                f"{r['actor_cpu_per_h']:.1f}",
+                f"{r['store_per_s']:,.0f}",
+                f"{r['peak_rss'] / 2**20:.0f} ({r['peak_growth'] / 2**20:.0f})",
+            ]
+            for r in rows
+        ],
+    )
+
+
 def _report_plan(args: argparse.Namespace, tmp: str) -> None:
     p = plan(args.plan_items, tmp)
     _table(
@@ -552,16 +1079,25 @@ def _report_plan(args: argparse.Namespace, tmp: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parts = ["driver", "throughput", "partial", "plan"]
+    parts = ["driver", "throughput", "partial", "decode", "plan"]
     ap.add_argument("--part", choices=["all", *parts], default="all")
     ap.add_argument("--actors", default="1,4,16", help="throughput: actor counts")
     ap.add_argument("--driver-actors", type=int, default=16, help="driver: stub actors")
-    ap.add_argument("--sizes", default="32,160", help="driver: shards of the two runs")
+    ap.add_argument("--sizes", default="16,80", help="driver: shards of the two runs")
+    ap.add_argument("--gpus", default="64,512", help="driver: simulated cluster sizes")
+    ap.add_argument("--driver-rate", type=float, default=2000.0, help="driver: stub x rt")
+    ap.add_argument("--backlog", type=int, default=20_000, help="driver: queued shards")
+    ap.add_argument("--window", type=float, default=30.0, help="driver: carrying seconds")
     ap.add_argument("--rate", type=float, default=250.0, help="stub teacher x real time")
     ap.add_argument("--unit-items", type=int, default=100, help="items of 10 s per unit")
     ap.add_argument("--waves", type=int, default=6, help="throughput: units per actor")
     ap.add_argument("--stall", type=float, default=60.0, help="partial: the former's limit")
     ap.add_argument("--plan-items", type=int, default=10_000_000)
+    ap.add_argument("--decode-minutes", type=float, default=225.0, help="decode: speech minutes")
+    ap.add_argument("--decode-gpus", type=int, default=11, help="decode: stub GPUs")
+    ap.add_argument("--decode-rate", type=float, default=100.0, help="decode: stub WavLM x rt")
+    ap.add_argument("--decode-unit-items", type=int, default=32, help="decode: items per shard")
+    ap.add_argument("--decode-chunk", type=float, default=60.0, help="decode: chunk seconds")
     args = ap.parse_args()
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     with tempfile.TemporaryDirectory() as tmp:
@@ -569,13 +1105,17 @@ def main() -> None:
             if part == "plan":
                 _report_plan(args, tmp)
                 continue
+            if part == "driver":
+                _report_driver(args, tmp)
+                continue
             most = max(int(a) for a in args.actors.split(","))
-            gpus = {"driver": args.driver_actors, "partial": 2}.get(part, most)
-            bench = Bench(gpus, tmp, args.rate, args.unit_items)
+            gpus = {"partial": 2, "decode": args.decode_gpus}
+            bench = Bench(gpus.get(part, most), tmp, args.rate, args.unit_items)
             try:
-                {"driver": _report_driver, "throughput": _report_throughput}.get(
-                    part, _report_partial
-                )(bench, args)
+                if part == "decode":
+                    _report_decode(bench, args, tmp)
+                    continue
+                (_report_throughput if part == "throughput" else _report_partial)(bench, args)
             finally:
                 bench.close()
 
