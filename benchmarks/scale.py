@@ -328,12 +328,15 @@ class Bench:
         )
         record = items_record("bench", table, INPUT_COLUMNS, {})
         _wait_free("stub_gpu", self.gpus)  # the previous run's actors gone
-        cpu0, t0 = _cpu(), time.perf_counter()
-        with in_flight(inflight):
-            run = run_units(job, record, table, StorageConfig(), RayConfig(stall_seconds=stall))
-        wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+        samples: list[tuple[float, float]] = []
+        with _sampling(samples):
+            cpu0, t0 = _cpu(), time.perf_counter()
+            with in_flight(inflight):
+                run = run_units(job, record, table, StorageConfig(), RayConfig(stall_seconds=stall))
+            wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
         marks = run.progress.timeline if run.progress else []
-        return {"wall": wall, "cpu": cpu, "units": units, "marks": marks}
+        steady = _steady_cost(marks, run.progress.t0 if run.progress else 0.0, samples)
+        return {"wall": wall, "cpu": cpu, "units": units, "marks": marks, "steady": steady}
 
     def backlog(self, actors: int, units: int, inflight: int, window: float) -> dict[str, Any]:
         """The driver's CPU per second while it carries ``units`` queued shards and
@@ -439,6 +442,55 @@ def wait_cost(pending: int, calls: int = 20) -> float:
     return cost
 
 
+@contextlib.contextmanager
+def _sampling(samples: list[tuple[float, float]], every: float = 0.2) -> Iterator[None]:
+    """(wall clock, driver CPU seconds) every ``every`` s while the block runs."""
+    import threading
+
+    stop = threading.Event()
+
+    def sample() -> None:
+        while True:
+            samples.append((time.time(), _cpu()))
+            if stop.wait(every):
+                samples.append((time.time(), _cpu()))
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _steady_cost(
+    marks: list[dict[str, Any]], t0: float, samples: list[tuple[float, float]]
+) -> dict[str, float]:
+    """The driver's cost while shards commit, start-up and tail left out: from the mark where a
+    fifth of the shards were done to the one where four fifths were, driver CPU seconds per
+    shard committed, driver cores and shards/s over that window (CPU interpolated from the
+    samples at the marks' times). One run measures it, so no difference of two runs' noisy
+    start-ups enters it."""
+    pts = [(t0 + float(m["t"]), int(m["shards_done"])) for m in marks]
+    if not pts or len(samples) < 2:
+        return {"per_shard": float("nan"), "cores": float("nan"), "rate": float("nan")}
+    total = pts[-1][1]
+    a = next((p for p in pts if p[1] >= max(1, total // 5)), None)
+    b = next((p for p in reversed(pts) if p[1] <= max(2, 4 * total // 5)), None)
+    if a is None or b is None or b[1] <= a[1] or b[0] <= a[0]:
+        return {"per_shard": float("nan"), "cores": float("nan"), "rate": float("nan")}
+    ts = np.array([s[0] for s in samples])
+    cs = np.array([s[1] for s in samples])
+    ca, cb = float(np.interp(a[0], ts, cs)), float(np.interp(b[0], ts, cs))
+    return {
+        "per_shard": (cb - ca) / (b[1] - a[1]),
+        "cores": (cb - ca) / (b[0] - a[0]),
+        "rate": (b[1] - a[1]) / (b[0] - a[0]),
+    }
+
+
 def _steady(marks: list[dict[str, Any]]) -> float:
     """Audio seconds per second over the second half of the run, fitted to the marks."""
     pts = [(float(m["t"]), float(m["hours_done"]) * 3600) for m in marks if m["shards_done"]]
@@ -469,7 +521,7 @@ def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
                     a, b = fn(actors, small), fn(actors, large)
                     out[name] = {"per_shard": (b["cpu"] - a["cpu"]) / (large - small)}
                     out[name] |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
-                    out[name] |= {"cpus": (a["cpu"], b["cpu"])}
+                    out[name] |= {"cpus": (a["cpu"], b["cpu"]), "steady": b.get("steady")}
                 out["waits"] = {lv: wait_cost(p) for lv, p in ((64, 1_700), (512, 13_000))}
             k = max(1, g // actors)
             a = bench.new(actors, small, pools=2, inflight=k)
@@ -483,7 +535,7 @@ def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
                 / (large - small)
             }
             lv |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
-            lv |= {"cpus": (a["cpu"], b["cpu"])}
+            lv |= {"cpus": (a["cpu"], b["cpu"]), "steady": b["steady"]}
             out["levels"].append(lv)
         finally:
             bench.close()
@@ -908,10 +960,24 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 def _report_driver(args: argparse.Namespace, tmp: str) -> None:
     small, large = (int(x) for x in args.sizes.split(","))
     d = driver(args, tmp)
-    rows = []
+    rows: list[list[str]] = []
+    steady_rows: list[list[str]] = []
     for lv in d["levels"]:
         g = lv["gpus"]
         cores = [lv["carry"] + lv["per_shard"] * shard_rate(g, h) for h in (2.0, 10.0)]
+        st = lv["steady"]
+        net = max(st["per_shard"] - lv["carry"] / st["rate"], 0.0)
+        st_cores = [lv["carry"] + net * shard_rate(g, h) for h in (2.0, 10.0)]
+        steady_rows.append(
+            [
+                f"Ray Data (now), {g} GPUs",
+                f"{st['rate']:.2f}",
+                f"{st['cores']:.3f}",
+                f"{st['per_shard'] * 1e3:.1f}",
+                f"{net * 1e3:.1f}",
+                f"{st_cores[0]:.2f} / {st_cores[1]:.2f}",
+            ]
+        )
         rows.append(
             [
                 f"Ray Data (now), {g} GPUs",
@@ -955,6 +1021,31 @@ def _report_driver(args: argparse.Namespace, tmp: str) -> None:
             "driver cores, 2 h / 10 h shards",
         ],
         rows,
+    )
+    like = d["like"].get("steady")
+    if like:
+        steady_rows.append(
+            [
+                "Ray Data (now), 1 pool",
+                f"{like['rate']:.2f}",
+                f"{like['cores']:.3f}",
+                f"{like['per_shard'] * 1e3:.1f}",
+                "-",
+                "-",
+            ]
+        )
+    _table(
+        f"driver, steady state of the {large}-shard runs (from a fifth to four fifths of the "
+        "shards committed; one run, no start-up in it)",
+        [
+            "engine, simulated cluster",
+            "shards/s committed",
+            "driver cores",
+            "driver CPU ms per shard",
+            "ms per shard net of carrying",
+            "driver cores, 2 h / 10 h shards (carrying + net x shards/s)",
+        ],
+        steady_rows,
     )
     w = d["waits"]
     print(
