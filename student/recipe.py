@@ -39,6 +39,7 @@ import logging
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -183,11 +184,16 @@ class _Data:
         self.prepare = lambda rows, mix=self.cfg.mix: task.remote(rows, mix=mix, **kwargs)
         self.resolve = ray.get
         self._val: list[AudioBatch] | None = None
+        self.dropped: Counter[str] = Counter()
+        """Training rows this worker's readers dropped (a file changed since its manifest,
+        ...), by reason, over the whole run so far; the metric ``dropped`` sums every rank's.
+        Each drop is also a warning naming the item and the reason."""
 
     def epoch(self, epoch: int, skip: int, stats: dict[str, float]) -> Iterator[tuple[int, Any]]:
         """(plan index, batch) from index ``skip`` of ``epoch``; ``stats['wait']`` accumulates
         seconds spent waiting for data."""
         reader = ShardRows(self.files, list(self.teachers), self.storage)
+        reader.dropped = self.dropped  # one count over every epoch
         d = self.cfg.data
         plan = plan_epoch(
             len(self.files),
@@ -399,6 +405,10 @@ def train_loop(config: dict[str, Any]) -> None:
                 metrics = _metrics(last, progress, window, time.perf_counter() - window_start)
                 metrics["epoch"] = epoch
                 metrics["start_step"] = start_step
+                # Every rank's rows (a collective: every rank agrees on log_now).
+                (metrics["dropped"],) = _all_reduce(
+                    [float(sum(data.dropped.values()))], world, device
+                )
                 if val_now and rank == 0:
                     metrics |= validation_loss(model, data.validation(), device, precision)
                 if probe_now and probe is not None:

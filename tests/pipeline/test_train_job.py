@@ -249,6 +249,7 @@ def test_a_run_shows_progress_records_its_tokens_logs_and_averages(
     # Elapsed is seconds of training, not the wall clock.
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert 0 < rows[-1]["elapsed"] < 3600 and rows[-1]["time"] > 1e9
+    assert all(r["dropped"] == 0 for r in rows)  # every rank's dropped rows, summed
     # The running average: the whole run's, and over steps (2, 4] from two checkpoints.
     assert res.average_url is not None
     avg = Student.from_checkpoint(res.average_url)

@@ -293,6 +293,37 @@ def test_a_file_changed_since_the_manifest_is_dropped_counted_and_logged(
     assert any(victim["item_id"] in m and "changed" in m for m in caplog.messages)
 
 
+def test_a_training_worker_counts_its_drops_over_every_epoch(tmp_path: Path) -> None:
+    """The recipe's per-worker data keeps one count over the run (the ``dropped`` metric): a
+    file changed since its manifest is dropped once an epoch, each time counted."""
+    from spear.student.config import TrainConfig
+    from spear.student.recipe import _Data
+
+    urls = _with_versions(_run(tmp_path, 16))
+    rows = pq.read_table(urls[0]).to_pylist()
+    before, _ = _stream_ids(urls)
+    victim = next(r for r in rows if r["item_id"] in before)
+    other = next(r for r in rows if r["url"] != victim["url"])
+    time.sleep(0.01)
+    Path(victim["url"]).write_bytes(Path(other["url"]).read_bytes())
+    config = {
+        "cfg": TrainConfig(data=SMALL),
+        "teachers": HEADS,
+        "files": urls,
+        "storage": StorageConfig(),
+        "rates": {"wavlm": 50.0, "dasheng": 25.0},
+        "decode": DecodeConfig(),
+    }
+    data = _Data(config, rank=0, world=1)
+    prepare = _prepare([])
+    # In process instead of a Ray CPU task: the same prepare_batch, resolved at once.
+    data.prepare = lambda rows, mix=None: prepare(rows)
+    data.resolve = lambda chunks: chunks
+    for epoch in (0, 1):
+        assert list(data.epoch(epoch, 0, {"wait": 0.0}))
+    assert data.dropped == {"changed": 2}
+
+
 def test_a_version_1_shard_without_source_columns_still_reads(tmp_path: Path) -> None:
     urls = _with_versions(_run(tmp_path, 16), drop_sources=True)
     assert "file_version" not in pq.read_schema(urls[0]).names
