@@ -117,18 +117,22 @@ def redact_text(text: str, env: Mapping[str, str] | None = None) -> str:
     return _mask_patterns(text)
 
 
-def redact(obj: Any) -> Any:
+def redact(obj: Any, *, by_name: bool = True) -> Any:
     """A copy of ``obj`` (plain data: dicts, lists, strings, numbers) fit to print or write:
     a string under a credential key becomes ``***``, credential parts of other strings are
     masked (:func:`has_credential`). Deterministic (no environment lookup), so two runs that
-    differ only in a credential redact the same."""
+    differ only in a credential redact the same. ``by_name=False`` masks by value only: for
+    data whose keys are spear's own names of ids and settings (a run record's ``token_run``
+    is an id, not a token), where a credential can only arrive inside a value (a signed URL)."""
     if isinstance(obj, Mapping):
         return {
-            k: MASK if isinstance(v, str) and v and is_credential_name(str(k)) else redact(v)
+            k: MASK
+            if by_name and isinstance(v, str) and v and is_credential_name(str(k))
+            else redact(v, by_name=by_name)
             for k, v in obj.items()
         }
     if isinstance(obj, (list, tuple)):
-        return [redact(v) for v in obj]
+        return [redact(v, by_name=by_name) for v in obj]
     if isinstance(obj, str):
         return _mask_patterns(obj)
     return obj

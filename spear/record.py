@@ -168,12 +168,19 @@ def _check_version(where: str, what: str, old: dict[str, Any] | None) -> None:
         )
 
 
+def _fit_to_write(record: RunRecord) -> dict[str, Any]:
+    """The record as written: a signed URL's signature (in a checkpoint or manifest URL) is
+    masked; keys are spear's names of settings and ids, so none is masked for its name (the
+    train record's ``token_run`` is the tokenize run's id)."""
+    return dict(redact(record.as_dict(), by_name=False))
+
+
 def compare(where: str, what: str, old: dict[str, Any] | None, record: RunRecord) -> None:
     """Refuse ``record`` unless it equals ``old``, a record kept inside an output (``what``: a
     quantiser's header, a checkpoint) rather than in its own file."""
     _check_version(where, what, old)
     assert old is not None
-    diffs = diff(old, redact(record.as_dict()))
+    diffs = diff(old, _fit_to_write(record))
     if diffs:
         raise SpearError(refusal(where, old, diffs))
 
@@ -189,7 +196,7 @@ def check_record(
     """Refuse a run whose record differs from the one that made outputs in ``out``; else write
     it. ``made``: ``out`` already holds outputs of a run (committed units, checkpoints, a
     listing). With nothing made, an earlier record is replaced."""
-    new = redact(record.as_dict())  # the info may hold a signed URL
+    new = _fit_to_write(record)
     if made:
         old = read_record(out, storage, path)
         if old is None:

@@ -131,3 +131,23 @@ def test_compare_a_record_kept_inside_an_output() -> None:
         compare("'q'", "its checkpoint", rec.as_dict(), other)
     with pytest.raises(SpearError, match="its checkpoint: no run record"):
         compare("'q'", "its checkpoint", None, rec)
+
+
+def test_a_record_keeps_its_ids_and_masks_a_signed_url(tmp_path: Path) -> None:
+    """Written records mask credentials by value (a signed URL's signature), never an id for
+    its key's name: the train record's ``token_run`` is the tokenize run's id."""
+    out = str(tmp_path / "o")
+    signed = "https://b.s3.amazonaws.com/m?X-Amz-Signature=abcdef0123456789&X-Amz-Expires=60"
+    record = RunRecord(
+        "train",
+        {"student": {"preset": "tiny"}},
+        "synthetic-0",
+        "token run",
+        info={"trained_on": {"token_run": "synthetic-0"}, "manifest": signed},
+    )
+    check_record(out, record, LOCAL, made=False, path="plan.json")
+    written = json.loads((tmp_path / "o" / "plan.json").read_text())
+    assert written["info"]["trained_on"]["token_run"] == "synthetic-0"
+    assert "abcdef0123456789" not in json.dumps(written)
+    assert written["info"]["manifest"].startswith("https://b.s3.amazonaws.com/m?")
+    check_record(out, record, LOCAL, made=True, path="plan.json")  # the same run
