@@ -181,6 +181,15 @@ def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server) -> None:
     assert set(report["stages"]) == {"decode", "wavlm", "dasheng"}
     assert report["hours_by_domain"]["audio"] > 0
 
+    # That ran fused (the default when both teachers ask the same resources); one pool per
+    # teacher gives the same shards, code for code, and the same stages in its report.
+    pools = join(s3_server.bucket("tokenize-out"), "pools")
+    assert cli(*tokenize_args(inputs, pools), "--set", "tokenize.fuse_teachers=false") == 0
+    assert read_dir(join(pools, "tokens"), storage).equals(tokens)
+    assert read_dir(join(pools, "quarantine"), storage).equals(quarantine)
+    pools_report = json.loads(read_bytes(join(pools, "report.json"), storage))
+    assert set(pools_report["stages"]) == set(report["stages"])
+
     # Resume: a lost shard is redone, the others are kept, nothing is doubled.
     fs, path = filesystem(join(out, "tokens/shard-00001.parquet"), storage)
     fs.rm(path)
