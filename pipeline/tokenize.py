@@ -8,9 +8,13 @@ Steps (the skeleton of ``pipeline/job.py``):
    these and the items' content digest) goes to ``_work/plan.json``; a re-run must record the
    same, or it is refused naming what differs.
 2. Ray Data runs the unfinished shards, one dataset row each (the shard's item list, no
-   audio): one autoscaling actor pool per teacher (``map_batches``; GPU when asked or present)
-   whose actors decode the items they run on and run the teacher and its quantiser, so audio
-   and float embeddings never enter the object store, only codes; then a Datasink whose write
+   audio) through autoscaling actor pools (``map_batches``; GPU when asked or present) whose
+   actors decode the items they run on and run the teachers and their quantisers, so audio
+   and float embeddings never enter the object store, only codes. :func:`tokenize_stages`
+   picks the layout (``tokenize.fuse_teachers``): one pool of fused actors that decode each
+   item once and run both teachers (``FusedTokenizeStage``) when the teachers ask the same
+   per-actor resources, else one pool per teacher (``TokenizeStage``); both give the same
+   codes and the report's per-teacher busy seconds. Then a Datasink whose write
    tasks build each shard's token and quarantine files and commit them
    (``spear/commit.py``). Token rows never reach the driver: it receives one small entry
    per shard.

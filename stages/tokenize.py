@@ -78,7 +78,7 @@ class TokenizeConfig:
     decides first."""
     max_shard_hours: float | None = 10.0
     """Most audio per token shard, in hours (10 h: ~36 MB of tokens at SPEC's settings, a
-    good Parquet file for the readers). Audio never travels with a shard (each teacher's actors
+    good Parquet file for the readers). Audio never travels with a shard (the teacher actors
     decode the items they run on, in chunks), so this no longer bounds memory; it sets how many
     shards the driver commits per second (197k h: ~20k shards; 512 H100s at ~8,000x real time
     each finish ~114 shards/s at 10 h, 570 at 2 h: the driver's per-shard cost times that must
