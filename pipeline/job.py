@@ -314,6 +314,9 @@ class UnitJob:
     write_cpus: float = 0.25
     """CPU share of a write task (Parquet encoding, a few object-store puts)."""
     progress_seconds: float = 30.0
+    layout: str = ""
+    """Which layout of actor pools runs (e.g. teachers fused or one pool per teacher): said
+    once in the console's start-up line."""
 
     def name(self, unit: int) -> str:
         return f"{self.unit_prefix}-{unit:05d}"
@@ -525,7 +528,7 @@ def _run_dataset(
     try:
         with progress:
             progress.status(
-                "starting: "
+                f"starting{f' ({job.layout})' if job.layout else ''}: "
                 + ", ".join(
                     f"{n} {a.name} actor{'s' * (n > 1)}"
                     for a, n in zip(job.actors, sizes, strict=True)

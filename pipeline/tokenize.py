@@ -8,9 +8,13 @@ Steps (the skeleton of ``pipeline/job.py``):
    these and the items' content digest) goes to ``_work/plan.json``; a re-run must record the
    same, or it is refused naming what differs.
 2. Ray Data runs the unfinished shards, one dataset row each (the shard's item list, no
-   audio): one autoscaling actor pool per teacher (``map_batches``; GPU when asked or present)
-   whose actors decode the items they run on and run the teacher and its quantiser, so audio
-   and float embeddings never enter the object store, only codes; then a Datasink whose write
+   audio) through autoscaling actor pools (``map_batches``; GPU when asked or present) whose
+   actors decode the items they run on and run the teachers and their quantisers, so audio
+   and float embeddings never enter the object store, only codes. :func:`tokenize_stages`
+   picks the layout (``tokenize.fuse_teachers``): one pool of fused actors that decode each
+   item once and run both teachers (``FusedTokenizeStage``) when the teachers ask the same
+   per-actor resources, else one pool per teacher (``TokenizeStage``); both give the same
+   codes and the report's per-teacher busy seconds. Then a Datasink whose write
    tasks build each shard's token and quarantine files and commit them
    (``spear/commit.py``). Token rows never reach the driver: it receives one small entry
    per shard.
@@ -55,6 +59,7 @@ from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter, write_index
 from spear.stages.decode import PROVENANCE_COLUMNS, DecodeConfig
 from spear.stages.teachers import TeacherConfig, check_quantizer_weights, checkpoint_sha256
 from spear.stages.tokenize import (
+    FusedTokenizeStage,
     TokenizeConfig,
     TokenizeStage,
     TokenizeTeacherConfig,
@@ -178,6 +183,89 @@ def _decides(
     }
 
 
+def fuse_teachers(job: list[JobTeacher], cfg: TokenizeConfig) -> bool:
+    """Whether the job's teachers run fused in one actor pool (``tokenize.fuse_teachers``):
+    ``auto`` fuses two or more teachers that ask for the same per-actor resources (device,
+    GPU share, CPU share: one actor holds both models in one GPU share); ``true`` fuses and
+    refuses teachers whose resources differ; ``false`` never fuses."""
+    if cfg.fuse_teachers is False:
+        return False
+    asks = {(t.config.device, t.config.num_gpus, t.config.num_cpus) for t in job}
+    if len(asks) > 1:
+        if cfg.fuse_teachers is True:
+            parts = ", ".join(
+                f"{t.prefix} device={t.config.device} num_gpus={t.config.num_gpus:g} "
+                f"num_cpus={t.config.num_cpus}"
+                for t in job
+            )
+            raise SpearError(
+                f"tokenize.fuse_teachers=true needs the teachers to ask for the same "
+                f"resources per actor, they ask {parts}: set them equal, or "
+                "tokenize.fuse_teachers=auto/false for one pool per teacher"
+            )
+        return False
+    return cfg.fuse_teachers is True or len(job) > 1
+
+
+def tokenize_stages(
+    job: list[JobTeacher],
+    cfg: TokenizeConfig,
+    encode: QuantizerEncodeConfig,
+    storage: StorageConfig,
+) -> tuple[list[ActorStage], str]:
+    """The job's actor pools and a line saying which layout runs: one
+    :class:`FusedTokenizeStage` pool (each actor decodes a shard's items once and runs every
+    teacher on its domains' items; ``max(num_actors)`` actors, each asking the teachers'
+    common device, GPU and CPU share), or one :class:`TokenizeStage` pool per teacher (each
+    actor decodes the items of its teacher's domains). Both give the same columns and codes."""
+
+    def kwargs(t: JobTeacher, keep_audio: tuple[str, ...]) -> dict[str, Any]:
+        return {
+            "teacher": t.config,
+            "quantizer_url": t.quantizer_url,
+            "storage": storage.resolved(),
+            "prefix": t.prefix,
+            "domains": getattr(cfg, t.prefix).domains,
+            "refine_rounds": encode.refine_rounds,
+            "quantizer_id": t.info.quantizer_id,
+            "keep_audio": keep_audio,
+        }
+
+    if not fuse_teachers(job, cfg):
+        stages = [
+            ActorStage(
+                name=t.prefix,
+                cls=TokenizeStage,
+                # Each teacher's actors decode the items they run on: no audio leaves them.
+                kwargs=kwargs(t, ()),
+                decodes=tuple(t.info.domains),
+                num_actors=t.config.num_actors,
+                device=t.config.device,
+                num_gpus=t.config.num_gpus,
+                num_cpus=t.config.num_cpus,
+            )
+            for t in job
+        ]
+        return stages, "one actor pool per teacher"
+    per_teacher = []
+    for k, t in enumerate(job):
+        # A teacher keeps the audio of the items a later teacher of the actor runs on.
+        later = tuple(dict.fromkeys(d for u in job[k + 1 :] for d in u.info.domains))
+        per_teacher.append(kwargs(t, later))
+    first = job[0].config
+    fused = ActorStage(
+        name="+".join(t.prefix for t in job),
+        cls=FusedTokenizeStage,
+        kwargs={"stages": per_teacher},
+        decodes=tuple(dict.fromkeys(d for t in job for d in t.info.domains)),
+        num_actors=max(t.config.num_actors for t in job),
+        device=first.device,
+        num_gpus=first.num_gpus,
+        num_cpus=first.num_cpus,
+    )
+    return [fused], "teachers fused, each item decoded once"
+
+
 def run_tokenize(
     manifest: str,
     out: str,
@@ -218,29 +306,7 @@ def run_tokenize(
     record = items_record(
         "tokenize", table, INPUT_COLUMNS, _decides(job, cfg, decode, encode), {"manifest": manifest}
     )
-    stages = [
-        ActorStage(
-            name=t.prefix,
-            cls=TokenizeStage,
-            kwargs={
-                "teacher": t.config,
-                "quantizer_url": t.quantizer_url,
-                "storage": storage.resolved(),
-                "prefix": t.prefix,
-                "domains": getattr(cfg, t.prefix).domains,
-                "refine_rounds": encode.refine_rounds,
-                "quantizer_id": t.info.quantizer_id,
-                # Each teacher's actors decode the items they run on: no audio leaves them.
-                "keep_audio": (),
-            },
-            decodes=tuple(t.info.domains),
-            num_actors=t.config.num_actors,
-            device=t.config.device,
-            num_gpus=t.config.num_gpus,
-            num_cpus=t.config.num_cpus,
-        )
-        for t in job
-    ]
+    stages, layout = tokenize_stages(job, cfg, encode, storage)
     unit_job = UnitJob(
         kind="tokenize",
         out=out,
@@ -248,6 +314,7 @@ def run_tokenize(
         columns=RUN_COLUMNS,
         outputs=lambda n: [quarantine_path(int(n[6:])), token_path(int(n[6:]))],
         actors=stages,
+        layout=layout,
         writer=TokenShardWriter(tuple(t.info for t in job), record.run_id),
         decode=decode,
         progress_seconds=cfg.progress_seconds,

@@ -19,7 +19,7 @@ The model (one line per figure; ``A`` = audio seconds in the run, ``a`` = audio-
 
 ``r_teacher`` is the actor rate: the fused tokenize figure when measured (``tokenize.wavlm``),
 else the teacher and its MVQ encode in series (``1 / (1/r_teacher + 1/r_mvq)``). Audio never
-enters the object store (each teacher's actors decode the items they run on); what does is each
+enters the object store (the teacher actors decode the items they run on); what does is each
 unit's item list and the codes. The run takes the larger wall time; the figure behind it is the
 run's *limit*. The driver line is the shards per second the run commits times the driver's CPU
 per shard (:data:`DRIVER_SECONDS_PER_SHARD`, measured by ``benchmarks/scale.py``).

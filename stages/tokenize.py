@@ -6,7 +6,9 @@ SPEC's settings, against 100 kB/s of float16 embeddings).
 
 * :class:`TokenizeTeacherConfig` - one teacher of the tokenize job: model, quantiser, domains.
 * :func:`tokenize_batch` - the pure function (no Ray): batch in, batch with codes out.
-* :class:`TokenizeStage` - the Ray Data actor; :func:`tokenize_map_kwargs` for ``map_batches``.
+* :class:`TokenizeStage` - one teacher's Ray Data actor; :class:`FusedTokenizeStage` - every
+  teacher of the job in one actor (``tokenize.fuse_teachers``), each through its
+  :class:`TokenizeStage`.
 
 Batch in: an audio batch (``spear.formats``) with ``domain`` and the decode stage's
 ``error_type`` column. Rows that failed to decode, and rows of other domains, pass through with
@@ -22,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -76,12 +78,21 @@ class TokenizeConfig:
     decides first."""
     max_shard_hours: float | None = 10.0
     """Most audio per token shard, in hours (10 h: ~36 MB of tokens at SPEC's settings, a
-    good Parquet file for the readers). Audio never travels with a shard (each teacher's actors
+    good Parquet file for the readers). Audio never travels with a shard (the teacher actors
     decode the items they run on, in chunks), so this no longer bounds memory; it sets how many
     shards the driver commits per second (197k h: ~20k shards; 512 H100s at ~8,000x real time
     each finish ~114 shards/s at 10 h, 570 at 2 h: the driver's per-shard cost times that must
     stay well under one core, ``benchmarks/scale.py``) and the work redone for a lost shard
     (seconds of one GPU). None: items only."""
+    fuse_teachers: Literal["auto"] | bool = "auto"
+    """Both teachers in one actor pool (each actor decodes a shard's items once and runs WavLM
+    + MVQ and Dasheng + MVQ on them), or one pool per teacher (an audio item decoded by each).
+    ``auto``: fused when both teachers run and ask for the same per-actor resources
+    (``device``, ``num_gpus``, ``num_cpus``: both fit one GPU share), else per-teacher pools;
+    ``true``: fused, refused when their resources differ; ``false``: per-teacher pools (each
+    teacher its own GPU share and pool size). A fused pool has
+    ``max(teachers.*.num_actors)`` actors. docs/tokenize.md "Where decode runs" has the
+    measurements."""
     progress_seconds: float = 30.0
     """Seconds between one-line progress summaries in the log (without a terminal)."""
 
@@ -240,3 +251,21 @@ def tokenize_rows_one_by_one(
             )
             parts.append(tokenize_batch(teacher, quantizer, row, **kw))  # skips the row
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+class FusedTokenizeStage:
+    """Ray Data actor holding every teacher of the job (each with its quantiser, built by
+    :class:`TokenizeStage`), run in turn on each batch: the items are decoded once for all of
+    them. ``stages``: each teacher's :class:`TokenizeStage` keyword arguments, in job order;
+    a teacher's ``keep_audio`` must name the domains of the teachers after it (the audio they
+    need), the last one's none. The output is that of the per-teacher pools chained."""
+
+    def __init__(self, stages: list[dict[str, Any]]):
+        if not stages:
+            raise SpearError("a fused tokenize actor needs at least one teacher")
+        self.stages = [TokenizeStage(**kw) for kw in stages]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch

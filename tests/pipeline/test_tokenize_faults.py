@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,11 +46,31 @@ def job(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     torch.manual_seed(0)
     q = Quantizer(QuantizerInfo(dim=64, num_codebooks=4, codebook_size=16, teacher="wavlm-tiny"))
     save_quantizer(q, str(root / "q"), StorageConfig())
-    return {"manifest": manifest, "quantizer": str(root / "q"), "address": ray_cluster}
+    q = Quantizer(QuantizerInfo(dim=64, num_codebooks=4, codebook_size=16, teacher="dasheng-tiny"))
+    save_quantizer(q, str(root / "qd"), StorageConfig())
+    return {
+        "manifest": manifest,
+        "quantizer": str(root / "q"),
+        "dasheng_quantizer": str(root / "qd"),
+        "address": ray_cluster,
+    }
 
 
-def command(job: dict[str, str], out: Path, manifest: str | None = None) -> list[str]:
-    # Small shards: many units and actor calls, so a kill lands mid-run.
+def command(
+    job: dict[str, str], out: Path, manifest: str | None = None, *, fused: bool = False
+) -> list[str]:
+    # Small shards: many units and actor calls, so a kill lands mid-run. WavLM alone runs in
+    # its own pool; ``fused`` adds Dasheng on the (speech) items, in one actor with WavLM.
+    both = [
+        "--dasheng",
+        "dasheng-tiny",
+        "--dasheng-quantizer",
+        job["dasheng_quantizer"],
+        "--set",
+        "tokenize.dasheng.domains=speech",
+        "--set",
+        "tokenize.fuse_teachers=true",
+    ]
     return [
         sys.executable,
         "-m",
@@ -68,6 +89,7 @@ def command(job: dict[str, str], out: Path, manifest: str | None = None) -> list
         str(PER_SHARD),
         "--address",
         job["address"],
+        *(both if fused else []),
     ]
 
 
@@ -123,45 +145,54 @@ def check_exactly_once(job: dict[str, str], out: Path) -> None:
     assert sum(e["rows"] + e["quarantined"] for e in index) == len(ids)
 
 
+@pytest.mark.parametrize("layout", ["TokenizeStageUnits", "FusedTokenizeStageUnits"])
 def test_teacher_actor_killed_mid_run(
-    job: dict[str, str], reference: Reference, tmp_path: Path
+    job: dict[str, str], reference: Reference, tmp_path: Path, layout: str
 ) -> None:
+    """A teacher actor is killed mid-run, in either layout: a WavLM pool's actor, or a fused
+    WavLM + Dasheng actor. Ray restarts it and the shards it held run again."""
     # The GCS actor table (no dashboard needed; the state API's list_actors wants one).
     from ray._private.state import actors
 
     out = tmp_path / "o"
+    fused = layout.startswith("Fused")
     proc = subprocess.Popen(
-        command(job, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        command(job, out, fused=fused),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
-    def teacher_actor() -> int | None:
-        for a in actors().values():
-            if "TokenizeStage" in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"]:
-                return int(a["Pid"])
+    def teacher_actor() -> tuple[str, int] | None:
+        for key, a in actors().items():
+            # Ray Data names it MapWorker(MapBatches(<class>)).
+            alive = a["State"] == "ALIVE" and a["Pid"]
+            if alive and re.search(rf"\b{layout}\b", a["ActorClassName"]):
+                return key, int(a["Pid"])
         return None
 
-    pid: int | None = None
+    found: tuple[str, int] | None = None
 
     def ready() -> bool:
-        nonlocal pid
+        nonlocal found
         # Killed once it is alive and the job has started (on 2 cores the whole job can
         # finish within one poll of the first committed shard).
-        pid = teacher_actor()
-        return pid is not None or proc.poll() is not None
+        found = teacher_actor()
+        return found is not None or proc.poll() is not None
 
     wait_for(ready, what="a running teacher actor")
-    assert proc.poll() is None and pid is not None, "the job finished before the kill"
+    assert proc.poll() is None and found is not None, "the job finished before the kill"
+    killed, pid = found
     os.kill(pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
-    restarted = [
-        a
-        for a in actors().values()
-        if "TokenizeStage" in a["ActorClassName"] and a["NumRestarts"] > 0
-    ]
-    assert restarted, "the killed actor was not restarted"
+    # That actor (not one of an earlier test's job on this cluster) was restarted.
+    assert actors()[killed]["NumRestarts"] > 0, "the killed actor was not restarted"
     check_exactly_once(job, out)
     assert codes(out) == reference.codes
+    if fused:
+        t = pq.read_table(out / "tokens")
+        assert all(t["dasheng_frames"].to_pylist()) and t["dasheng_codes"].null_count == 0
 
 
 def _env(tmp_path: Path, faults: str) -> dict[str, str]:

@@ -7,6 +7,7 @@ against the same output must be refused; files broken after the manifest end in 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from spear.shards.schema import codes_from_bytes, read_token_teachers
 from spear.stages.decode import DecodeConfig, decode_segment
 from spear.stages.quantizers import load_quantizer
 from spear.stages.teachers import TeacherConfig, load_teacher, run_teacher
+from spear.stages.tokenize import TokenizeTeacherConfig
 from spear.storage import StorageConfig, filesystem, join, read_bytes, write_atomic
 from spear.synth import write_speech_like
 
@@ -123,11 +125,13 @@ def read_dir(url: str, storage: StorageConfig):
     return pq.read_table(path, filesystem=fs)
 
 
-def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server) -> None:
+def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server, capsys) -> None:
     storage = inputs.storage
     out = join(s3_server.bucket("tokenize-out"), "run")
     args = tokenize_args(inputs, out)
     assert cli(*args) == 0
+    # The console says once which layout runs: fused, both teachers asking the same resources.
+    assert capsys.readouterr().err.count("(teachers fused, each item decoded once)") == 1
 
     manifest = {r["item_id"]: r for r in read_manifest(inputs.manifest, storage).to_pylist()}
     tokens = read_dir(join(out, "tokens"), storage)
@@ -170,24 +174,40 @@ def test_tokenize_matches_direct_computation(inputs: Inputs, s3_server) -> None:
 
     # The index lists every shard with its checksum; the report counts what happened.
     index = read_dir(join(out, "index.parquet"), storage).to_pylist()
+    with_audio = []
     for e in index:
         data = read_bytes(join(out, e["path"]), storage)
         assert hashlib.sha256(data).hexdigest() == e["sha256"] and len(data) == e["bytes"]
-        assert pq.read_table(io.BytesIO(data)).num_rows == e["rows"]
+        shard = pq.read_table(io.BytesIO(data))
+        assert shard.num_rows == e["rows"]
+        if "audio" in shard["domain"].to_pylist():
+            with_audio.append(e["path"])
     report = json.loads(read_bytes(join(out, "report.json"), storage))
     assert report["ok"] == tokens.num_rows and sum(report["quarantined"].values()) == 3
     assert set(report["stages"]) == {"decode", "wavlm", "dasheng"}
     assert report["hours_by_domain"]["audio"] > 0
 
-    # Resume: a lost shard is redone, the others are kept, nothing is doubled.
-    fs, path = filesystem(join(out, "tokens/shard-00001.parquet"), storage)
-    fs.rm(path)
-    assert cli(*args) == 0
+    # Resume: lost shards are redone, the others are kept, nothing is doubled. That ran fused
+    # (the default: both teachers ask the same resources); the layout is a speed setting, so
+    # one pool per teacher redoes these (all but shard 0, with Dasheng's audio items among
+    # them), and gives the same files byte for byte: the index, with each shard's sha256, is
+    # unchanged.
+    lost = [e["path"] for e in index[1:]]
+    assert set(lost) & set(with_audio)
+    for rel in lost:
+        fs, path = filesystem(join(out, rel), storage)
+        fs.rm(path)
+    assert cli(*args, "--set", "tokenize.fuse_teachers=false") == 0
+    assert "starting (one actor pool per teacher): 1 wavlm actor, 1 dasheng actor" in (
+        capsys.readouterr().err
+    )
     again = read_dir(join(out, "tokens"), storage)
     assert sorted(again["item_id"].to_pylist()) == sorted(tokens["item_id"].to_pylist())
     summary = json.loads(read_bytes(join(out, "_SUCCESS.json"), storage))
-    assert summary["shards_done_before"] == len(index) - 1
+    assert summary["shards_done_before"] == len(index) - len(lost)
     assert read_dir(join(out, "index.parquet"), storage).to_pylist() == index
+    report = json.loads(read_bytes(join(out, "report.json"), storage))
+    assert set(report["stages"]) == {"decode", "wavlm", "dasheng"}
 
     # Another quantiser against the same output is refused, with the reason.
     assert cli(*tokenize_args(inputs, out, wavlm_q=inputs.other_q)) == 2
@@ -229,3 +249,106 @@ def test_report_timeline_covers_every_invocation(tmp_path) -> None:  # type: ign
     assert [m["t"] for m in marks] == [0, 40, 40, 70]
     assert marks[-1]["shards_done"] == 5 and marks[-1]["hours_done"] == 2.5
     assert marks[-1]["stage_busy"] == {"wavlm": 10.0} and marks[-1]["invocation"] == 1
+
+
+def _job(tmp_path, wavlm: dict | None = None, dasheng: dict | None = None, **cfg):  # type: ignore[no-untyped-def]
+    """The job's teachers as the driver resolves them (tiny teachers, seeded quantisers)."""
+    from spear.pipeline.tokenize import resolve_teachers
+    from spear.stages.teachers import DashengTeacherConfig
+    from spear.stages.tokenize import DashengTokenizeConfig, TokenizeConfig
+
+    storage = StorageConfig()
+    qw = make_quantizer(str(tmp_path / "qw"), "wavlm-tiny", 64, 2, 0, storage)
+    qd = make_quantizer(str(tmp_path / "qd"), "dasheng-tiny", 64, 2, 1, storage)
+    teachers = {
+        "wavlm": TeacherConfig(name="wavlm-tiny", allow_random=True, **(wavlm or {})),
+        "dasheng": DashengTeacherConfig(name="dasheng-tiny", allow_random=True, **(dasheng or {})),
+    }
+    tok = TokenizeConfig(
+        wavlm=TokenizeTeacherConfig(quantizer=qw),
+        dasheng=DashengTokenizeConfig(quantizer=qd),
+        **cfg,
+    )
+    return resolve_teachers(teachers, tok, storage), tok
+
+
+def test_fused_actor_gives_the_per_teacher_pools_codes(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # The actors Ray Data runs (the stages tokenize_stages builds, with the job's decode), called
+    # in-process on real files: every column equal between the layouts, times aside.
+    import soundfile as sf
+
+    from spear.pipeline.job import decode_timed, pack, unit_actor, unpack
+    from spear.pipeline.tokenize import tokenize_stages
+    from spear.quantizer.config import QuantizerEncodeConfig
+
+    storage = StorageConfig()
+    speech = write_speech_like(str(tmp_path / "s"), 4, seconds=(1, 4), seed=3)
+    audio = write_speech_like(
+        str(tmp_path / "a"), 3, seconds=(3, 6), seed=4, sample_rate=44100, fmt="WAV"
+    )
+    (tmp_path / "bad.wav").write_bytes(b"RIFF" + bytes(range(256)) * 4)
+    short = str(tmp_path / "short.wav")
+    sf.write(short, np.zeros(300, np.int16), 16000)  # gives no frame of either teacher
+    urls = [*speech, *audio, str(tmp_path / "bad.wav"), short]
+    domains = ["speech"] * 4 + ["audio"] * 5
+    durations = [float(sf.info(u).duration) if "bad" not in u else 1.0 for u in urls]
+    items = {
+        "item_id": np.array([f"i{k}" for k in range(len(urls))], dtype=object),
+        "source": np.array(domains, dtype=object),
+        "domain": np.array(domains, dtype=object),
+        "url": np.array(urls, dtype=object),
+        "start": np.zeros(len(urls)),
+        "duration": np.array(durations),
+    }
+    job, tok = _job(tmp_path)
+
+    def run_layout(fuse: bool) -> tuple[dict[str, np.ndarray], list[str]]:
+        cfg = dataclasses.replace(tok, fuse_teachers=fuse)
+        stages, _ = tokenize_stages(job, cfg, QuantizerEncodeConfig(), storage)
+        data = pack(items)
+        for st in stages:
+            actor = unit_actor(st.cls)(
+                st.kwargs,
+                decode=decode_timed,
+                decode_kwargs={"cfg": DecodeConfig(), "storage": storage},
+                decodes=st.decodes,
+                chunk_seconds=8.0,  # several chunks, decoded a chunk ahead
+            )
+            data = actor.run(data)
+        return unpack(data), [st.name for st in stages]
+
+    fused, fused_names = run_layout(True)
+    pools, pool_names = run_layout(False)
+    assert fused_names == ["wavlm+dasheng"] and pool_names == ["wavlm", "dasheng"]
+    timed = {"decode_seconds", "wavlm_seconds", "dasheng_seconds"}
+    assert set(fused) == set(pools) and timed < set(fused) and "audio" not in fused
+    for key in sorted(set(fused) - timed):
+        assert list(fused[key]) == list(pools[key]), key
+    # What the comparison covers: codes of both teachers, a decode error, a too-short item.
+    err = list(fused["error_type"])
+    assert err[7] != "" and err[8] == "too_short" and err[:7] == [""] * 7
+    assert all(fused["wavlm_frames"][:7] > 0) and all(fused["dasheng_frames"][4:7] > 0)
+    assert all(fused["dasheng_frames"][:4] == -1) and fused["dasheng_codes"][4]
+
+
+def test_fuse_teachers_rule(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from spear.errors import SpearError
+    from spear.pipeline.tokenize import fuse_teachers, tokenize_stages
+    from spear.quantizer.config import QuantizerEncodeConfig
+
+    enc, storage = QuantizerEncodeConfig(), StorageConfig()
+    # auto: both teachers ask the same per actor -> one pool of the larger size.
+    job, tok = _job(tmp_path, wavlm={"num_actors": 3}, dasheng={"num_actors": 2})
+    (st,), layout = tokenize_stages(job, tok, enc, storage)
+    assert st.num_actors == 3 and st.decodes == ("speech", "audio") and "fused" in layout
+    assert [k["keep_audio"] for k in st.kwargs["stages"]] == [("audio",), ()]
+    # Another GPU share: auto keeps a pool per teacher, true is refused naming both.
+    job, tok = _job(tmp_path, dasheng={"num_gpus": 0.5})
+    assert not fuse_teachers(job, tok)
+    assert [s.num_gpus for s in tokenize_stages(job, tok, enc, storage)[0]] == [1.0, 0.5]
+    with pytest.raises(SpearError, match=r"num_gpus=0\.5"):
+        fuse_teachers(job, dataclasses.replace(tok, fuse_teachers=True))
+    # One teacher: auto has nothing to fuse; false never fuses.
+    job, tok = _job(tmp_path)
+    assert not fuse_teachers(job[:1], tok)
+    assert not fuse_teachers(job, dataclasses.replace(tok, fuse_teachers=False))
