@@ -41,6 +41,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arg, path)
             except ConfigError as err:
                 errors.append(str(err))
+        if len(errors) > 1:  # every alternative's complaint, not only the first one's
+            raise ConfigError(f"{path}: " + "; or ".join(e.split(": ", 1)[-1] for e in errors))
         raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
     if origin is Literal:
         choices = get_args(tp)

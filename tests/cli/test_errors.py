@@ -98,6 +98,10 @@ def _cases(root: Path) -> dict[str, tuple[list[str], list[str]]]:
             ["decode", "--manifest", none, "--out", out, "--set", "decode.resampler=best"],
             ["decode.resampler", "is not one of"],
         ),
+        "bad-value-of-either-kind": (
+            ["config", "show", "--set", "tokenize.fuse_teachers=maybe"],
+            ["tokenize.fuse_teachers", "is not one of 'auto'; or expected true/false"],
+        ),
         "config-not-yaml": (
             ["config", "show", "--config", str(yaml_bad)],
             [str(yaml_bad), "is not valid YAML"],
@@ -155,6 +159,7 @@ CASES = [
     "missing-option",
     "unknown-option",
     "not-an-integer",
+    "bad-value-of-either-kind",
     "missing-manifest",
     "unfinished-manifest",
     "missing-source",
