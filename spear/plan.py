@@ -43,10 +43,13 @@ from spear.errors import SpearError
 from spear.rates import Rates
 from spear.stages.tokenize import TokenizeConfig
 
-DRIVER_SECONDS_PER_SHARD = 0.003
-"""Driver CPU per committed shard on Ray Data: 2.9 ms measured by ``benchmarks/scale.py --part
-driver`` (16 stub actors, the executor's bookkeeping and the commit entry; independent of the
-shard's size), rounded up."""
+DRIVER_SECONDS_PER_SHARD = 0.018
+"""Driver CPU per committed shard on Ray Data with one actor pool (the fused tokenize layout):
+17.4 ms in the steady state of ``benchmarks/scale.py --part driver`` (16 stub actors, driver CPU
+over the shards committed between a fifth and four fifths of an 80-shard run: the executor's
+bookkeeping, the commit entry and the progress feed), rounded up. The difference of two run
+sizes gave 2.8 ms in the same run, but start-up noise enters it; the steady figure is the one
+an operator should plan with."""
 WAVLM_BYTES_PER_SECOND = 800
 """16 codebooks x 50 Hz x 1 byte (SPEC section 3)."""
 DASHENG_BYTES_PER_SECOND = 200
