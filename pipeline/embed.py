@@ -213,15 +213,7 @@ class EmbeddingShardWriter:
             checkpoint_sha256=self.sha,
             weights=self.sha or "random",
         )
-        entry = {
-            "name": name,
-            "items": len(split.order),
-            "rows": len(take),
-            "quarantined": len(split.quarantine),
-            "frames": int(frames.sum()),
-            "audio_seconds": float(items["num_samples"][take].astype(np.float64).sum()) / 16_000,
-            "quarantine_by_stage": split.by_stage,
-        }
+        entry = split.entry(name, items)
         files = {
             f"quarantine/{name}.parquet": parquet_bytes(quarantine_table(split.quarantine)),
             shard_path(name): parquet_bytes(table),  # published last

@@ -201,13 +201,5 @@ class FeaturePartWriter:
                 **({"layers": list(self.layers)} if self.layers else {}),
             )
             files[shard_path(name, FEATURES_DIR)] = parquet_bytes(table)
-        entry = {
-            "name": name,
-            "items": len(split.order),
-            "rows": len(good),
-            "quarantined": len(split.quarantine),
-            "frames": int(items["num_frames"][good].sum()),
-            "audio_seconds": float(items["num_samples"][good].sum()) / 16_000,
-            "quarantine_by_stage": split.by_stage,
-        }
+        entry = split.entry(name, items)
         return files, entry

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -73,6 +74,21 @@ class UnitSplit:
         for r in self.quarantine:
             out.setdefault(r["stage"], Counter())[r["error_type"]] += 1
         return {k: dict(v) for k, v in out.items()}
+
+    def entry(self, name: str, items: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The commit entry of an embedding or features unit: its counts, the good rows'
+        frames (``num_frames``) and audio seconds (``num_samples`` at 16 kHz), quarantine by
+        stage and reason."""
+        good = self.good
+        return {
+            "name": name,
+            "items": len(self.order),
+            "rows": len(good),
+            "quarantined": len(self.quarantine),
+            "frames": int(items["num_frames"][good].astype(np.int64).sum()),
+            "audio_seconds": float(items["num_samples"][good].astype(np.float64).sum()) / 16_000,
+            "quarantine_by_stage": self.by_stage,
+        }
 
 
 def split_quarantine(
