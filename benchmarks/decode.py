@@ -204,7 +204,7 @@ def bench_mp3_reads(minutes: float) -> None:
             fetched[0] += end - start
             return bytes(real_fetch(self, start, end))
 
-        s3fs.core.S3File._fetch_range = counting  # type: ignore[method-assign]
+        s3fs.core.S3File._fetch_range = counting
         t0 = time.perf_counter()
         res = probe_files([(url, -1, "speech")], "bench", ManifestConfig(), storage)
         probe_bytes, probe_s = fetched[0], time.perf_counter() - t0
@@ -222,7 +222,7 @@ def bench_mp3_reads(minutes: float) -> None:
             f"{'segment start':>14}{'before MB':>11}{'B/s before':>12}{'after MB':>10}"
             f"{'B/s after':>11}{'s before':>10}{'s after':>9}"
         )
-        totals = {"before": [0, 0.0], "after": [0, 0.0]}
+        totals: dict[str, list[float]] = {"before": [0.0, 0.0], "after": [0.0, 0.0]}
         decoded = 0.0
         for r in res.rows:
             line = []
@@ -253,14 +253,14 @@ def bench_mp3_reads(minutes: float) -> None:
                 f"{r['start']:>13.0f}s{b0 / 1e6:>11.2f}{b0 / r['duration']:>12,.0f}"
                 f"{b1 / 1e6:>10.2f}{b1 / r['duration']:>11,.0f}{t_0:>10.2f}{t_1:>9.2f}"
             )
-        (b0, t_0), (b1, t_1) = totals["before"], totals["after"]
+        (n0, s0), (n1, s1) = totals["before"], totals["after"]
         print(
-            f"{'all':>14}{b0 / 1e6:>11.1f}{b0 / decoded:>12,.0f}{b1 / 1e6:>10.1f}"
-            f"{b1 / decoded:>11,.0f}{t_0:>10.1f}{t_1:>9.1f}"
+            f"{'all':>14}{n0 / 1e6:>11.1f}{n0 / decoded:>12,.0f}{n1 / 1e6:>10.1f}"
+            f"{n1 / decoded:>11,.0f}{s0:>10.1f}{s1:>9.1f}"
         )
         print(
-            f"reads over the whole file: before {b0 / len(data):.1f}x its size, after "
-            f"{b1 / len(data):.2f}x; file bytes per audio second {len(data) / decoded:,.0f}"
+            f"reads over the whole file: before {n0 / len(data):.1f}x its size, after "
+            f"{n1 / len(data):.2f}x; file bytes per audio second {len(data) / decoded:,.0f}"
         )
     finally:
         server.stop()

@@ -188,7 +188,7 @@ def bench_teacher(b: Bench, family: str, name: str, batch: tuple[int, float]) ->
         TeacherConfig(
             name=name,
             dtype="bfloat16",
-            device=b.device.type,
+            device="cuda" if b.device.type == "cuda" else "cpu",
             batch_seconds=items * seconds + 1,
         )
     )
@@ -472,8 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         "tokenize": "Fused tokenize actor (tokenize_batch, no Ray)",
         "student": "Student train step (bf16 autocast on CUDA, steady-state schedules)",
     }
-    for part, rows in b.rows.items():
-        print(f"\n{titles[part]}\n{table(rows)}")
+    for kind, rows in b.rows.items():
+        print(f"\n{titles[kind]}\n{table(rows)}")
     print(
         f"\ntotal {total:.1f} s (budget {args.budget_seconds:g} s)"
         + (f"; not measured: {', '.join(failed)}" if failed else "")

@@ -15,21 +15,26 @@ SPEC's size, through ``pipeline/job.py``'s real units, Datasink and commit proto
 scheduler (``pipeline/scheduler.py``, Ray core tasks and actors chained by the driver) is
 loaded from the last commit that has it into the benchmark's scratch folder, as the comparison.
 
-1. **driver**: per simulated cluster of ``--gpus`` H100s (64 and 512), what its driver carries:
-   tokenize's two pools (WavLM 7/8, Dasheng 1/8 of ``--driver-actors`` stub actors, rates that
-   balance them), each actor handed gpus / actors times the job's two calls in flight (so 16
-   processes carry the ~2 x 7/8 x gpus pending calls of such a cluster: 112 and 896), and, for
-   the carrying cost, the corpus's 197k h as ``--backlog`` queued shards (20,000 of 10 h).
-   Measured: the driver process's CPU (all its threads: Ray Data's executor included) per
-   committed shard, as the difference between two run sizes (start-up left out); its CPU per
-   second of wall time in the larger run; and its CPU per second while it carries that
-   cluster's calls in flight and the queued shards with none finishing (the calls hold until
-   the stall limit, ``--window`` s, ends the run; sampled over its second half). The cores such
-   a cluster's driver needs = carrying + per shard x the shards/s it finishes (~8,000x real
-   time per H100, issue 23) with 2 h shards (the former default) and 10 h (the default now).
-   The former scheduler and Ray Data with one pool (like for like) run once at 16 actors; the
-   former's cost adds its ``ray.wait`` over the pending refs of a 64- and a 512-GPU cluster
-   (one decode waiting per CPU: 1,700 and 13,000 refs), three per shard.
+1. **driver**: per simulated cluster of ``--gpus`` H100s (64 and 512), the driver process's
+   CPU (all its threads: Ray Data's executor included) per committed shard, in the steady
+   state of one run (from a fifth to four fifths of its shards committed: no start-up, no
+   tail). Runs: one pool of ``--driver-actors`` stub actors (the fused default) and tokenize's
+   two pools (WavLM 7/8, Dasheng 1/8, rates that balance them), each at one unit per call
+   (before) and at the units per call the job chooses for that cluster and the corpus
+   (``spear.units.units_per_call``: 8), ``--steady-calls`` calls a run; each actor is
+   handed gpus / actors times the job's two calls in flight, so 16 processes carry the call
+   slots of such a cluster. Carrying: the driver's CPU per second with the corpus's 197k h as
+   ``--backlog`` queued shards (20,000 of 10 h) and every call held (the calls hold until the
+   stall limit, ``--window`` s, ends the run; sampled over its second half). The cores such a
+   cluster's driver needs = carrying + per shard (net of carrying) x the shards/s it finishes
+   (~8,000x real time per H100, issue 23) with 2 h shards (the former default) and 10 h (the
+   default now). Like for like, once, in the steady state: the former scheduler and Ray Data
+   at one and eight shards per call, one pool of 16 actors with two calls in flight each; the
+   former's cost adds its ``ray.wait`` over the pending refs of a 64- and a 512-GPU cluster (one
+   decode waiting per CPU: 1,700 and 13,000 refs), three per shard. At 32x calls in flight
+   the benchmark starts every actor before the first call (``wait_for_min_actors_s``):
+   otherwise the first actor up takes 64 calls, an imbalance a real cluster's two calls per
+   actor cannot have.
 2. **throughput**: job rate against the ideal N x rate for N stub actors. "steady" is the rate
    over the second half of the units (after actor start-up), fitted to their arrival times.
 3. **partial**: a job asking for 3 actors on a cluster with room for 2: Ray Data runs with 2
@@ -173,6 +178,11 @@ def in_flight(factor: int) -> Iterator[None]:
     if factor == 1:
         yield
         return
+    # The first actor up would take every call (64 in flight each at 32x): start them all first,
+    # as a real cluster's 2 calls per actor spread the work.
+    ctx = ray.data.DataContext.get_current()
+    wait = ctx.wait_for_min_actors_s
+    ctx.wait_for_min_actors_s = 600
 
     def scaled(**kw: Any) -> Any:
         kw["max_tasks_in_flight_per_actor"] = factor * (
@@ -185,6 +195,7 @@ def in_flight(factor: int) -> Iterator[None]:
         yield
     finally:
         ray.data.ActorPoolStrategy = real  # type: ignore[misc]
+        ctx.wait_for_min_actors_s = wait
 
 
 def old_scheduler(scratch: str) -> Any:
@@ -267,6 +278,7 @@ class Bench:
         rate: float | None = None,
         items: int | None = None,
         hold: str = "",
+        per_call: int = 1,
     ) -> dict[str, Any]:
         """The Ray Data path: ``run_units`` as the jobs call it. ``pools=2``: a WavLM and a
         Dasheng pool as tokenize has (7/8 and 1/8 of ``actors``, rates that balance them);
@@ -332,13 +344,16 @@ class Bench:
         with _sampling(samples):
             cpu0, t0 = _cpu(), time.perf_counter()
             with in_flight(inflight):
-                run = run_units(job, record, table, StorageConfig(), RayConfig(stall_seconds=stall))
+                ray_cfg = RayConfig(stall_seconds=stall, units_per_call=per_call)
+                run = run_units(job, record, table, StorageConfig(), ray_cfg)
             wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
         marks = run.progress.timeline if run.progress else []
         steady = _steady_cost(marks, run.progress.t0 if run.progress else 0.0, samples)
         return {"wall": wall, "cpu": cpu, "units": units, "marks": marks, "steady": steady}
 
-    def backlog(self, actors: int, units: int, inflight: int, window: float) -> dict[str, Any]:
+    def backlog(
+        self, actors: int, units: int, inflight: int, window: float, per_call: int = 1
+    ) -> dict[str, Any]:
         """The driver's CPU per second while it carries ``units`` queued shards and
         ``inflight`` x 2 calls per actor that do not finish (stub teachers that take hours):
         the run ends by its stall limit (``window`` s without a shard); the CPU is sampled
@@ -359,7 +374,16 @@ class Bench:
         hold = f"{self.scratch}/hold-{self.runs}"
         t0 = time.perf_counter()
         try:
-            self.new(actors, units, window, pools=2, inflight=inflight, items=1, hold=hold)
+            self.new(
+                actors,
+                units,
+                window,
+                pools=2,
+                inflight=inflight,
+                items=1,
+                hold=hold,
+                per_call=per_call,
+            )
             raise RuntimeError("the backlog run finished: its stub teachers did not hold")
         except SpearError:
             pass
@@ -393,34 +417,44 @@ class Bench:
         _wait_free("stub_gpu", self.gpus)
         cpu0, t0 = _cpu(), time.perf_counter()
         error = ""
+        samples: list[tuple[float, float]] = []
         try:
-            self.old.run_scheduled(
-                todo,
-                unit_inputs(table, INPUT_COLUMNS, todo),
-                prepare=prepare,
-                prepare_kwargs={"cfg": None, "storage": None},
-                prepare_options={"num_cpus": 0.25},
-                pools=[
-                    (
-                        "stub",
-                        unit_actor(StubTeacher),
-                        {"kwargs": {"rate": self.rate}},
-                        actors,
-                        {"num_cpus": 0, "resources": {"stub_gpu": 1}},
-                    )
-                ],
-                writer=TokenShardWriter(_teacher_infos()),
-                write_options={"num_cpus": 0.25, "max_retries": 3},
-                out=f"{self.scratch}/old-{self.runs}",
-                storage=StorageConfig(),
-                progress=progress,
-                stall_seconds=stall,
-                prepare_slots=2 * actors + 2,
-            )
+            with _sampling(samples):
+                self.old.run_scheduled(
+                    todo,
+                    unit_inputs(table, INPUT_COLUMNS, todo),
+                    prepare=prepare,
+                    prepare_kwargs={"cfg": None, "storage": None},
+                    prepare_options={"num_cpus": 0.25},
+                    pools=[
+                        (
+                            "stub",
+                            unit_actor(StubTeacher),
+                            {"kwargs": {"rate": self.rate}},
+                            actors,
+                            {"num_cpus": 0, "resources": {"stub_gpu": 1}},
+                        )
+                    ],
+                    writer=TokenShardWriter(_teacher_infos()),
+                    write_options={"num_cpus": 0.25, "max_retries": 3},
+                    out=f"{self.scratch}/old-{self.runs}",
+                    storage=StorageConfig(),
+                    progress=progress,
+                    stall_seconds=stall,
+                    prepare_slots=2 * actors + 2,
+                )
         except Exception as err:  # the stall, in the partial-capacity case
             error = str(err).split(";")[0]
         wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
-        return {"wall": wall, "cpu": cpu, "units": units, "done": progress.units, "error": error}
+        steady = _steady_cost(progress.timeline, progress.t0, samples)
+        return {
+            "wall": wall,
+            "cpu": cpu,
+            "units": units,
+            "done": progress.units,
+            "error": error,
+            "steady": steady,
+        }
 
 
 def wait_cost(pending: int, calls: int = 20) -> float:
@@ -506,36 +540,44 @@ GPU_RATE = 8000.0
 
 
 def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
-    """Per simulated cluster size: the driver's CPU per shard (two run sizes, tokenize's two
-    pools, each actor carrying the calls in flight of gpus / actors actors) and its CPU per
-    second carrying that cluster's pending work and the corpus's queued shards; the former
-    scheduler once (its run, plus its ray.wait at each size's pending refs)."""
-    actors, small, large = args.driver_actors, *(int(x) for x in args.sizes.split(","))
+    """Per simulated cluster size: the driver's steady-state CPU per shard with one pool (the
+    fused default) and with tokenize's two pools, each at one unit per call (before) and at the
+    units per call the job chooses for that cluster's corpus (now), each actor carrying the
+    calls in flight of gpus / actors actors; and its CPU per second carrying that cluster's
+    calls in flight and the corpus's queued shards. Like for like, once, in the steady state:
+    the former scheduler and Ray Data at one and at eight shards per call, two calls in flight
+    per actor."""
+    from spear.units import units_per_call
+
+    actors = args.driver_actors
     levels = [int(g) for g in args.gpus.split(",")]
     out: dict[str, Any] = {"levels": []}
     for i, g in enumerate(levels):
         bench = Bench(actors, tmp, args.driver_rate, args.unit_items)
         try:
             if i == 0:
-                for name, fn in (("like", bench.new), ("former", bench.former)):
-                    a, b = fn(actors, small), fn(actors, large)
-                    out[name] = {"per_shard": (b["cpu"] - a["cpu"]) / (large - small)}
-                    out[name] |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
-                    out[name] |= {"cpus": (a["cpu"], b["cpu"]), "steady": b.get("steady")}
+                n = args.steady_calls
+                out["like"] = [
+                    ("Ray Data, 1 shard per call", bench.new(actors, n)),
+                    ("Ray Data, 8 shards per call", bench.new(actors, 8 * n, per_call=8)),
+                    ("former scheduler", bench.former(actors, n)),
+                ]
                 out["waits"] = {lv: wait_cost(p) for lv, p in ((64, 1_700), (512, 13_000))}
             k = max(1, g // actors)
-            a = bench.new(actors, small, pools=2, inflight=k)
-            b = bench.new(actors, large, pools=2, inflight=k)
-            lv = {"gpus": g, "factor": k, "in_flight": 2 * k * (actors - max(1, actors // 8))}
-            carry = bench.backlog(actors, args.backlog, k, args.window)["cores"]
-            # The larger run also carries its pending work for longer: that share is in carry.
-            lv |= {"raw": (b["cpu"] - a["cpu"]) / (large - small), "carry": carry}
-            lv |= {
-                "per_shard": (b["cpu"] - a["cpu"] - carry * (b["wall"] - a["wall"]))
-                / (large - small)
-            }
-            lv |= {"cpu_wall": b["cpu"] / b["wall"], "walls": (a["wall"], b["wall"])}
-            lv |= {"cpus": (a["cpu"], b["cpu"]), "steady": b["steady"]}
+            # What `spear tokenize` chooses on this cluster: its largest pool has ~7/8 x gpus
+            # actors (one per GPU) for the corpus's shards.
+            chosen = units_per_call(args.backlog, g - max(1, g // 8))
+            lv: dict[str, Any] = {"gpus": g, "factor": k, "per_call": chosen, "runs": []}
+            for pools in (1, 2):
+                slots = 2 * k * (actors if pools == 1 else actors - max(1, actors // 8))
+                for per_call in sorted({1, chosen}):
+                    n = args.steady_calls * per_call
+                    r = bench.new(actors, n, pools=pools, inflight=k, per_call=per_call)
+                    lv["runs"].append(
+                        {"pools": pools, "per_call": per_call, "shards": n, "slots": slots}
+                        | {"wall": r["wall"], "steady": r["steady"]}
+                    )
+            lv["carry"] = bench.backlog(actors, args.backlog, k, args.window, chosen)["cores"]
             out["levels"].append(lv)
         finally:
             bench.close()
@@ -743,8 +785,9 @@ def decode_placement(
     """The same items through the three placements, one after the other on one cluster."""
     import functools
 
-    from spear.pipeline.job import ActorStage, UnitJob, cut_units, make_plan, run_units, unit_inputs
+    from spear.pipeline.job import ActorStage, UnitJob, run_units, unit_inputs
     from spear.ray_utils import RayConfig
+    from spear.record import items_record
     from spear.shards.writer import INPUT_COLUMNS, TokenShardWriter
     from spear.stages.decode import DecodeConfig
     from spear.storage import StorageConfig
@@ -798,6 +841,8 @@ def decode_placement(
             teacher("dasheng", ["dasheng"], n_d, log),
         ],
     }
+    from spear.units import cut_units
+
     table = cut_units(items, items_per_unit=unit_items)
     units = int(table["unit"].to_numpy().max()) + 1
     row_bytes = sum(
@@ -819,7 +864,7 @@ def decode_placement(
             decode_fn=functools.partial(timed_decode, log=log),
             chunk_seconds=chunk_seconds,
         )
-        plan = make_plan("bench", table, INPUT_COLUMNS, {})
+        plan = items_record("bench", table, INPUT_COLUMNS, {})
         _wait_free("stub_gpu", gpus)  # the previous variant's actors gone
         t0 = time.perf_counter()
         run = run_units(job, plan, table, StorageConfig(), RayConfig(stall_seconds=300))
@@ -958,101 +1003,84 @@ def _table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 
 def _report_driver(args: argparse.Namespace, tmp: str) -> None:
-    small, large = (int(x) for x in args.sizes.split(","))
     d = driver(args, tmp)
     rows: list[list[str]] = []
-    steady_rows: list[list[str]] = []
     for lv in d["levels"]:
         g = lv["gpus"]
-        cores = [lv["carry"] + lv["per_shard"] * shard_rate(g, h) for h in (2.0, 10.0)]
-        st = lv["steady"]
-        net = max(st["per_shard"] - lv["carry"] / st["rate"], 0.0)
-        st_cores = [lv["carry"] + net * shard_rate(g, h) for h in (2.0, 10.0)]
-        steady_rows.append(
-            [
-                f"Ray Data (now), {g} GPUs",
-                f"{st['rate']:.2f}",
-                f"{st['cores']:.3f}",
-                f"{st['per_shard'] * 1e3:.1f}",
-                f"{net * 1e3:.1f}",
-                f"{st_cores[0]:.2f} / {st_cores[1]:.2f}",
-            ]
-        )
-        rows.append(
-            [
-                f"Ray Data (now), {g} GPUs",
-                f"{lv['in_flight']:,} + {args.backlog:,} queued",
-                f"{lv['per_shard'] * 1e3:.1f} ({lv['raw'] * 1e3:.1f})",
-                "{:.1f} / {:.1f} s in {:.0f} / {:.0f} s".format(*lv["cpus"], *lv["walls"]),
-                f"{lv['cpu_wall']:.2f}",
-                f"{lv['carry']:.3f}",
-                f"{shard_rate(g, 2):.0f} / {shard_rate(g, 10):.0f}",
-                f"{cores[0]:.2f} / {cores[1]:.2f}",
-            ]
-        )
-    for key, label in (("like", "Ray Data (now), 1 pool"), ("former", "former scheduler")):
-        r = d[key]
-        for g in (64, 512):
-            cost = r["per_shard"] + (3 * d["waits"][g] if key == "former" else 0.0)
+        for r in lv["runs"]:
+            st = r["steady"]
+            net = max(st["per_shard"] - lv["carry"] / st["rate"], 0.0)
+            cores = [lv["carry"] + net * shard_rate(g, h) for h in (2.0, 10.0)]
+            pools = "1 pool (fused)" if r["pools"] == 1 else "2 pools"
             rows.append(
                 [
-                    f"{label}, {g} GPUs",
-                    f"{2 * args.driver_actors}" + (" + ray.wait" if key == "former" else ""),
-                    f"{cost * 1e3:.1f}",
-                    "{:.1f} / {:.1f} s in {:.0f} / {:.0f} s".format(*r["cpus"], *r["walls"]),
-                    f"{r['cpu_wall']:.2f}",
-                    "-",
-                    f"{shard_rate(g, 2):.0f} / {shard_rate(g, 10):.0f}",
-                    f"{cost * shard_rate(g, 2):.2f} / {cost * shard_rate(g, 10):.2f}",
+                    f"{g} GPUs, {pools}",
+                    f"{r['per_call']}" + (" (chosen)" if r["per_call"] == lv["per_call"] else ""),
+                    f"{r['slots']:,}",
+                    f"{r['shards']:,} in {r['wall']:.0f} s",
+                    f"{st['rate']:.1f}",
+                    f"{st['cores']:.3f}",
+                    f"{st['per_shard'] * 1e3:.2f}",
+                    f"{net * 1e3:.2f}",
+                    f"{lv['carry']:.3f}",
+                    f"{cores[0]:.2f} / {cores[1]:.2f}",
                 ]
             )
     _table(
-        f"driver: {args.driver_actors} stub actors on 4 nodes, shards of {args.unit_items} x "
-        f"{ITEM_SECONDS:g} s, runs of {small} and {large} shards at {args.driver_rate:g}x per "
-        f"actor; queued: {args.backlog:,} shards of 1 item, {args.window:g} s",
+        f"driver, Ray Data: {args.driver_actors} stub actors on 4 nodes, shards of "
+        f"{args.unit_items} x {ITEM_SECONDS:g} s at {args.driver_rate:g}x per actor; steady state "
+        "of each run (a fifth to four fifths of its shards committed); carrying: "
+        f"{args.backlog:,} queued shards of 1 item and every call held, {args.window:g} s",
         [
-            "engine, simulated cluster",
-            "calls in flight",
-            "driver CPU ms per shard (before taking out carrying)",
-            "driver CPU in the two runs",
-            "driver cores in the larger run",
-            "driver cores carrying (no shard done)",
-            "shards/s, 2 h / 10 h shards",
-            "driver cores, 2 h / 10 h shards",
-        ],
-        rows,
-    )
-    like = d["like"].get("steady")
-    if like:
-        steady_rows.append(
-            [
-                "Ray Data (now), 1 pool",
-                f"{like['rate']:.2f}",
-                f"{like['cores']:.3f}",
-                f"{like['per_shard'] * 1e3:.1f}",
-                "-",
-                "-",
-            ]
-        )
-    _table(
-        f"driver, steady state of the {large}-shard runs (from a fifth to four fifths of the "
-        "shards committed; one run, no start-up in it)",
-        [
-            "engine, simulated cluster",
+            "simulated cluster, pools",
+            "units per call",
+            "call slots (actors x calls in flight)",
+            "run",
             "shards/s committed",
             "driver cores",
             "driver CPU ms per shard",
             "ms per shard net of carrying",
-            "driver cores, 2 h / 10 h shards (carrying + net x shards/s)",
+            "driver cores carrying (no shard done)",
+            "driver cores at this cluster's rate, 2 h / 10 h shards",
         ],
-        steady_rows,
+        rows,
+    )
+    former: list[list[str]] = []
+    for label, r in d["like"]:
+        st = r["steady"]
+        waits = [3 * d["waits"][g] if label.startswith("former") else 0.0 for g in (64, 512)]
+        cost = [st["per_shard"] + w for w in waits]
+        former.append(
+            [
+                label,
+                f"{r['units']:,} in {r['wall']:.0f} s",
+                f"{st['rate']:.1f}",
+                f"{st['cores']:.3f}",
+                f"{st['per_shard'] * 1e3:.2f}",
+                " / ".join(f"{c * 1e3:.1f}" for c in cost),
+                f"{cost[1] * shard_rate(512, 10):.2f}",
+            ]
+        )
+    _table(
+        f"driver, like for like: one pool of {args.driver_actors} stub actors, two calls in "
+        "flight each, steady state",
+        [
+            "engine",
+            "run",
+            "shards/s committed",
+            "driver cores",
+            "driver CPU ms per shard",
+            "with the former's ray.wait at 64 / 512 GPUs, ms per shard",
+            "driver cores at 512 GPUs, 10 h shards (114/s)",
+        ],
+        former,
     )
     w = d["waits"]
     print(
         f"\nformer scheduler's ray.wait per completed step: {w[64] * 1e3:.2f} ms at 1,700 "
         f"pending refs (64 GPUs), {w[512] * 1e3:.2f} ms at 13,000 (512 GPUs); counted 3 times "
-        "per shard in its cost. Ray Data's cores = carrying + per shard x shards/s, its per-shard "
-        "cost net of carrying over the larger run's longer wall."
+        "per shard in its cost. Ray Data's cores at a cluster's rate = carrying + net per shard "
+        "x the shards/s that cluster finishes (8,000x real time per H100)."
     )
 
 
@@ -1174,7 +1202,7 @@ def main() -> None:
     ap.add_argument("--part", choices=["all", *parts], default="all")
     ap.add_argument("--actors", default="1,4,16", help="throughput: actor counts")
     ap.add_argument("--driver-actors", type=int, default=16, help="driver: stub actors")
-    ap.add_argument("--sizes", default="16,80", help="driver: shards of the two runs")
+    ap.add_argument("--steady-calls", type=int, default=150, help="driver: calls per run")
     ap.add_argument("--gpus", default="64,512", help="driver: simulated cluster sizes")
     ap.add_argument("--driver-rate", type=float, default=2000.0, help="driver: stub x rt")
     ap.add_argument("--backlog", type=int, default=20_000, help="driver: queued shards")

@@ -10,12 +10,14 @@ shards, feature parts). Its pieces live in one module each; this one drives them
 2. **Units** (``spear/units.py``): items sorted by the job's order and cut into units of at
    most ``items_per_unit`` items and ``max_unit_seconds`` of audio, numbered from 0. Each unit
    is **one row** of a Ray Data dataset holding its items' manifest columns as an Arrow IPC
-   stream (no audio): its items stay together, and a unit completes as soon as its row has
-   passed every stage. A unit writer splits its items into output rows and quarantine rows
-   with ``spear.units.split_quarantine``.
+   stream (no audio): its items stay together, and a unit completes as soon as its row (with
+   the other units of its call) has passed every stage. A unit writer splits its items into
+   output rows and quarantine rows with ``spear.units.split_quarantine``.
 3. **Stages** (:class:`UnitActor`, :func:`unit_actor`): Ray Data's streaming executor runs one
    ``map_batches`` stage per actor pool (a callable class, an autoscaling
-   ``ActorPoolStrategy``, one unit per call). The actor decodes the items it runs on itself,
+   ``ActorPoolStrategy``). A call takes one block of up to 8 units
+   (``spear.units.units_per_call``): Ray Data's driver cost is per call, and a 512-GPU
+   cluster's shard rate needs it shared. The actor decodes the items it runs on itself,
    in chunks, the next chunk on a thread while the stage computes: decoded audio never enters
    the object store, only the stage's outputs (codes, embeddings) leave the actor.
 4. **Commit** (:func:`commit_sink`, ``spear/commit.py``): a Ray Data ``Datasink`` whose
@@ -65,6 +67,7 @@ from spear.ray_utils import RayConfig, init_ray
 from spear.record import RunRecord, check_record
 from spear.stages.decode import DecodeConfig, decode_batch
 from spear.storage import StorageConfig, forget_listings, join, write_atomic
+from spear.units import units_per_call
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +119,19 @@ def unit_inputs(
     return lambda u: _ipc(table.slice(*bounds[u]).select(cols))
 
 
-def unit_rows(table: pa.Table, columns: Sequence[str], units: list[int]) -> Iterator[pa.Table]:
-    """One single-row table (``unit``, ``data``) per unit of ``units``, in order."""
+def unit_rows(
+    table: pa.Table, columns: Sequence[str], units: list[int], per_call: int = 1
+) -> Iterator[pa.Table]:
+    """Tables (``unit``, ``data``) of ``per_call`` units each (the last may have fewer), in
+    order: each becomes one Ray Data block, which one actor call takes whole."""
     data = unit_inputs(table, columns, units)
-    for u in units:
+    for k in range(0, len(units), per_call):
+        group = units[k : k + per_call]
         yield pa.table(
-            {"unit": pa.array([u], pa.int32()), "data": pa.array([data(u)], pa.large_binary())}
+            {
+                "unit": pa.array(group, pa.int32()),
+                "data": pa.array([data(u) for u in group], pa.large_binary()),
+            }
         )
 
 
@@ -217,35 +227,46 @@ class UnitActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         data = np.empty(len(batch["unit"]), dtype=object)
-        data[:] = [self.run(bytes(d)) for d in batch["data"]]
+        data[:] = self.run_many([bytes(d) for d in batch["data"]])
         return {"unit": np.asarray(batch["unit"]), "data": data}
 
     def run(self, data: bytes) -> bytes:
         """One unit's items (:func:`pack` bytes) decoded and through the stage."""
-        items = unpack(data)
-        n = len(items["item_id"])
-        dur = items["duration"] if "duration" in items else np.ones(n)
-        bounds = _chunks(dur, self.chunk_seconds)
+        return self.run_many([data])[0]
+
+    def run_many(self, units: list[bytes]) -> list[bytes]:
+        """Units of one call, in turn: their chunks form one sequence, so the first chunk of
+        the next unit is decoded while the stage computes the last of this one."""
+        items = [unpack(d) for d in units]
+        bounds = [
+            (i, a, b)
+            for i, it in enumerate(items)
+            for a, b in _chunks(
+                it["duration"] if "duration" in it else np.ones(len(it["item_id"])),
+                self.chunk_seconds,
+            )
+        ]
 
         def decoded(k: int) -> dict[str, np.ndarray]:
-            a, b = bounds[k]
-            part = {key: v[a:b] for key, v in items.items()}
+            i, a, b = bounds[k]
+            part = {key: v[a:b] for key, v in items[i].items()}
             if self.decode is None:
                 return part
             return decode_rows(part, self.decode, self.decode_kwargs, self.decodes)
 
-        parts = []
+        parts: list[list[dict[str, np.ndarray]]] = [[] for _ in items]
         ahead = self.pool.submit(decoded, 0) if bounds else None
-        for k in range(len(bounds)):
+        for k, (i, _, _) in enumerate(bounds):
             assert ahead is not None
             chunk = ahead.result()
             ahead = self.pool.submit(decoded, k + 1) if k + 1 < len(bounds) else None
             out = self.stage(chunk)
             out.pop("audio", None)
-            parts.append(out)
-        if not parts:
-            return pack(items)
-        return pack({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
+            parts[i].append(out)
+        return [
+            pack({key: np.concatenate([p[key] for p in ps]) for key in ps[0]}) if ps else pack(it)
+            for it, ps in zip(items, parts, strict=True)
+        ]
 
 
 def unit_actor(stage_cls: type) -> type:
@@ -469,7 +490,8 @@ def _run_dataset(
             job.kind,
             ", ".join(short),
         )
-    ds: Any = ray.data.from_arrow(list(unit_rows(table, job.columns, todo)))
+    per_call = units_per_call(len(todo), max(asked), ray_cfg.units_per_call)
+    ds: Any = ray.data.from_arrow(list(unit_rows(table, job.columns, todo, per_call)))
     decode_kwargs = {"cfg": job.decode, "storage": storage.resolved()}
     for a, d, n in zip(job.actors, demands[1:], sizes, strict=True):
         ds = ds.map_batches(
@@ -481,7 +503,7 @@ def _run_dataset(
                 "decodes": a.decodes,
                 "chunk_seconds": job.chunk_seconds,
             },
-            batch_size=1,  # one unit per call
+            batch_size=per_call,  # one block, one call
             batch_format="numpy",
             compute=ActorPoolStrategy(
                 min_size=1,
@@ -496,7 +518,9 @@ def _run_dataset(
         )
     feed: Any = ray.remote(EntryFeed).options(num_cpus=0).remote()
     sink = commit_sink(job, storage.resolved(), feed)
-    progress = Progress(job.kind, *_pending(table, todo), len(todo), job.progress_seconds)
+    progress = Progress(
+        job.kind, *_pending(table, todo), len(todo), job.progress_seconds, job.unit_prefix
+    )
     failed: list[BaseException] = []
 
     def execute() -> None:
@@ -534,6 +558,7 @@ def _run_dataset(
                     for a, n in zip(job.actors, sizes, strict=True)
                 )
                 + " loading"
+                + (f"; {per_call} {job.unit_prefix}s per call" if per_call > 1 else "")
             )
             runner.start()
             last = time.monotonic()

@@ -28,9 +28,11 @@ def fmt_seconds(s: float) -> str:
 class Progress:
     """Counts units as their entries arrive (``add``), keeps a timeline, shows progress."""
 
-    def __init__(self, job: str, items: int, hours: float, units: int, every: float):
+    def __init__(
+        self, job: str, items: int, hours: float, units: int, every: float, noun: str = "unit"
+    ):
         self.job, self.total_items, self.total_hours, self.total_units = job, items, hours, units
-        self.every = every
+        self.every, self.noun = every, noun
         self.t0 = time.time()
         self.items = self.units = 0
         self.hours = 0.0
@@ -126,7 +128,7 @@ class Progress:
         q = sum(self.quarantined.values())
         return (
             f"{self.items}/{self.total_items} items, {self.hours:.3f}/{self.total_hours:.3f} h, "
-            f"{self.units}/{self.total_units} units, {rate:.1f}x real time, ETA "
+            f"{self.units}/{self.total_units} {self.noun}s, {rate:.1f}x real time, ETA "
             f"{fmt_seconds(eta)}, {q} quarantined"
         )
 

@@ -10,8 +10,8 @@ The model (one line per figure; ``A`` = audio seconds in the run, ``a`` = audio-
     wall (GPU-bound)  = GPU-seconds / gpus
     CPU cores to feed = A / wall / r_decode               # decode keeps pace with the GPUs
     wall (CPU-bound)  = A / (cpus r_decode)               # when --cpus says what there is
-    object store      = output B/s x A x teachers          # codes, teacher actors -> commit
-    driver cores      = shards / wall x driver s per shard  # Ray Data + commit entries
+    object store      = output B/s x A                    # codes, the fused actor -> commit
+    driver cores      = carrying + shards / wall x (s per call / units per call + s per unit)
     output            = A x (800 + 200 a) B/s             # 16 x 50 + 8 x 25 Hz codes, or measured
     source read       = A x source B/s                    # or the manifest's segment byte shares
     student GPU-s     = A x epochs / r_student            # per GPU; wall = that / train GPUs
@@ -20,17 +20,21 @@ The model (one line per figure; ``A`` = audio seconds in the run, ``a`` = audio-
 ``r_teacher`` is the actor rate: the fused tokenize figure when measured (``tokenize.wavlm``),
 else the teacher and its MVQ encode in series (``1 / (1/r_teacher + 1/r_mvq)``). Audio never
 enters the object store (the teacher actors decode the items they run on); what does is each
-unit's item list and the codes. The run takes the larger wall time; the figure behind it is the
-run's *limit*. The driver line is the shards per second the run commits times the driver's CPU
-per shard (:data:`DRIVER_SECONDS_PER_SHARD`, measured by ``benchmarks/scale.py``).
+unit's item list and the codes, once: the plan assumes tokenize's default layout, both teachers
+in one fused actor (one pool per teacher, ``tokenize.fuse_teachers: false``, hands the codes on
+once per teacher, up to twice the bytes). The run takes the larger wall time; the figure behind
+it is the run's *limit*. The driver line is what the driver carries plus the shards per second
+the run commits times the driver's CPU per shard: Ray Data's cost per actor call, shared by the
+shards of a call (``spear.units.units_per_call`` with one actor per GPU), and each shard's
+entry (:data:`DRIVER_SECONDS_PER_CALL`, measured by ``benchmarks/scale.py``).
 
 Object counts: items are ``A (1 - a) / speech item seconds + a A / 10 s`` (SPEC section 5's
 audio windows) unless a manifest is given; files listed are the items (one item per file)
 unless ``file_seconds`` is set; token shards hold at most ``items_per_shard`` items and
 ``max_shard_hours`` hours (the tokenize job's cut, exact with a manifest). Each shard leaves 3
 storage objects (token file, quarantine file, commit entry; a run adds index, report, plan and
-``_SUCCESS.json``) and passes through Ray's object store as ``2 + teachers`` objects (its unit row,
-one output per teacher actor, the write task's entry).
+``_SUCCESS.json``); each actor call (``units per call`` shards) passes through Ray's object store
+as 3 objects (its units' rows, the fused actor's output, the write task's entries).
 """
 
 from __future__ import annotations
@@ -42,14 +46,26 @@ from typing import Any
 from spear.errors import SpearError
 from spear.rates import Rates
 from spear.stages.tokenize import TokenizeConfig
+from spear.units import units_per_call
 
-DRIVER_SECONDS_PER_SHARD = 0.018
-"""Driver CPU per committed shard on Ray Data with one actor pool (the fused tokenize layout):
-17.4 ms in the steady state of ``benchmarks/scale.py --part driver`` (16 stub actors, driver CPU
-over the shards committed between a fifth and four fifths of an 80-shard run: the executor's
-bookkeeping, the commit entry and the progress feed), rounded up. The difference of two run
-sizes gave 2.8 ms in the same run, but start-up noise enters it; the steady figure is the one
-an operator should plan with."""
+DRIVER_SECONDS_PER_CALL = 0.0113
+"""Driver CPU per actor call on Ray Data, net of carrying (scheduling a call, submitting its
+task and its write task, taking their outputs), whatever the units in it."""
+DRIVER_SECONDS_PER_UNIT = 0.0016
+"""Driver CPU per committed unit beyond its call's (its entry: progress, the report)."""
+DRIVER_CARRYING_CORES = 0.04
+"""Driver CPU per second while it carries a 512-GPU cluster's calls in flight and 20,000
+queued shards, none finishing. The three from ``benchmarks/scale.py --part driver`` at a
+simulated 512 GPUs, one pool (the fused default): 13.0 ms per shard net of carrying at one
+shard per call and 3.1 ms at 8 give the per-call and per-unit figures; carrying measured
+0.007-0.04 core in two runs, the larger kept (docs/tokenize.md)."""
+
+
+def driver_seconds_per_shard(per_call: int) -> float:
+    """The driver's CPU per committed shard at ``per_call`` shards per actor call."""
+    return DRIVER_SECONDS_PER_CALL / per_call + DRIVER_SECONDS_PER_UNIT
+
+
 WAVLM_BYTES_PER_SECOND = 800
 """16 codebooks x 50 Hz x 1 byte (SPEC section 3)."""
 DASHENG_BYTES_PER_SECOND = 200
@@ -208,7 +224,10 @@ class Plan:
     object_store_bytes_per_second: float
     """Average object-store traffic while the run lasts."""
     driver_cores: float
-    """The driver's CPU while the run lasts: shards per second x its CPU per shard."""
+    """The driver's CPU while the run lasts: carrying, plus shards per second x its CPU per
+    shard."""
+    units_per_call: int
+    """Shards per actor call, as the job chooses them for this run on ``spec.gpus`` actors."""
     output_bytes: float
     output_bytes_per_audio_second: float
     output_bound_bytes: float
@@ -221,7 +240,7 @@ class Plan:
     storage_objects: int
     """Objects the tokenize job leaves in object storage."""
     object_store_objects: int
-    """Objects the shards pass through Ray's object store as, over the run."""
+    """Objects the shards pass through Ray's object store as, over the run (3 per call)."""
     counts_from: str
     """``manifest`` or ``estimate``."""
     train_gpus: int
@@ -284,7 +303,6 @@ class Plan:
         limit = f"at most {s.items_per_shard:,} items"
         if s.max_shard_hours:
             limit += f" and {s.max_shard_hours:g} h"
-        per = self.object_store_objects // self.shards
         return [
             ("items", f"{self.items:,}", items),
             ("files listed", f"{self.files:,}", files),
@@ -297,7 +315,7 @@ class Plan:
             (
                 "object store objs",
                 f"{self.object_store_objects:,}",
-                f"{per} per shard: unit row, one per teacher, write entry",
+                f"3 per actor call of {self.units_per_call} shards: units, codes, entries",
             ),
         ]
 
@@ -383,14 +401,15 @@ class Plan:
             (
                 "object store",
                 _bytes(self.object_store_bytes),
-                f"{_bytes(self.object_store_bytes_per_second)}/s codes, teacher actors -> "
+                f"{_bytes(self.object_store_bytes_per_second)}/s codes, fused actor -> "
                 "commit (audio stays in the actors)",
             ),
             (
                 "driver",
                 f"{self.driver_cores:,.2f} core",
                 f"{self.shards / self.wall_seconds:,.2f} shards/s x "
-                f"{DRIVER_SECONDS_PER_SHARD * 1e3:g} ms per shard",
+                f"{driver_seconds_per_shard(self.units_per_call) * 1e3:.1f} ms per shard "
+                f"({self.units_per_call} per actor call) + carrying",
             ),
             (
                 "token shards",
@@ -494,9 +513,9 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
         items, files, shards, source = _counts(spec, audio_s, audio_frac)
     else:
         items, files, shards, source = m.items, m.files, m.shards, m.source_bytes
-    teachers = 2 if audio_frac > 0 else 1
-    store = per_s * audio_s * teachers  # each teacher's output carries the codes so far
-    driver = shards / wall * DRIVER_SECONDS_PER_SHARD
+    store = per_s * audio_s  # the fused actor's output carries every teacher's codes
+    per_call = units_per_call(shards, spec.gpus)
+    driver = DRIVER_CARRYING_CORES + shards / wall * driver_seconds_per_shard(per_call)
     if driver > 0.5:
         notes.append(
             f"the driver needs {driver:.1f} cores to commit {shards / wall:.1f} shards/s: raise "
@@ -529,6 +548,7 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
         object_store_bytes=store,
         object_store_bytes_per_second=store / wall,
         driver_cores=driver,
+        units_per_call=per_call,
         output_bytes=per_s * audio_s,
         output_bytes_per_audio_second=per_s,
         output_bound_bytes=TOKEN_BOUND_BYTES_PER_SECOND * audio_s,
@@ -537,7 +557,7 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
         files=files,
         shards=shards,
         storage_objects=STORAGE_OBJECTS_PER_SHARD * shards + STORAGE_OBJECTS_PER_RUN,
-        object_store_objects=(2 + teachers) * shards,
+        object_store_objects=3 * -(-shards // per_call),
         counts_from="estimate" if m is None else "manifest",
         train_gpus=train_gpus,
         student_gpu_seconds=student_gpu,

@@ -52,9 +52,17 @@ class RayConfig:
     """A job in which no unit finishes for this long ends with an error instead of waiting
     forever (the first unit includes actor start-up and model loading)."""
 
+    units_per_call: int | None = None
+    """Units (token shards, embedding shards, feature parts) one actor call of a unit job takes.
+    Default: the job chooses, up to 8, leaving every actor at least four calls
+    (``spear.units.units_per_call``). More units per call, less driver CPU per unit;
+    each unit still commits on its own."""
+
     def __post_init__(self) -> None:
         if self.start_attempts < 1 or self.stall_seconds <= 0:
             raise ConfigError("ray start_attempts must be >= 1 and stall_seconds positive")
+        if self.units_per_call is not None and self.units_per_call < 1:
+            raise ConfigError(f"ray units_per_call must be >= 1, not {self.units_per_call}")
 
 
 def init_ray(cfg: RayConfig, out: str | None = None) -> None:

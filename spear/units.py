@@ -1,6 +1,7 @@
-"""A job's units: cutting its items into units (shared by the jobs, ``pipeline/job.py``, and by
-``spear plan``, which predicts a run's shards without importing a job), and splitting a unit's
-processed items into output rows and quarantine rows (every unit writer)."""
+"""A job's units: cutting its items into units and grouping them into actor calls (shared by the
+jobs, ``pipeline/job.py``, and by ``spear plan``, which predicts a run's shards and its driver
+without importing a job), and splitting a unit's processed items into output rows and quarantine
+rows (every unit writer)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,24 @@ def cut_units(
             unit[start:stop] = u
             u, start = u + 1, stop
     return table.append_column("unit", pa.array(unit.astype(np.int32)))
+
+
+UNITS_PER_CALL = 8
+"""The most units one actor call takes when the job chooses (``ray.units_per_call`` unset)."""
+
+
+def units_per_call(pending: int, actors: int, asked: int | None = None) -> int:
+    """Units of one actor call: ``asked``, or as many as leave each actor of the largest pool
+    (``actors``) four calls of the ``pending`` units, between 1 and :data:`UNITS_PER_CALL`.
+
+    Ray Data's driver pays per call, not per unit (scheduling, a task's submission and its
+    outputs): 8 units per call cut its CPU per shard about 8x, which a 512-GPU cluster needs
+    (``benchmarks/scale.py --part driver``). Four calls per actor keep the end of a job, the
+    last calls while other actors idle, to about a quarter of one actor's share. A unit's
+    commit stays its own: a call's units commit one by one in its write task."""
+    if asked is not None:
+        return asked
+    return max(1, min(UNITS_PER_CALL, pending // (4 * max(actors, 1))))
 
 
 def sorted_units(

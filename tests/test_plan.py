@@ -14,7 +14,14 @@ import pytest
 from spear.cli.main import run
 from spear.errors import SpearError
 from spear.formats import MANIFEST_SCHEMA
-from spear.plan import RunSpec, manifest_facts, plan_run
+from spear.plan import (
+    DRIVER_CARRYING_CORES,
+    DRIVER_SECONDS_PER_CALL,
+    DRIVER_SECONDS_PER_UNIT,
+    RunSpec,
+    manifest_facts,
+    plan_run,
+)
 from spear.rates import (
     SHIPPED_DIR,
     STUDENT_PRESETS,
@@ -71,11 +78,14 @@ def test_gpu_bound_run_by_hand() -> None:
     assert p.limit == "gpu"
     assert p.cpus_to_feed == pytest.approx(13.3333, rel=1e-4)
     assert p.cpu_wall_seconds is None
-    # No audio in the object store: codes (850 B/s) x 360,000 s x 2 teacher outputs = 612 MB.
-    assert p.object_store_bytes == pytest.approx(612e6)
-    assert p.object_store_bytes_per_second == pytest.approx(612e6 / 270)
-    # 10 shards in 270 s at 3 ms of driver CPU each: 0.00011 cores.
-    assert p.driver_cores == pytest.approx(10 / 270 * 0.018)
+    # No audio in the object store: codes (850 B/s) x 360,000 s, once (the fused actor) = 306 MB.
+    assert p.object_store_bytes == pytest.approx(306e6)
+    assert p.object_store_bytes_per_second == pytest.approx(306e6 / 270)
+    # 10 shards in 270 s, one per call (too few to group): carrying + 10 / 270 x per shard.
+    assert p.units_per_call == 1
+    assert p.driver_cores == pytest.approx(
+        DRIVER_CARRYING_CORES + 10 / 270 * (DRIVER_SECONDS_PER_CALL + DRIVER_SECONDS_PER_UNIT)
+    )
     # codes: (800 + 0.25 x 200) B/s x 360,000 s = 306 MB; the 1,000 B/s bound is 360 MB.
     assert p.output_bytes_per_audio_second == pytest.approx(850)
     assert p.output_bytes == pytest.approx(306e6)
@@ -89,10 +99,10 @@ def test_gpu_bound_run_by_hand() -> None:
 def test_counts_and_source_bytes_by_hand() -> None:
     # Items: 270,000 s of speech / 20 s + 90,000 s of audio / 10 s = 13,500 + 9,000 = 22,500;
     # shards: max(22,500 / 10,000 -> 3, 100 h / 10 h = 10) = 10; storage 3 x 10 + 4 = 34;
-    # object store: (2 + 2 teachers) x 10 = 40. Source: 360,000 s x 16,000 B/s = 5.76 GB.
+    # object store: 3 per call, one shard a call = 30. Source: 360,000 s x 16,000 B/s = 5.76 GB.
     p = plan_run(RunSpec(hours=100, gpus=2, audio_fraction=0.25), rates(1000, 100, 500))
     assert (p.items, p.files, p.shards) == (22_500, 22_500, 10)
-    assert p.storage_objects == 34 and p.object_store_objects == 40
+    assert p.storage_objects == 34 and p.object_store_objects == 30
     assert p.source_bytes == pytest.approx(5.76e9)
     assert p.counts_from == "estimate"
     # 44.1 kHz sources, 10-minute files, shards of 100 items: 360,000 / 600 = 600 files,
@@ -110,9 +120,9 @@ def test_counts_and_source_bytes_by_hand() -> None:
     )
     assert (p.files, p.shards) == (600, 225)
     assert p.source_bytes == pytest.approx(15.84e9)
-    # WavLM only: 3 objects per shard in the object store.
-    p = plan_run(RunSpec(hours=100, gpus=2, dasheng=False), rates(1000, 100))
-    assert p.object_store_objects == 3 * p.shards
+    # 10,000 h: 1,000 shards, 8 to a call on 2 GPUs: 3 x 125 objects in the object store.
+    p = plan_run(RunSpec(hours=10_000, gpus=2, dasheng=False), rates(1000, 100))
+    assert (p.shards, p.units_per_call, p.object_store_objects) == (1_000, 8, 375)
 
 
 def test_student_and_cost_by_hand() -> None:
@@ -146,7 +156,7 @@ def test_decode_bound_run_by_hand() -> None:
     assert p.cpu_wall_seconds == pytest.approx(900)
     assert p.wall_seconds == pytest.approx(900)
     assert p.limit == "decode"
-    assert p.object_store_bytes_per_second == pytest.approx(612e6 / 900)
+    assert p.object_store_bytes_per_second == pytest.approx(306e6 / 900)
     assert "14 cores would keep all 2 fed" in p.notes[0]
     assert "limited by decode" in p.table()
 
@@ -410,18 +420,23 @@ def test_manifest_gives_exact_counts_and_bytes(tmp_path: Path, capsys) -> None:
 
 
 def test_driver_line_and_note_when_shards_come_too_fast() -> None:
-    from spear.plan import DRIVER_SECONDS_PER_SHARD as per_shard
-
     # 197k h at 8,000x per GPU (WavLM only), 10 h shards: 19,700 shards. 64 GPUs: 1,385 s of
-    # wall, 14.2 shards/s; 512 GPUs: 173 s, 114 shards/s.
+    # wall, 14.2 shards/s; 512 GPUs: 173 s, 114 shards/s. Either groups 8 shards per call.
     spec = RunSpec(hours=197_000, gpus=64, dasheng=False)
     p = plan_run(spec, rates(8000, 1000))
     assert p.shards == 19_700 and p.wall_seconds == pytest.approx(1385.2, rel=1e-3)
-    assert p.driver_cores == pytest.approx(19_700 / p.wall_seconds * per_shard)
-    assert "driver" in p.table()
+    per_shard = DRIVER_SECONDS_PER_CALL / 8 + DRIVER_SECONDS_PER_UNIT
+    assert p.units_per_call == 8
+    assert p.driver_cores == pytest.approx(
+        DRIVER_CARRYING_CORES + 19_700 / p.wall_seconds * per_shard
+    )
+    assert "driver" in p.table() and "8 per actor call" in p.table()
     big = plan_run(dataclasses.replace(spec, gpus=512), rates(8000, 1000))
-    assert big.driver_cores == pytest.approx(8 * p.driver_cores)
+    assert big.driver_cores - DRIVER_CARRYING_CORES == pytest.approx(
+        8 * (p.driver_cores - DRIVER_CARRYING_CORES)
+    )
     too_fast = [n for n in big.notes if "raise tokenize.max_shard_hours" in n]
     assert bool(too_fast) == (big.driver_cores > 0.5)
+    # Shards of 6 min: 100x the shards/s, too many for one core even 8 to a call.
     small = plan_run(dataclasses.replace(spec, max_shard_hours=0.1), rates(8000, 1000))
     assert any("raise tokenize.max_shard_hours" in n for n in small.notes)

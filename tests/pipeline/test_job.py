@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 from ray import cloudpickle
 
+from spear.errors import ConfigError
 from spear.formats import table_digest
 from spear.pipeline.job import ActorStage, UnitJob, pack, run_units, unpack
 from spear.ray_utils import RayConfig
@@ -171,23 +172,51 @@ class PeakRss:
 
 
 def run(
-    out: Path, shards: int, per_shard: int, offset: int = 0, unit_job: UnitJob | None = None
+    out: Path,
+    shards: int,
+    per_shard: int,
+    offset: int = 0,
+    unit_job: UnitJob | None = None,
+    ray_cfg: RayConfig | None = None,
 ) -> tuple[list[dict], int]:
     table = cut_units(items(shards * per_shard, offset), items_per_unit=per_shard)
     record = items_record("stub", table, INPUT_COLUMNS, {})
     gc.collect()
     with PeakRss() as rss:
-        result = run_units(unit_job or job(str(out)), record, table, StorageConfig(), RayConfig())
+        result = run_units(
+            unit_job or job(str(out)), record, table, StorageConfig(), ray_cfg or RayConfig()
+        )
     return result.entries, rss.peak - rss.base
 
 
 @pytest.mark.integration
 def test_every_unit_once_in_order_of_plan(ray_cluster: str, tmp_path: Path) -> None:
-    entries, _ = run(tmp_path / "o", shards=7, per_shard=3)
+    entries, _ = run(tmp_path / "o", shards=7, per_shard=3, ray_cfg=RayConfig(units_per_call=1))
     assert [e["unit"] for e in entries] == list(range(7))
     assert sum(e["rows"] for e in entries) == 21
     again, _ = run(tmp_path / "o", shards=7, per_shard=3)  # all committed: nothing reruns
     assert [e["attempt"] for e in again] == [e["attempt"] for e in entries]
+    # Three units per call (the last call takes one): each unit still commits on its own,
+    # with the same files as one unit per call.
+    grouped, _ = run(tmp_path / "g", shards=7, per_shard=3, ray_cfg=RayConfig(units_per_call=3))
+    assert [e["unit"] for e in grouped] == list(range(7))
+    assert [e["files"] for e in grouped] == [e["files"] for e in entries]
+
+
+def test_units_per_call_leaves_each_actor_four_calls() -> None:
+    from spear.pipeline.job import unit_rows
+    from spear.units import UNITS_PER_CALL, units_per_call
+
+    assert units_per_call(7, 2) == 1  # a small job: one unit per call
+    assert units_per_call(48, 2) == 6
+    assert units_per_call(20_000, 448) == UNITS_PER_CALL  # 512 GPUs, the corpus in 10 h shards
+    assert units_per_call(20_000, 448, asked=1) == 1
+    table = cut_units(items(7), items_per_unit=1)
+    blocks = list(unit_rows(table, INPUT_COLUMNS, [0, 2, 3, 4, 6], per_call=2))
+    assert [b["unit"].to_pylist() for b in blocks] == [[0, 2], [3, 4], [6]]
+    assert [unpack(d)["item_id"][0] for d in blocks[2]["data"].to_pylist()] == ["000000000006"]
+    with pytest.raises(ConfigError, match="units_per_call must be >= 1"):
+        RayConfig(units_per_call=0)
 
 
 @pytest.mark.integration
@@ -274,3 +303,11 @@ def test_unit_actor_decodes_its_domains_in_chunks_and_sends_no_audio() -> None:
     assert list(out["num_samples"]) == [0, 2, 0, 0, 0, 2]
     assert list(out["error_type"]) == ["", "", "", "io", "", ""]
     assert list(out["decode_seconds"]) == [0.0, 0.5, 0.0, 0.5, 0.0, 0.5]
+    # Two units in one call: the same outputs per unit, and the chunks run as one sequence.
+    _Doubler.seen.clear()
+    first, second = (unpack(d) for d in actor.run_many([pack(items), pack(items)]))
+    assert _Doubler.seen == [2, 2, 2, 2, 2, 2]
+    for got in (first, second):
+        assert list(got["y"]) == list(out["y"]) and list(got["error_type"]) == list(
+            out["error_type"]
+        )
