@@ -547,7 +547,7 @@ def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     calls in flight and the corpus's queued shards. Like for like, once, in the steady state:
     the former scheduler and Ray Data at one and at eight shards per call, two calls in flight
     per actor."""
-    from spear.units import units_per_call
+    from spear.units import UNITS_PER_CALL, units_per_call
 
     actors = args.driver_actors
     levels = [int(g) for g in args.gpus.split(",")]
@@ -566,7 +566,7 @@ def driver(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
             k = max(1, g // actors)
             # What `spear tokenize` chooses on this cluster: its largest pool has ~7/8 x gpus
             # actors (one per GPU) for the corpus's shards.
-            chosen = units_per_call(args.backlog, g - max(1, g // 8))
+            chosen = units_per_call(args.backlog, g - max(1, g // 8), most=UNITS_PER_CALL)
             lv: dict[str, Any] = {"gpus": g, "factor": k, "per_call": chosen, "runs": []}
             for pools in (1, 2):
                 slots = 2 * k * (actors if pools == 1 else actors - max(1, actors // 8))

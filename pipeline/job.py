@@ -15,11 +15,12 @@ shards, feature parts). Its pieces live in one module each; this one drives them
    output rows and quarantine rows with ``spear.units.split_quarantine``.
 3. **Stages** (:class:`UnitActor`, :func:`unit_actor`): Ray Data's streaming executor runs one
    ``map_batches`` stage per actor pool (a callable class, an autoscaling
-   ``ActorPoolStrategy``). A call takes one block of up to 8 units
-   (``spear.units.units_per_call``): Ray Data's driver cost is per call, and a 512-GPU
-   cluster's shard rate needs it shared. The actor decodes the items it runs on itself,
-   in chunks, the next chunk on a thread while the stage computes: decoded audio never enters
-   the object store, only the stage's outputs (codes, embeddings) leave the actor.
+   ``ActorPoolStrategy``). A call takes one block of units: up to 8 token shards
+   (``spear.units.units_per_call``), since Ray Data's driver cost is per call and a 512-GPU
+   cluster's shard rate needs it shared; one embedding shard or feature part. The actor
+   decodes the items it runs on itself, in chunks, the next chunk on a thread while the stage
+   computes: decoded audio never enters the object store, only the stage's outputs (codes,
+   embeddings) leave the actor.
 4. **Commit** (:func:`commit_sink`, ``spear/commit.py``): a Ray Data ``Datasink`` whose
    write tasks build each unit's files and run the commit protocol under the unit's planned
    name (exclusive commit, then publish); a retried or duplicated write loses the race and
@@ -338,6 +339,9 @@ class UnitJob:
     layout: str = ""
     """Which layout of actor pools runs (e.g. teachers fused or one pool per teacher): said
     once in the console's start-up line."""
+    max_units_per_call: int = 1
+    """The most units one actor call takes when the job chooses
+    (:func:`spear.units.units_per_call`); ``ray.units_per_call`` overrides it."""
 
     def name(self, unit: int) -> str:
         return f"{self.unit_prefix}-{unit:05d}"
@@ -490,7 +494,7 @@ def _run_dataset(
             job.kind,
             ", ".join(short),
         )
-    per_call = units_per_call(len(todo), max(asked), ray_cfg.units_per_call)
+    per_call = units_per_call(len(todo), max(asked), ray_cfg.units_per_call, job.max_units_per_call)
     ds: Any = ray.data.from_arrow(list(unit_rows(table, job.columns, todo, per_call)))
     decode_kwargs = {"cfg": job.decode, "storage": storage.resolved()}
     for a, d, n in zip(job.actors, demands[1:], sizes, strict=True):

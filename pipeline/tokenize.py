@@ -66,7 +66,7 @@ from spear.stages.tokenize import (
     teacher_info,
 )
 from spear.storage import StorageConfig, join, list_names, read_bytes, write_atomic
-from spear.units import sorted_units
+from spear.units import UNITS_PER_CALL, sorted_units
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +318,7 @@ def run_tokenize(
         writer=TokenShardWriter(tuple(t.info for t in job), record.run_id),
         decode=decode,
         progress_seconds=cfg.progress_seconds,
+        max_units_per_call=UNITS_PER_CALL,
     )
     run = run_units(unit_job, record, table, storage, ray_cfg)
     del table

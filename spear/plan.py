@@ -46,7 +46,7 @@ from typing import Any
 from spear.errors import SpearError
 from spear.rates import Rates
 from spear.stages.tokenize import TokenizeConfig
-from spear.units import units_per_call
+from spear.units import UNITS_PER_CALL, units_per_call
 
 DRIVER_SECONDS_PER_CALL = 0.0113
 """Driver CPU per actor call on Ray Data, net of carrying (scheduling a call, submitting its
@@ -514,7 +514,7 @@ def plan_run(spec: RunSpec, rates: Rates) -> Plan:
     else:
         items, files, shards, source = m.items, m.files, m.shards, m.source_bytes
     store = per_s * audio_s  # the fused actor's output carries every teacher's codes
-    per_call = units_per_call(shards, spec.gpus)
+    per_call = units_per_call(shards, spec.gpus, most=UNITS_PER_CALL)
     driver = DRIVER_CARRYING_CORES + shards / wall * driver_seconds_per_shard(per_call)
     if driver > 0.5:
         notes.append(

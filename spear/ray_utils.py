@@ -54,9 +54,9 @@ class RayConfig:
 
     units_per_call: int | None = None
     """Units (token shards, embedding shards, feature parts) one actor call of a unit job takes.
-    Default: the job chooses, up to 8, leaving every actor at least four calls
-    (``spear.units.units_per_call``). More units per call, less driver CPU per unit;
-    each unit still commits on its own."""
+    Default: the job chooses: tokenize up to 8 shards, leaving every actor at least four calls;
+    embed and features one (``spear.units.units_per_call``). More units per call, less driver
+    CPU per unit, more actor output held at once; each unit still commits on its own."""
 
     def __post_init__(self) -> None:
         if self.start_attempts < 1 or self.stall_seconds <= 0:

@@ -42,21 +42,24 @@ def cut_units(
 
 
 UNITS_PER_CALL = 8
-"""The most units one actor call takes when the job chooses (``ray.units_per_call`` unset)."""
+"""The most token shards one actor call takes when the job chooses (``ray.units_per_call``
+unset). Codes are ~1 kB per audio second: 8 shards of 10 h are ~290 MB of actor output."""
 
 
-def units_per_call(pending: int, actors: int, asked: int | None = None) -> int:
+def units_per_call(pending: int, actors: int, asked: int | None = None, most: int = 1) -> int:
     """Units of one actor call: ``asked``, or as many as leave each actor of the largest pool
-    (``actors``) four calls of the ``pending`` units, between 1 and :data:`UNITS_PER_CALL`.
+    (``actors``) four calls of the ``pending`` units, between 1 and ``most`` (the job's cap:
+    :data:`UNITS_PER_CALL` for tokenize; embed and features keep 1, their units' outputs being
+    ~100x larger per audio second and their runs a few hundred hours).
 
     Ray Data's driver pays per call, not per unit (scheduling, a task's submission and its
-    outputs): 8 units per call cut its CPU per shard about 8x, which a 512-GPU cluster needs
-    (``benchmarks/scale.py --part driver``). Four calls per actor keep the end of a job, the
-    last calls while other actors idle, to about a quarter of one actor's share. A unit's
+    outputs): 8 token shards per call cut its CPU per shard about 4x, which a 512-GPU cluster
+    needs (``benchmarks/scale.py --part driver``). Four calls per actor keep the end of a job,
+    the last calls while other actors idle, to about a quarter of one actor's share. A unit's
     commit stays its own: a call's units commit one by one in its write task."""
     if asked is not None:
         return asked
-    return max(1, min(UNITS_PER_CALL, pending // (4 * max(actors, 1))))
+    return max(1, min(most, pending // (4 * max(actors, 1))))
 
 
 def sorted_units(

@@ -66,6 +66,8 @@ def ray_cluster() -> Iterator[str]:
     """A real local Ray with 2 CPUs; yields its address for subprocesses."""
     import ray
 
+    if ray.is_initialized():  # an earlier test ran a CLI job in-process, which started its own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
 

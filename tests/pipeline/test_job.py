@@ -207,10 +207,12 @@ def test_units_per_call_leaves_each_actor_four_calls() -> None:
     from spear.pipeline.job import unit_rows
     from spear.units import UNITS_PER_CALL, units_per_call
 
-    assert units_per_call(7, 2) == 1  # a small job: one unit per call
-    assert units_per_call(48, 2) == 6
-    assert units_per_call(20_000, 448) == UNITS_PER_CALL  # 512 GPUs, the corpus in 10 h shards
-    assert units_per_call(20_000, 448, asked=1) == 1
+    most = UNITS_PER_CALL  # tokenize's cap
+    assert units_per_call(7, 2, most=most) == 1  # a small job: one unit per call
+    assert units_per_call(48, 2, most=most) == 6
+    assert units_per_call(20_000, 448, most=most) == most  # 512 GPUs, 197k h in 10 h shards
+    assert units_per_call(20_000, 448, asked=1, most=most) == 1
+    assert units_per_call(20_000, 448) == 1  # embed and features: one unit per call
     table = cut_units(items(7), items_per_unit=1)
     blocks = list(unit_rows(table, INPUT_COLUMNS, [0, 2, 3, 4, 6], per_call=2))
     assert [b["unit"].to_pylist() for b in blocks] == [[0, 2], [3, 4], [6]]
