@@ -43,14 +43,14 @@ loaded from the last commit that has it into the benchmark's scratch folder, as 
 4. **decode**: the same real files (SPEC's mix: 16 kHz FLAC speech, 6 % of the hours 44.1 kHz
    FLAC audio items that both teachers run) through three placements, one after the other on
    one cluster of ``--decode-gpus`` stub GPUs: (a) one pool per teacher (10/1 of 11), each
-   actor decoding its items on its thread, a chunk ahead (now); (b) a fused actor per GPU that
-   decodes once and runs both stub teachers; (c) a decode stage (one CPU actor) handing int16
-   audio through the object store to the teachers' pools (the way before). Measured per
-   variant: wall, first shard, steady rate; audio decoded per audio second; decode CPU seconds
-   (the decoding thread's CPU time) and all actors' CPU seconds per audio hour; bytes of the
-   rows the stages hand on (what enters the object store: the units' item lists plus every
-   stage's output, audio included in (c)) per audio second; peak RSS of the actors (and its
-   growth over the actor's start).
+   actor decoding its items on its thread, a chunk ahead; (b) a fused actor per GPU that
+   decodes once and runs both stub teachers (the default); (c) a decode stage (one CPU actor)
+   handing int16 audio through the object store to the teachers' pools (the way before).
+   Measured per variant: wall, first shard, steady rate; audio decoded per audio second;
+   decode CPU seconds (the decoding thread's CPU time) and all actors' CPU seconds per audio
+   hour; bytes of the rows the stages hand on (what enters the object store: the units' item
+   lists plus every stage's output, audio included in (c)) per audio second; peak RSS of the
+   actors (and its growth over the actor's start).
 5. **plan**: a manifest of ``--plan-items`` rows (no audio) as Parquet parts; a fresh
    interpreter reads it, checks ids, sorts, cuts shards and digests the content (what
    ``spear tokenize`` does before any cluster work), then packs the unit rows the dataset is
@@ -607,7 +607,7 @@ def throughput(bench: Bench, actors: list[int], waves: int) -> list[dict[str, An
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Where decode runs: in each teacher's actor (now), a fused actor, or a decode stage
+# 5. Where decode runs: in each teacher's actor, a fused actor (the default), or a decode stage
 
 
 CODEBOOKS = {"wavlm": (50.0, 16), "dasheng": (25.0, 8)}  # frames/s, codebooks (SPEC)
@@ -815,11 +815,11 @@ def decode_placement(
         )
 
     variants: dict[str, Any] = {
-        "per-teacher pools, decode in each actor (now)": lambda log: [
+        "per-teacher pools, decode in each actor (`fuse_teachers=false`)": lambda log: [
             teacher("wavlm", ["wavlm"], n_w, log),
             teacher("dasheng", ["dasheng"], n_d, log),
         ],
-        "fused actor: decode once, both teachers": lambda log: [
+        "fused actor: decode once, both teachers (the default)": lambda log: [
             teacher("fused", ["wavlm", "dasheng"], gpus, log),
         ],
         "decode stage, int16 audio through the object store (before)": lambda log: [
