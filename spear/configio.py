@@ -118,7 +118,11 @@ def from_dict(cls: type[T], data: dict[str, Any], path: str = "") -> T:
     try:
         obj = cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path or cls.__name__}: {err}") from None
+        where, msg = path or cls.__name__, str(err)
+        section = where.rsplit(".", 1)[-1]
+        if msg.startswith(f"{section} "):  # the config's own check names its section: once
+            msg = msg[len(section) + 1 :]
+        raise ConfigError(f"{where}: {msg}") from None
     return obj
 
 
